@@ -1,0 +1,92 @@
+"""Flat YAML configs: load, apply `key=value` overrides, validate against a dataclass, save beside checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from ldm.errors import UserError
+
+C = TypeVar("C")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn `["lr=1e-4", "name=run"]` into a dict; values are parsed as YAML scalars (numbers, booleans, null)."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"cannot read override '{item}': write it as key=value, e.g. max_steps=100")
+        overrides[key.strip()] = yaml.safe_load(value) if value != "" else ""
+    return overrides
+
+
+def _check_type(name: str, value: Any, annotation: Any, source: str) -> Any:
+    """Return `value` converted to the field's type, or raise a UserError naming the key and the expected type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(name, value, inner[0], source)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{name}' in {source} must be a list, got {value!r}")
+        return [_check_type(name, v, args[0], source) for v in value] if args else list(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:
+        return value
+    raise UserError(f"config key '{name}' in {source} must be {annotation.__name__}, got {value!r}")
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
+    """Build a config dataclass from a flat YAML file plus `key=value` overrides; unknown keys are errors."""
+    values: dict[str, Any] = {}
+    source = "the defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; presets live in configs/, e.g. configs/ldm/tiny.yaml")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {path} must be a flat mapping of key: value")
+        values.update(loaded)
+        source = str(path)
+    values.update(parse_overrides(overrides or []))
+
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(fields))}"
+            raise UserError(f"unknown config key '{key}' (from {source} or the command line){hint}")
+    checked = {k: _check_type(k, v, hints[k], source) for k, v in values.items()}
+    config = cls(**checked)
+    validate = getattr(config, "validate", None)
+    if validate is not None:
+        validate()
+    return config
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as flat YAML (the exact settings a checkpoint was made with)."""
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

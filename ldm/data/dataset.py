@@ -1,0 +1,137 @@
+"""Image-caption data for both stages: an imagefolder with `metadata.jsonl`, or a `datasets` dataset by name.
+
+Images are decoded here (not by `datasets`) so that one undecodable file is skipped and counted, not fatal.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ldm.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def load_image_caption_dataset(data: str, split: str = "train", image_column: str = "image",
+                               caption_column: str = "caption") -> datasets.Dataset:
+    """Open one split of `data` (a local folder or a dataset name) and check that its columns are usable."""
+    if not data:
+        raise UserError("no dataset given: set data=PATH (an imagefolder with metadata.jsonl; `ldm data emoji` "
+                        "builds one)")
+    path = Path(data).expanduser()
+    datasets.disable_progress_bars()
+    try:
+        if path.is_dir():
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
+        elif path.exists() or "/" in data or data.startswith("."):
+            raise UserError(f"dataset folder {data} does not exist (or is not a folder); build the emoji set with "
+                            f"`ldm data emoji --out {data}` or point data= at an imagefolder")
+        else:
+            loaded = datasets.load_dataset(data)
+    except UserError:
+        raise
+    except Exception as err:  # datasets raises many types for "not found offline"; all mean the same to a user
+        raise UserError(f"cannot load dataset '{data}': {type(err).__name__}: {str(err).splitlines()[0][:300]}. "
+                        "Without network only local folders and datasets already in the cache load.") from err
+    finally:
+        datasets.enable_progress_bars()
+    if split not in loaded:
+        raise UserError(f"dataset {data} has no split '{split}'; it has {', '.join(loaded)}")
+    ds = loaded[split]
+    for column, key in ((image_column, "image_column"), (caption_column, "caption_column")):
+        if column not in ds.column_names:
+            raise UserError(f"dataset {data} has no column '{column}' (set {key}=...); its columns: "
+                            f"{', '.join(ds.column_names)}")
+    if len(ds) == 0:
+        raise UserError(f"split '{split}' of dataset {data} is empty")
+    captions = ds[caption_column]
+    if all(not isinstance(c, str) or not c.strip() for c in captions):
+        raise UserError(f"caption column '{caption_column}' of {data} is empty: every row needs a text caption")
+    if isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    return ds
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with any transparency composited onto white (emoji and icons have transparent backgrounds)."""
+    if image.mode in ("RGBA", "LA", "P", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Resize the shorter side to `resolution`, then crop the centre square."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    if (width, height) != (resolution, resolution):
+        new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+        image = image.resize(new_size, Image.Resampling.BICUBIC)
+        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
+        image = image.crop((left, top, left + resolution, top + resolution))
+    return image
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) float tensor in [-1, 1]: the pixel range the autoencoder works in."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _decode(value) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return Image.open(io.BytesIO(value["bytes"]))
+        return Image.open(value["path"])
+    raise TypeError(f"cannot read image value of type {type(value).__name__}")
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Rows of (pixel_values in [-1, 1], caption, index); an undecodable image gives None (skipped by `collate`)."""
+
+    def __init__(self, ds: datasets.Dataset, resolution: int, image_column: str = "image",
+                 caption_column: str = "caption") -> None:
+        self.ds, self.resolution = ds, resolution
+        self.image_column, self.caption_column = image_column, caption_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict | None:
+        row = self.ds[index]
+        try:
+            image = _decode(row[self.image_column])
+            image.load()
+        except (UnidentifiedImageError, OSError, ValueError, TypeError) as err:
+            logger.debug("skipping undecodable image %d: %s", index, err)
+            return None
+        image = resize_center_crop(to_rgb(image), self.resolution)
+        caption = row[self.caption_column]
+        return {"pixel_values": pil_to_tensor(image), "caption": caption if isinstance(caption, str) else "",
+                "index": index}
+
+
+class SkippingCollate:
+    """Batch the decodable rows and count the skipped ones (warned about by the training loop)."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+
+    def __call__(self, rows: list[dict | None]) -> dict | None:
+        good = [r for r in rows if r is not None]
+        self.skipped += len(rows) - len(good)
+        if not good:
+            return None
+        return {"pixel_values": torch.stack([r["pixel_values"] for r in good]),
+                "captions": [r["caption"] for r in good],
+                "indices": torch.tensor([r["index"] for r in good])}

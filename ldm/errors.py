@@ -1,0 +1,29 @@
+"""One exception type for user mistakes, so entry points can print one clear line instead of a traceback."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad config value, missing model). The message names the fix."""
+
+
+def exit_on_user_error(fn: F) -> F:
+    """Wrap a command-line entry point: a `UserError` becomes one `error: ...` line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            logging.getLogger(fn.__module__).debug("user error", exc_info=True)
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper  # type: ignore[return-value]
