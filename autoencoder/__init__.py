@@ -1,0 +1,3 @@
+"""First stage: a KL-regularised autoencoder (diffusers `AutoencoderKL`) mapping pixels to latents and back."""
+
+import ldm  # noqa: F401  (checks torch / torchvision before diffusers is imported)

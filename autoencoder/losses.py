@@ -1,0 +1,26 @@
+"""The autoencoder objective of the LDM paper (appendix G): reconstruction + a small KL term.
+
+Sums over pixels and latent cells, averaged over the batch, as CompVis' LPIPSWithDiscriminator does, so the usual
+`kl_weight=1e-6` keeps its meaning.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per sample, summed over latent cells (Kingma & Welling, appendix B)."""
+    return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+
+
+def autoencoder_loss(images: torch.Tensor, reconstructions: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor,
+                     kl_weight: float, l1_weight: float = 1.0, l2_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """Total loss and its parts; `l1_pixel` (mean absolute error per pixel value) is for logging."""
+    images, reconstructions = images.float(), reconstructions.float()
+    error = reconstructions - images
+    batch = images.shape[0]
+    reconstruction = (l1_weight * error.abs() + l2_weight * error.square()).sum() / batch
+    kl = kl_to_standard_normal(mean.float(), logvar.float()).mean()
+    return {"loss": reconstruction + kl_weight * kl, "reconstruction": reconstruction.detach(), "kl": kl.detach(),
+            "l1_pixel": error.abs().mean().detach()}

@@ -1,0 +1,36 @@
+"""Latent U-Net presets: diffusers `UNet2DConditionModel` with cross-attention to the text encoder's tokens.
+
+The network only sees (noisy latents, timestep, text hidden states); all diffusion math lives in ldm/diffusion.py.
+"""
+
+from __future__ import annotations
+
+from diffusers import UNet2DConditionModel
+
+from ldm.errors import UserError
+
+PRESETS: dict[str, dict] = {
+    # a few hundred thousand parameters: tests only
+    "tiny": {"block_out_channels": (32, 64), "layers_per_block": 1, "attention_head_dim": 8, "norm_num_groups": 8,
+             "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+             "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D")},
+    # the embedded default: 16x16x4 latents of the kl-f4 autoencoder at 64 px, sized for CPU training
+    "emoji-64": {"block_out_channels": (64, 128, 256), "layers_per_block": 2, "attention_head_dim": 8,
+                 "norm_num_groups": 32,
+                 "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")},
+    # Stable-Diffusion-1-like (860M parameters): for GPU users, documented, not trained here
+    "sd-like": {"block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2, "attention_head_dim": 8,
+                "norm_num_groups": 32,
+                "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                     "DownBlock2D"),
+                "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")},
+}
+
+
+def build_unet(preset: str, latent_size: int, latent_channels: int, cross_attention_dim: int) -> UNet2DConditionModel:
+    """A freshly initialised conditional U-Net for latents of `latent_size` x `latent_size` x `latent_channels`."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown U-Net preset '{preset}'; valid: {', '.join(PRESETS)}")
+    return UNet2DConditionModel(sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+                                cross_attention_dim=cross_attention_dim, **PRESETS[preset])

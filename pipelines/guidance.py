@@ -1,0 +1,28 @@
+"""Classifier-free guidance as one small wrapper around a denoiser (Ho & Salimans 2022, eq. 6)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ClassifierFreeGuidance:
+    """guided = uncond + scale * (cond - uncond), both branches in one batched call; scale <= 1: cond only."""
+
+    def __init__(self, denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> None:
+        self.denoiser, self.cond, self.scale = denoiser, cond, scale
+        self.uncond = uncond if scale > 1 else None
+        self.context = torch.cat([uncond, cond]) if self.uncond is not None else cond
+
+    @property
+    def active(self) -> bool:
+        return self.uncond is not None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return self.denoiser(x, t, self.cond)
+        uncond, cond = self.denoiser(torch.cat([x, x]), t, self.context).chunk(2)
+        return uncond + self.scale * (cond - uncond)

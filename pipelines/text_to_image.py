@@ -1,0 +1,189 @@
+"""Text-to-image sampling: `Pipeline("a cat").generate()`.
+
+Components and argument names follow diffusers' StableDiffusionPipeline, and so does every random draw, so that for
+the same model folder, seed, scheduler, steps and guidance both give the same image.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+from tqdm.auto import tqdm
+
+from autoencoder.model import downsampling_factor
+from ldm.errors import UserError
+from ldm.text_encoders import load_text_encoder
+from pipelines.guidance import ClassifierFreeGuidance
+from pipelines.loading import check_model_folder, resolve_model_path
+from pipelines.schedulers import make_scheduler
+
+OUTPUT_TYPES = ("pil", "numpy", "torch", "latent")
+
+
+class Pipeline:
+    """Text-to-image with a trained latent diffusion model.
+
+    `Pipeline("a cat")` loads the embedded default model; `Pipeline(prompt, model=PATH)` a local model folder;
+    `Pipeline(vae=..., text_encoder=..., unet=..., scheduler=...)` wraps components already in memory.
+    """
+
+    def __init__(self, prompt: str | list[str] | None = None, model: str | Path | None = None, *,
+                 vae: AutoencoderKL | None = None, text_encoder=None, unet: UNet2DConditionModel | None = None,
+                 scheduler: SchedulerMixin | None = None, allow_pickle: bool = False) -> None:
+        self.prompt = prompt
+        given = [c is not None for c in (vae, text_encoder, unet, scheduler)]
+        if any(given) and not all(given):
+            raise UserError("pass all four components (vae, text_encoder, unet, scheduler) or none")
+        if not any(given):
+            path = resolve_model_path(model)
+            check_model_folder(path, allow_pickle)
+            use_safetensors = None if allow_pickle else True
+            vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=use_safetensors)
+            unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_safetensors)
+            text_encoder = load_text_encoder(str(path), max_length=_tokenizer_max_length(path))
+            scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+        self.vae, self.text_encoder, self.unet, self.scheduler = vae, text_encoder, unet, scheduler
+        for module in (self.vae, self.unet, self.text_encoder):
+            module.eval().requires_grad_(False)
+        self._empty_embedding: tuple[torch.Tensor, ...] | None = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, allow_pickle: bool = False) -> "Pipeline":
+        return cls(model=path, allow_pickle=allow_pickle)
+
+    @property
+    def tokenizer(self):
+        return self.text_encoder.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return downsampling_factor(self.vae)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
+        """Move the networks (diffusers-style); the text encoder keeps fp32 unless a dtype is given."""
+        for module in (self.vae, self.unet, self.text_encoder):
+            module.to(device=device, dtype=dtype)
+        self._empty_embedding = None
+        return self
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        from pipelines.loading import save_model_folder
+
+        return save_model_folder(folder, self.vae, self.text_encoder, self.unet, self.scheduler)
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Text hidden states (B, L, D) for the U-Net; the "" embedding is cached (used by every guided call)."""
+        if all(p == "" for p in prompts):
+            if self._empty_embedding is None:
+                self._empty_embedding = (self.text_encoder.encode([""]).hidden_states,)
+            return self._empty_embedding[0].expand(len(prompts), -1, -1)
+        return self.text_encoder.encode(prompts).hidden_states
+
+    def _check_inputs(self, prompts: list[str], negative: list[str], num_images: int, num_inference_steps: int,
+                      guidance_scale: float, height: int, width: int, output_type: str) -> None:
+        factor = self.vae_scale_factor
+        if num_images < 1:
+            raise UserError(f"num_images must be at least 1, got {num_images}")
+        if len(negative) != len(prompts):
+            raise UserError(f"got {len(negative)} negative prompts for {len(prompts)} prompts")
+        max_steps = self.scheduler.config.num_train_timesteps
+        if not 1 <= num_inference_steps <= max_steps:
+            raise UserError(f"num_inference_steps must be between 1 and {max_steps}, got {num_inference_steps}")
+        if not isinstance(guidance_scale, (int, float)) or math.isnan(guidance_scale) or guidance_scale < 0:
+            raise UserError(f"guidance_scale must be a number >= 0, got {guidance_scale}")
+        for name, size in (("height", height), ("width", width)):
+            if size < factor or size % factor:
+                raise UserError(f"{name}={size} is not a multiple of the autoencoder's downsampling factor {factor}; "
+                                f"valid sizes: {factor}, {2 * factor}, ..., e.g. {self.default_size()}")
+        if output_type not in OUTPUT_TYPES:
+            raise UserError(f"unknown output_type '{output_type}'; valid: {', '.join(OUTPUT_TYPES)}")
+
+    def default_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @torch.no_grad()
+    def generate(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                 num_images: int = 1, num_inference_steps: int = 30, guidance_scale: float = 5.0,
+                 height: int | None = None, width: int | None = None, generator: torch.Generator | None = None,
+                 seed: int | None = None, latents: torch.Tensor | None = None,
+                 scheduler: str | SchedulerMixin = "ddim", output_type: str = "pil", progress: bool = True):
+        """Sample images for `prompt` ("" = unconditional). Returns PIL images, an array, a tensor or latents."""
+        # 1. inputs
+        prompt = self.prompt if prompt is None else prompt
+        if prompt is None:
+            raise UserError("no prompt: pass one to Pipeline(...) or generate(...) ('' for unconditional)")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negative = [negative_prompt or ""] * len(prompts) if negative_prompt is None or isinstance(
+            negative_prompt, str) else list(negative_prompt)
+        height = height or self.default_size()
+        width = width or self.default_size()
+        self._check_inputs(prompts, negative, num_images, num_inference_steps, guidance_scale, height, width,
+                           output_type)
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+
+        # 2. text conditioning; the unconditional branch only when guidance is on
+        cond = self.encode_prompts(prompts).repeat_interleave(num_images, dim=0).to(self.unet.dtype)
+        uncond = None
+        if guidance_scale > 1:
+            uncond = self.encode_prompts(negative).repeat_interleave(num_images, dim=0).to(self.unet.dtype)
+
+        # 3. scheduler and initial noise
+        sampler = make_scheduler(scheduler, self.scheduler.config)
+        sampler.set_timesteps(num_inference_steps, device=self.device)
+        batch = len(prompts) * num_images
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise UserError(f"latents have shape {tuple(latents.shape)}; expected {shape} for these settings")
+        latents = latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
+
+        # 4. denoising loop over a guided denoiser
+        def denoiser(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return self.unet(x, t, encoder_hidden_states=context).sample
+
+        guided = ClassifierFreeGuidance(denoiser, cond, uncond, guidance_scale)
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
+        for t in tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False):
+            model_output = guided(sampler.scale_model_input(latents, t), t)
+            latents = sampler.step(model_output, t, latents, **step_kwargs).prev_sample
+
+        # 5. decode
+        if output_type == "latent":
+            return latents
+        images = (self.vae.decode(latents / self.vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "torch":
+            return images
+        array = images.permute(0, 2, 3, 1).cpu().numpy()
+        return array if output_type == "numpy" else images_to_pil(array)
+
+
+def _tokenizer_max_length(path: Path) -> int:
+    """The padding length the model was trained with, as saved in its tokenizer config."""
+    import json
+
+    config_file = path / "tokenizer" / "tokenizer_config.json"
+    if not config_file.is_file():
+        raise UserError(f"model folder {path} is missing tokenizer/tokenizer_config.json")
+    length = json.loads(config_file.read_text()).get("model_max_length")
+    if not isinstance(length, int) or length > 4096:
+        raise UserError(f"{config_file} has no usable model_max_length (the training padding length)")
+    return length
+
+
+def images_to_pil(images: np.ndarray) -> list[Image.Image]:
+    """[0, 1] float (B, H, W, 3) -> PIL, rounding like diffusers' VaeImageProcessor."""
+    return [Image.fromarray((image * 255).round().astype("uint8")) for image in images]
