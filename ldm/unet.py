@@ -11,7 +11,7 @@ from ldm.errors import UserError
 
 PRESETS: dict[str, dict] = {
     # a few hundred thousand parameters: tests only
-    "tiny": {"block_out_channels": (32, 64), "layers_per_block": 1, "attention_head_dim": 8, "norm_num_groups": 8,
+    "tiny": {"block_out_channels": (16, 32), "layers_per_block": 1, "attention_head_dim": 8, "norm_num_groups": 8,
              "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D")},
     # the embedded default: 16x16x4 latents of the kl-f4 autoencoder at 64 px, sized for CPU training

@@ -127,8 +127,8 @@ class Pipeline:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negative = [negative_prompt or ""] * len(prompts) if negative_prompt is None or isinstance(
             negative_prompt, str) else list(negative_prompt)
-        height = height or self.default_size()
-        width = width or self.default_size()
+        height = self.default_size() if height is None else height
+        width = self.default_size() if width is None else width
         self._check_inputs(prompts, negative, num_images, num_inference_steps, guidance_scale, height, width,
                            output_type)
         if generator is None and seed is not None:

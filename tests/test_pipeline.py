@@ -1,0 +1,131 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from ldm.errors import UserError
+from pipelines import Pipeline
+from pipelines.guidance import ClassifierFreeGuidance
+from pipelines.schedulers import SCHEDULERS
+
+
+def test_guidance_wrapper_batches_both_branches_and_skips_uncond_at_scale_1():
+    calls = []
+
+    def denoiser(x, t, context):
+        calls.append(x.shape[0])
+        return x * 0 + context.mean(dim=(1, 2)).view(-1, 1)
+
+    cond, uncond, x = torch.full((2, 3, 4), 3.0), torch.full((2, 3, 4), 1.0), torch.zeros(2, 5)
+    guided = ClassifierFreeGuidance(denoiser, cond, uncond, scale=2.5)(x, torch.tensor(1))
+    assert calls == [4]  # one batched call for both branches
+    torch.testing.assert_close(guided, torch.full((2, 5), 1 + 2.5 * (3 - 1)))
+    calls.clear()
+    plain = ClassifierFreeGuidance(denoiser, cond, uncond, scale=1.0)(x, torch.tensor(1))
+    assert calls == [2]
+    torch.testing.assert_close(plain, torch.full((2, 5), 3.0))
+
+
+def test_generate_returns_pil_of_the_default_size(tiny_components):
+    images = Pipeline("a cat", **tiny_components).generate(num_images=2, num_inference_steps=3, seed=0,
+                                                           progress=False)
+    assert len(images) == 2 and all(isinstance(i, Image.Image) and i.size == (32, 32) for i in images)
+
+
+@pytest.mark.parametrize("scheduler, guidance_scale, negative_prompt", [
+    ("ddim", 4.0, None),
+    ("ddim", 1.0, None),
+    ("ddpm", 3.0, "blurry"),
+    ("euler_a", 3.0, None),
+    ("dpm++", 5.0, "a dog"),
+    ("unipc", 2.0, None),
+    ("euler", 3.0, None),
+])
+def test_same_images_as_diffusers_stable_diffusion_pipeline(tiny_model_dir, scheduler, guidance_scale,
+                                                            negative_prompt):
+    ours = Pipeline.from_pretrained(tiny_model_dir)
+    theirs = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.scheduler = SCHEDULERS[scheduler].from_config(theirs.scheduler.config)
+    negatives = [negative_prompt] * 2 if negative_prompt else None  # diffusers wants a list beside a list
+    expected = theirs(["a cat", "red apple"], negative_prompt=negatives, num_images_per_prompt=2,
+                      num_inference_steps=6, guidance_scale=guidance_scale, output_type="np",
+                      generator=torch.Generator().manual_seed(7)).images
+    got = ours.generate(["a cat", "red apple"], negative_prompt=negative_prompt, num_images=2, num_inference_steps=6,
+                        guidance_scale=guidance_scale, scheduler=scheduler, output_type="numpy", seed=7,
+                        progress=False)
+    assert got.shape == expected.shape == (4, 32, 32, 3)
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.abs(got[0] - got[2]).max() > 1e-3  # different prompts give different images
+
+
+def test_output_types_and_given_latents(tiny_components):
+    pipe = Pipeline(**tiny_components)
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = pipe.generate("a cat", latents=latents, num_inference_steps=2, output_type="latent", progress=False)
+    assert out.shape == (1, 4, 16, 16)
+    array = pipe.generate("a cat", latents=latents, num_inference_steps=2, output_type="numpy", progress=False)
+    tensor = pipe.generate("a cat", latents=latents, num_inference_steps=2, output_type="torch", progress=False)
+    np.testing.assert_allclose(array, tensor.permute(0, 2, 3, 1).numpy())
+    assert 0 <= array.min() and array.max() <= 1
+
+
+def test_empty_prompt_is_unconditional(tiny_components):
+    pipe = Pipeline(**tiny_components)
+    assert pipe.generate("", num_inference_steps=2, seed=0, progress=False)[0].size == (32, 32)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"height": 33}, "height=33 is not a multiple of the autoencoder's downsampling factor 2"),
+    ({"width": 0}, "width=0 is not a multiple"),
+    ({"num_inference_steps": 0}, "between 1 and 1000"),
+    ({"num_inference_steps": 1001}, "between 1 and 1000"),
+    ({"guidance_scale": -1.0}, "guidance_scale must be a number >= 0"),
+    ({"guidance_scale": math.nan}, "guidance_scale must be a number >= 0"),
+    ({"num_images": 0}, "num_images must be at least 1"),
+    ({"latents": torch.zeros(1, 4, 8, 8)}, r"latents have shape \(1, 4, 8, 8\); expected \(1, 4, 16, 16\)"),
+    ({"scheduler": "heun"}, "unknown scheduler 'heun'; valid: ddpm, ddim"),
+    ({"output_type": "jpeg"}, "unknown output_type"),
+])
+def test_bad_generate_arguments(tiny_components, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        Pipeline(**tiny_components).generate("a cat", progress=False, **kwargs)
+
+
+def test_missing_component_file_is_named(tiny_model_dir):
+    (tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(UserError, match="missing unet/diffusion_pytorch_model.safetensors"):
+        Pipeline.from_pretrained(tiny_model_dir)
+
+
+def test_pickled_weights_need_explicit_opt_in(tiny_model_dir):
+    weights = tiny_model_dir / "vae" / "diffusion_pytorch_model.safetensors"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(weights), tiny_model_dir / "vae" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(UserError, match="only pickled weights.*allow_pickle=True"):
+        Pipeline.from_pretrained(tiny_model_dir)
+    assert Pipeline.from_pretrained(tiny_model_dir, allow_pickle=True).vae is not None
+
+
+@pytest.mark.parametrize("model, message", [
+    ("CompVis/stable-diffusion-v1-4", "not on disk, and models cannot be downloaded"),
+    (None, "no default model yet"),
+])
+def test_model_not_on_disk(model, message):
+    with pytest.raises(UserError, match=message):
+        Pipeline("a cat", model=model)
+
+
+def test_no_prompt_anywhere(tiny_components):
+    with pytest.raises(UserError, match="no prompt"):
+        Pipeline(**tiny_components).generate()
+
+
+def test_partial_components_are_refused(tiny_components):
+    with pytest.raises(UserError, match="all four components"):
+        Pipeline(vae=tiny_components["vae"])
