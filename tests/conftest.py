@@ -52,3 +52,40 @@ def tiny_model_dir(tiny_components, tmp_path):
     from pipelines import Pipeline
 
     return Pipeline(**tiny_components).save_pretrained(tmp_path / "model")
+
+
+@pytest.fixture()
+def clip_sd_folder(tmp_path):
+    """A Stable-Diffusion-layout folder as diffusers writes it: tiny random CLIP text encoder with a CLIP BPE
+    tokenizer (a hand-made 60-token vocabulary), AutoencoderKL, UNet2DConditionModel and a PNDM scheduler."""
+    import json
+
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2,
+             **{c: 3 + i for i, c in enumerate(letters)}, **{c + "</w>": 29 + i for i, c in enumerate(letters)}}
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), pad_token="!",
+                              model_max_length=20)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37,
+                                                num_hidden_layers=2, num_attention_heads=4,
+                                                max_position_embeddings=20, bos_token_id=0, eos_token_id=1,
+                                                pad_token_id=2))
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                        sample_size=16)
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(16, 32), layers_per_block=1,
+                                norm_num_groups=8, attention_head_dim=4, cross_attention_dim=32,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1)
+    folder = tmp_path / "sd"
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return folder

@@ -129,3 +129,18 @@ def test_no_prompt_anywhere(tiny_components):
 def test_partial_components_are_refused(tiny_components):
     with pytest.raises(UserError, match="all four components"):
         Pipeline(vae=tiny_components["vae"])
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
+def test_loads_a_diffusers_stable_diffusion_folder_with_clip(clip_sd_folder, scheduler):
+    ours = Pipeline.from_pretrained(clip_sd_folder)
+    assert type(ours.text_encoder.model).__name__ == "CLIPTextModel" and ours.text_encoder.max_length == 20
+    theirs = StableDiffusionPipeline.from_pretrained(clip_sd_folder, safety_checker=None)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.scheduler = SCHEDULERS[scheduler].from_config(theirs.scheduler.config)
+    expected = theirs("a cat", negative_prompt="dog", num_inference_steps=5, guidance_scale=3.0, output_type="np",
+                      generator=torch.Generator().manual_seed(3)).images
+    got = ours.generate("a cat", negative_prompt="dog", num_inference_steps=5, guidance_scale=3.0, seed=3,
+                        scheduler=scheduler, output_type="numpy", progress=False)
+    assert got.shape == (1, 16, 16, 3)
+    assert np.abs(got - expected).max() <= 1e-4
