@@ -1,44 +1,10 @@
-"""Helpers for the side-by-side benchmarks: a peak-RSS sampler and a random model of the default's shape."""
+"""Helpers for the side-by-side benchmarks."""
 
 from __future__ import annotations
 
-import os
-import threading
-import time
 from pathlib import Path
 
 import torch
-
-
-def rss_bytes() -> int:
-    """Resident set size of this process, from /proc (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """Samples RSS every millisecond inside a `with` block; `.peak_above_start` is the extra memory it needed."""
-
-    def __enter__(self) -> "PeakRSS":
-        self.start = self.peak = rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.001)
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
-
-    @property
-    def peak_above_start(self) -> int:
-        return self.peak - self.start
 
 
 def random_default_shaped_model(folder: Path) -> Path:

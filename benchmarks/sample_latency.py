@@ -1,0 +1,127 @@
+"""Sampling latency: our Pipeline vs diffusers' StableDiffusionPipeline on the same model folder, in one process.
+
+Same prompt, seed, scheduler (DDIM), steps and guidance; warm-up excluded; the two alternate call by call and the
+median of `--repeats` is reported as ms/image, with the ratio ours / diffusers, the max abs pixel difference between
+their outputs, and the peak RSS each call needed above its start. Without `--model`, a randomly initialised model
+of the default recipe's shape (kl-f4 autoencoder, emoji-64 U-Net, MiniLM) is used: speed does not depend on weights.
+
+    python benchmarks/sample_latency.py [--model DIR] [--steps 20 50] [--batch 1 4] [--repeats 5] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import random_default_shaped_model  # noqa: E402
+
+
+def timed(fn) -> tuple[float, np.ndarray]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def peak_memory_mb(side: str, model: Path, steps: int, batch: int, guidance: float) -> float:
+    """Peak RSS of a fresh process that loads one side's pipeline and generates once (MB)."""
+    result = subprocess.run([sys.executable, __file__, "--child", side, "--model", str(model), "--steps", str(steps),
+                             "--batch", str(batch), "--guidance", str(guidance)], capture_output=True, text=True,
+                            check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def child(side: str, model: Path, steps: int, batch: int, guidance: float) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from pipelines import Pipeline
+
+    if side == "ours":
+        Pipeline.from_pretrained(model).generate("a cat", num_images=batch, num_inference_steps=steps, seed=0,
+                                                 guidance_scale=guidance, progress=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        pipe("a cat", num_images_per_prompt=batch, num_inference_steps=steps, guidance_scale=guidance,
+             generator=torch.Generator().manual_seed(0))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model folder (default: random weights, default recipe's shape)")
+    parser.add_argument("--steps", type=int, nargs="+", default=[20, 50])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--compile", action="store_true", help="also time our Pipeline after .compile()")
+    parser.add_argument("--child", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, Path(args.model), args.steps[0], args.batch[0], args.guidance)
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    from pipelines import Pipeline
+
+    diffusers_logging.set_verbosity_error()
+    model = Path(args.model) if args.model else random_default_shaped_model(Path(tempfile.mkdtemp()) / "model")
+    ours = Pipeline.from_pretrained(model)
+    theirs = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    theirs.scheduler = DDIMScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    compiled = Pipeline.from_pretrained(model).compile() if args.compile else None
+
+    def run_ours(pipe, steps, batch):
+        return lambda: pipe.generate("a cat", num_images=batch, num_inference_steps=steps, seed=0, scheduler="ddim",
+                                     guidance_scale=args.guidance, output_type="numpy", progress=False)
+
+    def run_theirs(steps, batch):
+        return lambda: theirs("a cat", num_images_per_prompt=batch, num_inference_steps=steps,
+                              guidance_scale=args.guidance, generator=torch.Generator().manual_seed(0),
+                              output_type="np").images
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model or 'random emoji-64'}; "
+          f"DDIM, guidance {args.guidance}, median of {args.repeats}")
+    header = "| steps | batch | diffusers ms/img | ours ms/img | ours/diffusers | max abs diff | diffusers peak RSS MB " \
+             "| ours peak RSS MB |"
+    if compiled is not None:
+        header += " ours+compile ms/img | compile/diffusers |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for steps in args.steps:
+        for batch in args.batch:
+            candidates = {"theirs": run_theirs(steps, batch), "ours": run_ours(ours, steps, batch)}
+            if compiled is not None:
+                candidates["compiled"] = run_ours(compiled, steps, batch)
+            results = {name: [] for name in candidates}
+            for fn in candidates.values():
+                fn()  # warm-up (and compilation)
+            for _ in range(args.repeats):
+                for name, fn in candidates.items():
+                    results[name].append(timed(fn))
+            ms = {name: statistics.median(r[0] for r in rs) * 1000 / batch for name, rs in results.items()}
+            peak = {name: peak_memory_mb(side, model, steps, batch, args.guidance)
+                    for name, side in (("theirs", "diffusers"), ("ours", "ours"))}
+            diff = float(np.abs(results["ours"][0][1] - results["theirs"][0][1]).max())
+            row = (f"| {steps} | {batch} | {ms['theirs']:.0f} | {ms['ours']:.0f} | {ms['ours'] / ms['theirs']:.2f} "
+                   f"| {diff:.1e} | {peak['theirs']:.0f} | {peak['ours']:.0f} |")
+            if compiled is not None:
+                row += f" {ms['compiled']:.0f} | {ms['compiled'] / ms['theirs']:.2f} |"
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
