@@ -120,6 +120,7 @@ class AutoencoderTrainer:
         rows = [val_data[i] for i in range(min(config.num_sample_images, len(val_data)))]
         self.sample_images = torch.stack([r["pixel_values"] for r in rows if r is not None])
 
+        set_seed(config.seed)  # the same initial weights on every rank
         if config.pretrained:
             self.vae = load_autoencoder(config.pretrained)
         else:
@@ -141,6 +142,7 @@ class AutoencoderTrainer:
                                       betas=(config.adam_beta1, config.adam_beta2), weight_decay=0.0)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(
             AutoencoderTrainingModule(self.vae), optimizer, loader)
+        set_seed(config.seed, device_specific=True)  # each rank draws its own posterior samples
 
         self.step, self.batches_seen = 0, 0
         if resume_from is not None:

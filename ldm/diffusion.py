@@ -104,7 +104,8 @@ def sample_timesteps(batch: int, num_train_timesteps: int, device: torch.device 
 
 def sample_noise(latents: torch.Tensor, offset_noise: float = 0.0) -> torch.Tensor:
     """Gaussian noise, plus optional per-channel offset noise (a constant shift per image and channel)."""
-    noise = torch.randn_like(latents)
+    # not randn_like: it follows the input's strides, so a strided latent view would get rearranged noise
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     if offset_noise > 0:
         noise = noise + offset_noise * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device,
                                                    dtype=latents.dtype)

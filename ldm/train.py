@@ -23,15 +23,16 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from autoencoder.model import downsampling_factor, load_autoencoder
+from ldm.cache import load_or_build_cache
 from ldm.config import save_config
 from ldm.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
 from ldm.diffusion import BETA_SCHEDULES, NoiseSchedule, diffusion_loss, sample_noise, sample_timesteps
 from ldm.errors import UserError
 from ldm.images import make_grid, pil_to_uint8_array
 from ldm.text_encoders import DEFAULT_TEXT_ENCODER, load_text_encoder
-from ldm.training import (NonFiniteGuard, all_ranks_true, endless_batches, load_checkpoint, make_accelerator,
-                          resolve_resume, save_checkpoint, setup_logging)
-from ldm.unet import build_unet
+from ldm.training import (NonFiniteGuard, all_ranks_true, assert_replicas_in_sync, endless_batches, load_checkpoint,
+                          make_accelerator, resolve_resume, save_checkpoint, setup_logging)
+from ldm.unet import build_unet, enable_xformers
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,11 @@ class LDMTrainConfig:
     use_ema: bool = True
     ema_decay: float = 0.999
     gradient_checkpointing: bool = False
+    attention: str = "sdpa"  # sdpa (PyTorch scaled_dot_product_attention) | xformers (GPU, if installed)
+    compile: bool = False  # torch.compile the U-Net
+    cache_latents: bool = True  # encode the data once with the frozen stages (ldm/cache.py)
+    cache_dir: Optional[str] = None  # default: output_dir/cache
+    ddp_timeout_minutes: int = 10  # a rank that stops answering fails the others after this long
     max_steps: int = 10000
     seed: int = 0
     resume: str = "auto"  # auto | never | PATH of a checkpoint
@@ -101,6 +107,8 @@ class LDMTrainConfig:
             raise UserError(f"unknown beta_schedule '{self.beta_schedule}'; valid: {', '.join(BETA_SCHEDULES)}")
         if self.learning_rate <= 0:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.attention not in ("sdpa", "xformers"):
+            raise UserError(f"attention must be sdpa or xformers, got '{self.attention}'")
 
     def noise_schedule(self) -> NoiseSchedule:
         try:
@@ -118,7 +126,8 @@ class LDMTrainer:
 
     def setup(self) -> None:
         config = self.config
-        self.accelerator = make_accelerator(config.output_dir, config.gradient_accumulation_steps)
+        self.accelerator = make_accelerator(config.output_dir, config.gradient_accumulation_steps,
+                                            config.ddp_timeout_minutes)
         setup_logging(self.accelerator)
         resume_from = resolve_resume(config.output_dir, config.resume)
         set_seed(config.seed)
@@ -137,16 +146,25 @@ class LDMTrainer:
 
         train_ds = load_image_caption_dataset(config.data, config.train_split, config.image_column,
                                               config.caption_column)
+        train_data = ImageCaptionDataset(train_ds, self.resolution, config.image_column, config.caption_column)
         self.collate = SkippingCollate()
+        self.cache = None
+        if config.cache_latents:
+            self.cache = load_or_build_cache(self.accelerator, train_data, self.vae, self.text_encoder,
+                                             config.cache_dir or Path(config.output_dir) / "cache")
         loader = torch.utils.data.DataLoader(
-            ImageCaptionDataset(train_ds, self.resolution, config.image_column, config.caption_column),
-            batch_size=config.batch_size, shuffle=True, drop_last=True, num_workers=config.num_workers,
-            collate_fn=self.collate, generator=torch.Generator().manual_seed(config.seed))
+            self.cache if self.cache is not None else train_data, batch_size=config.batch_size, shuffle=True,
+            drop_last=True, num_workers=config.num_workers,
+            collate_fn=torch.utils.data.default_collate if self.cache is not None else self.collate,
+            generator=torch.Generator().manual_seed(config.seed))
 
+        set_seed(config.seed)  # the same initial weights on every rank, whatever ran before
         unet = build_unet(config.unet_preset, self.resolution // factor, self.vae.config.latent_channels,
                           self.text_encoder.hidden_size)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
+        if config.attention == "xformers":
+            enable_xformers(unet)
         logger.info("U-Net %s: %.2fM parameters", config.unet_preset, sum(p.numel() for p in unet.parameters()) / 1e6)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                       betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
@@ -154,12 +172,14 @@ class LDMTrainer:
         self.lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                           num_training_steps=config.max_steps)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
+        self.unet, self.optimizer, self.loader = self.accelerator.prepare(unet, optimizer, loader)
         self.ema = None
-        if config.use_ema:
+        if config.use_ema:  # EMA of every rank starts from the same (prepared, rank-0-broadcast) weights
             self.ema = EMAModel(unet.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
             self.ema.to(device)
             self.accelerator.register_for_checkpointing(self.ema)
-        self.unet, self.optimizer, self.loader = self.accelerator.prepare(unet, optimizer, loader)
+        self.unet_forward = torch.compile(self.unet) if config.compile else self.unet
+        set_seed(config.seed, device_specific=True)  # each rank draws its own noise, timesteps and dropout
 
         self.step, self.batches_seen = 0, 0
         if resume_from is not None:
@@ -172,12 +192,33 @@ class LDMTrainer:
 
     @torch.no_grad()
     def encode_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled latents of the images, and text hidden states with condition dropout applied."""
-        images = batch["pixel_values"].to(self.accelerator.device)
-        latents = self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
-        drop = torch.rand(len(batch["captions"])) < self.config.cond_drop_prob
-        captions = ["" if dropped else caption for caption, dropped in zip(batch["captions"], drop.tolist())]
-        return latents, self.text_encoder.encode(captions).hidden_states
+        """Scaled latents (a fresh posterior sample) and text hidden states with condition dropout applied.
+
+        Cached and uncached batches draw the same random numbers in the same order, so both give the same loss.
+        """
+        device = self.accelerator.device
+        if self.cache is None:
+            images = batch["pixel_values"].to(device)
+            latents = self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
+            drop = torch.rand(len(batch["captions"])) < self.config.cond_drop_prob
+            captions = ["" if dropped else caption for caption, dropped in zip(batch["captions"], drop.tolist())]
+            return latents, self.text_encoder.encode(captions).hidden_states
+        mean, logvar = batch["latent_mean"].to(device), batch["latent_logvar"].to(device)
+        sample = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, device=device, dtype=mean.dtype)
+        drop = torch.rand(len(mean)) < self.config.cond_drop_prob
+        context = self.cache.caption_embeddings[batch["caption_id"]]
+        context[drop] = self.cache.empty_embedding
+        return sample * self.vae.config.scaling_factor, context.to(device)
+
+    def compute_loss(self, batch: dict) -> torch.Tensor:
+        """L_simple (or its weighted variants) for one batch: noise the latents at random t, predict, compare."""
+        latents, context = self.encode_batch(batch)
+        noise = sample_noise(latents, self.config.offset_noise)
+        timesteps = sample_timesteps(latents.shape[0], self.schedule.num_train_timesteps, latents.device)
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        prediction = self.unet_forward(noisy, timesteps, encoder_hidden_states=context).sample
+        return diffusion_loss(prediction, self.schedule.target(latents, noise, timesteps),
+                              self.schedule.loss_weights(timesteps, self.config.min_snr_gamma))
 
     def train_step(self, batch: dict) -> tuple[bool, torch.Tensor]:
         """Forward + backward on one batch; at the end of an accumulation cycle, one optimiser step.
@@ -186,13 +227,7 @@ class LDMTrainer:
         all-reduce) skips the step on every rank.
         """
         with self.accelerator.accumulate(self.unet):
-            latents, context = self.encode_batch(batch)
-            noise = sample_noise(latents, self.config.offset_noise)
-            timesteps = sample_timesteps(latents.shape[0], self.schedule.num_train_timesteps, latents.device)
-            noisy = self.schedule.add_noise(latents, noise, timesteps)
-            prediction = self.unet(noisy, timesteps, encoder_hidden_states=context).sample
-            loss = diffusion_loss(prediction, self.schedule.target(latents, noise, timesteps),
-                                  self.schedule.loss_weights(timesteps, self.config.min_snr_gamma))
+            loss = self.compute_loss(batch)
             self.accelerator.backward(loss)
             if not self.accelerator.sync_gradients:
                 return False, loss.detach()
@@ -276,6 +311,9 @@ class LDMTrainer:
     def export(self) -> Path:
         """`output_dir/final`: diffusers StableDiffusionPipeline layout with the EMA U-Net, plus config.yaml."""
         final = Path(self.config.output_dir) / "final"
+        assert_replicas_in_sync(self.accelerator, self.unet.parameters(), "U-Net weights")
+        if self.ema is not None:
+            assert_replicas_in_sync(self.accelerator, self.ema.shadow_params, "EMA weights")
         if self.accelerator.is_main_process:
             self.inference_pipeline().save_pretrained(final)
             save_config(self.config, final / "config.yaml")

@@ -12,12 +12,14 @@ import json
 import logging
 import os
 import shutil
+from datetime import timedelta
 from pathlib import Path
+from typing import Iterable
 from typing import Any
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from ldm.config import save_config
 from ldm.errors import UserError
@@ -25,15 +27,19 @@ from ldm.errors import UserError
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step-"
+REGENERATED = {"logs", "cache", "samples"}  # what a fresh start may overwrite in an output_dir without checkpoints
 
 
-def make_accelerator(output_dir: str, gradient_accumulation_steps: int = 1) -> Accelerator:
-    """Accelerator with TensorBoard logs in `output_dir/logs` and a seeded, resumable shuffling sampler."""
+def make_accelerator(output_dir: str, gradient_accumulation_steps: int = 1,
+                     ddp_timeout_minutes: int = 10) -> Accelerator:
+    """Accelerator with TensorBoard logs in `output_dir/logs`, a seeded resumable shuffling sampler, and a
+    collective timeout so that the other ranks fail (instead of waiting forever) when one rank dies."""
     return Accelerator(
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=str(Path(output_dir) / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         gradient_accumulation_steps=gradient_accumulation_steps,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=ddp_timeout_minutes))],
     )
 
 
@@ -77,7 +83,7 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     if resume == "auto":
         if existing:
             return existing[-1]
-        if output_dir.is_dir() and any(p.name != "logs" for p in output_dir.iterdir()):
+        if output_dir.is_dir() and any(p.name not in REGENERATED for p in output_dir.iterdir()):
             raise UserError(f"output_dir {output_dir} holds files but no complete checkpoint to resume from; "
                             "choose a new output_dir or delete it")
         return None
@@ -157,6 +163,16 @@ def all_ranks_true(accelerator: Accelerator, flag: bool) -> bool:
     """Whether `flag` holds on every rank, so that all ranks skip (or take) the same step and none waits forever."""
     failures = torch.tensor([0.0 if flag else 1.0], device=accelerator.device)
     return bool(accelerator.reduce(failures, reduction="sum").item() == 0)
+
+
+def assert_replicas_in_sync(accelerator: Accelerator, tensors: Iterable[torch.Tensor], what: str) -> None:
+    """Compare a checksum of `tensors` across ranks; DDP and a correct EMA keep every rank's copy identical."""
+    tensors = list(tensors)
+    checksum = torch.stack([torch.stack([t.detach().double().sum(), t.detach().double().abs().sum()])
+                            for t in tensors]).sum(0).to(accelerator.device)
+    gathered = accelerator.gather(checksum.reshape(1, 2))
+    if not torch.equal(gathered, gathered[:1].expand_as(gathered)):
+        raise RuntimeError(f"{what} differ across ranks (checksums {gathered.tolist()})")
 
 
 def endless_batches(accelerator: Accelerator, loader, batches_seen: int):

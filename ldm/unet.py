@@ -34,3 +34,16 @@ def build_unet(preset: str, latent_size: int, latent_channels: int, cross_attent
         raise UserError(f"unknown U-Net preset '{preset}'; valid: {', '.join(PRESETS)}")
     return UNet2DConditionModel(sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
                                 cross_attention_dim=cross_attention_dim, **PRESETS[preset])
+
+
+def enable_xformers(unet: UNet2DConditionModel) -> None:
+    """Switch attention to xformers' memory-efficient kernels (GPU only); SDPA is the default."""
+    try:
+        import xformers  # noqa: F401
+    except ImportError as err:
+        raise UserError("attention=xformers needs the xformers package (GPU only): `pip install -e .[xformers]`, "
+                        "or use attention=sdpa") from err
+    try:
+        unet.enable_xformers_memory_efficient_attention()
+    except (ValueError, RuntimeError) as err:
+        raise UserError(f"xformers attention cannot be enabled here ({err}); use attention=sdpa") from err

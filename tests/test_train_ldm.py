@@ -1,0 +1,133 @@
+"""The latent diffusion trainer: resume equivalence, two ranks, caching, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ldm.config import load_config
+from ldm.errors import UserError
+from ldm.train import LDMTrainConfig, LDMTrainer
+from test_chain import LAUNCH, run
+
+
+@pytest.fixture(scope="module")
+def autoencoder_dir(emoji_dir, tmp_path_factory):
+    from autoencoder.train import AutoencoderTrainConfig
+    from autoencoder.train import run as train_autoencoder
+
+    out = tmp_path_factory.mktemp("ae") / "ae"
+    train_autoencoder(load_config(AutoencoderTrainConfig, "configs/autoencoder/tiny.yaml",
+                                  [f"output_dir={out}", f"data={emoji_dir}", "max_steps=4", "checkpoint_every=4",
+                                   "sample_every=4"]))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(__file__)))
+
+
+def _args(emoji_dir, autoencoder_dir, output_dir, *extra):
+    return ["train_ldm.py", "--config", "configs/ldm/tiny.yaml", f"data={emoji_dir}", f"autoencoder={autoencoder_dir}",
+            f"output_dir={output_dir}", "sample_every=1000", *extra]
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(emoji_dir, autoencoder_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run(LAUNCH + _args(emoji_dir, autoencoder_dir, straight, "max_steps=12", "checkpoint_every=5"))
+    run(LAUNCH + _args(emoji_dir, autoencoder_dir, resumed, "max_steps=7", "checkpoint_every=5"))
+    # the run was stopped at step 7; step 5 is the last periodic checkpoint. Resume from there explicitly.
+    result = run(LAUNCH + _args(emoji_dir, autoencoder_dir, resumed, "max_steps=12", "checkpoint_every=5",
+                                f"resume={resumed / 'checkpoints' / 'step-00000005'}"))
+    assert "at step 5" in result.stderr
+    for weights in ("final/unet/diffusion_pytorch_model.safetensors", "checkpoints/step-00000012/model.safetensors"):
+        a, b = load_file(straight / weights), load_file(resumed / weights)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), weights
+
+
+def test_two_processes(emoji_dir, autoencoder_dir, tmp_path):
+    out = tmp_path / "ddp"
+    launch = [LAUNCH[0], "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    env_backup = os.environ.get("ACCELERATE_USE_CPU")
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    try:
+        result = run(launch + _args(emoji_dir, autoencoder_dir, out, "max_steps=6", "checkpoint_every=3"))
+    finally:
+        if env_backup is None:
+            os.environ.pop("ACCELERATE_USE_CPU")
+    checkpoint = out / "checkpoints" / "step-00000006"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert (out / "final" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert "differ across ranks" not in result.stderr  # U-Net and EMA identical on both ranks at export
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["batches_seen"] == 6
+
+
+def _trainer(emoji_dir, autoencoder_dir, output_dir, *extra) -> LDMTrainer:
+    config = load_config(LDMTrainConfig, "configs/ldm/tiny.yaml",
+                         [f"data={emoji_dir}", f"autoencoder={autoencoder_dir}", f"output_dir={output_dir}", *extra])
+    trainer = LDMTrainer(config)
+    trainer.setup()
+    return trainer
+
+
+def test_cached_and_uncached_batches_give_the_same_loss(emoji_dir, autoencoder_dir, tmp_path):
+    cached = _trainer(emoji_dir, autoencoder_dir, tmp_path / "cached", "cache_latents=true", "cond_drop_prob=0.5")
+    uncached = _trainer(emoji_dir, autoencoder_dir, tmp_path / "uncached", "cache_latents=false",
+                        "cond_drop_prob=0.5")
+    batch_c, batch_u = next(iter(cached.loader)), next(iter(uncached.loader))
+    assert torch.equal(batch_c["index"], batch_u["indices"])  # same images in the same order
+    losses = []
+    for trainer, batch in ((cached, batch_c), (uncached, batch_u)):
+        torch.manual_seed(123)
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(batch).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    torch.manual_seed(124)
+    with torch.no_grad():
+        assert cached.compute_loss(batch_c).item() != pytest.approx(losses[0], rel=1e-3)  # the check can fail
+
+
+def test_cache_is_rebuilt_when_an_input_changes(emoji_dir, autoencoder_dir, tmp_path):
+    from ldm.cache import cache_key
+
+    from ldm.data.dataset import ImageCaptionDataset, load_image_caption_dataset
+
+    trainer = _trainer(emoji_dir, autoencoder_dir, tmp_path / "a")
+    images = ImageCaptionDataset(load_image_caption_dataset(str(emoji_dir)), 32)
+    key = cache_key(images, trainer.vae, trainer.text_encoder)
+    assert cache_key(images, trainer.vae, trainer.text_encoder) == key
+    assert cache_key(ImageCaptionDataset(images.ds, 16), trainer.vae, trainer.text_encoder) != key
+    trainer.text_encoder.max_length += 1
+    assert cache_key(images, trainer.vae, trainer.text_encoder) != key
+    trainer.text_encoder.max_length -= 1
+    with torch.no_grad():
+        next(trainer.vae.parameters()).add_(1e-3)
+    assert cache_key(images, trainer.vae, trainer.text_encoder) != key
+    fewer = ImageCaptionDataset(images.ds.select(range(10)), 32)
+    assert cache_key(fewer, trainer.vae, trainer.text_encoder) != key
+
+
+def test_nonfinite_losses_skip_then_stop_without_saving(emoji_dir, autoencoder_dir, tmp_path, monkeypatch):
+    trainer = _trainer(emoji_dir, autoencoder_dir, tmp_path / "nan", "max_nonfinite_steps=3", "checkpoint_every=1")
+    real = trainer.compute_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(batch):
+        calls["n"] += 1
+        loss = real(batch)
+        return loss * float("nan") if calls["n"] in (2, 4, 5, 6) else loss
+
+    monkeypatch.setattr(trainer, "compute_loss", sometimes_nan)
+    with pytest.raises(UserError, match="NaN/inf for 3 steps in a row"):
+        trainer.train()
+    assert trainer.step == 2 and trainer.guard.total == 4  # steps 1 and 2 trained, call 2 skipped and counted
+    for checkpoint in (tmp_path / "nan" / "checkpoints").iterdir():
+        weights = load_file(checkpoint / "model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values())
