@@ -232,7 +232,11 @@ class LDMTrainer:
             if not self.accelerator.sync_gradients:
                 return False, loss.detach()
             grad_norm = self.accelerator.clip_grad_norm_(self.unet.parameters(), self.config.max_grad_norm)
-            stepped = self.guard.check(bool(torch.isfinite(grad_norm)), self.step)
+            if grad_norm is None:  # DeepSpeed clips inside its engine and returns no norm
+                finite = all_ranks_true(self.accelerator, bool(torch.isfinite(loss)))
+            else:
+                finite = bool(torch.isfinite(grad_norm))
+            stepped = self.guard.check(finite, self.step)
             if stepped:
                 self.optimizer.step()
                 self.lr_scheduler.step()

@@ -1,0 +1,215 @@
+"""Training throughput: this project's LDM trainer vs a minimal re-creation of diffusers' train_text_to_image.py step.
+
+(a) ours: `LDMTrainer.train_step` with its defaults (latent + text-embedding cache, EMA) and any `--ours key=value`
+    overrides (e.g. compile=true);
+(b) reference: the step of diffusers' examples/text_to_image/train_text_to_image.py: encode the images with the VAE
+    and the prompts with the text encoder every step, same U-Net, same batch, fp32, AdamW, EMA.
+Same data, autoencoder shape (kl-f4, random weights: speed does not depend on them), U-Net preset and batch. Each
+side runs in a fresh child process (so peak RSS is its own), twice, alternating; img/s is the median over the
+timed steps after warm-up. FLOPs per image are counted with torch.utils.flop_counter over one full step
+(after the timed ones); "setup + warm-up" is the one-off cost: cache building, compilation, first steps.
+
+    python benchmarks/train_throughput.py [--preset emoji-64] [--batch 32] [--steps 8] [--ours compile=true]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def prepare(workdir: Path) -> tuple[Path, Path]:
+    """A 64 px emoji set (300 names, PyPI styles) and a randomly initialised kl-f4 autoencoder folder."""
+    from autoencoder.model import build_autoencoder
+    from ldm.data.emoji import build_emoji_dataset
+
+    data, vae_dir = workdir / "emoji", workdir / "vae"
+    build_emoji_dataset(data, size=64, use_npm="no", limit=300)
+    torch.manual_seed(0)
+    vae = build_autoencoder("kl-f4", resolution=64)
+    vae.register_to_config(scaling_factor=0.5)
+    vae.save_pretrained(vae_dir)
+    return data, vae_dir
+
+
+def step_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def timed_steps(step, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def child_ours(args, data: Path, vae_dir: Path, out: Path) -> dict:
+    from ldm.config import load_config
+    from ldm.train import LDMTrainConfig, LDMTrainer
+    from ldm.training import endless_batches
+
+    config = load_config(LDMTrainConfig, None, [
+        f"data={data}", f"autoencoder={vae_dir}", f"output_dir={out}", f"unet_preset={args.preset}",
+        f"batch_size={args.batch}", "text_max_length=32", "resume=never", *args.ours])
+    trainer = LDMTrainer(config)
+    start = time.perf_counter()
+    trainer.setup()
+    setup_seconds = time.perf_counter() - start
+    batches = endless_batches(trainer.accelerator, trainer.loader, 0)
+
+    def step():
+        trainer.train_step(next(batches))
+
+    warmup = time.perf_counter()
+    for _ in range(args.warmup):  # includes torch.compile's compilation when compile=true
+        step()
+    warmup_seconds = time.perf_counter() - warmup
+    times = timed_steps(step, args.steps)
+    flops = step_flops(step) / args.batch
+    return {"seconds": times, "flops_per_image": flops, "setup_seconds": setup_seconds + warmup_seconds}
+
+
+def child_reference(args, data: Path, vae_dir: Path, out: Path) -> dict:
+    """diffusers train_text_to_image.py, the body of its training loop, with its defaults (fp32, no SNR gamma)."""
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
+    from ldm.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
+    from ldm.text_encoders import load_text_encoder
+    from ldm.unet import build_unet
+
+    accelerator = Accelerator()
+    torch.manual_seed(0)
+    noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    encoder = load_text_encoder("minilm", max_length=32)
+    tokenizer, text_encoder = encoder.tokenizer, encoder.model
+    vae = AutoencoderKL.from_pretrained(vae_dir)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet = build_unet(args.preset, 16, 4, text_encoder.config.hidden_size)
+    unet.train()
+    ema_unet = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    collate = SkippingCollate()
+    loader = torch.utils.data.DataLoader(ImageCaptionDataset(load_image_caption_dataset(str(data)), 64),
+                                         batch_size=args.batch, shuffle=True, drop_last=True, collate_fn=collate)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    iterator = iter(loader)
+
+    def step():
+        nonlocal iterator
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            batch = next(iterator)
+        input_ids = tokenizer(batch["captions"], max_length=tokenizer.model_max_length, padding="max_length",
+                              truncation=True, return_tensors="pt").input_ids  # done in the dataset transform there
+        with accelerator.accumulate(unet):
+            latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+            noise = torch.randn_like(latents)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+            encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+            model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+            loss = F.mse_loss(model_pred.float(), noise.float(), reduction="mean")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad()
+        if accelerator.sync_gradients:
+            ema_unet.step(unet.parameters())
+
+    warmup = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    warmup_seconds = time.perf_counter() - warmup
+    times = timed_steps(step, args.steps)
+    flops = step_flops(step) / args.batch
+    return {"seconds": times, "flops_per_image": flops, "setup_seconds": warmup_seconds}
+
+
+def run_child(side: str, args, data: Path, vae_dir: Path, workdir: Path, attempt: int) -> dict:
+    out = workdir / f"{side}-{attempt}"
+    command = [sys.executable, __file__, "--child", side, "--data", str(data), "--vae", str(vae_dir),
+               "--out", str(out), "--preset", args.preset, "--batch", str(args.batch), "--steps", str(args.steps),
+               "--warmup", str(args.warmup), *sum((["--ours", o] for o in args.ours), [])]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"{side} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="emoji-64")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per child")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="children per side, alternating")
+    parser.add_argument("--ours", action="append", default=[], metavar="key=value", help="trainer config override")
+    parser.add_argument("--child", choices=("ours", "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--vae", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+        fn = child_ours if args.child == "ours" else child_reference
+        result = fn(args, Path(args.data), Path(args.vae), Path(args.out))
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+
+    workdir = Path(tempfile.mkdtemp(prefix="train-throughput-"))
+    data, vae_dir = prepare(workdir)
+    results: dict[str, list[dict]] = {"reference": [], "ours": []}
+    for attempt in range(args.repeats):
+        for side in results:
+            results[side].append(run_child(side, args, data, vae_dir, workdir, attempt))
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; U-Net {args.preset}, batch {args.batch}, "
+          f"64 px -> 16x16x4, fp32; {args.repeats} x {args.steps} timed steps per side; ours overrides: "
+          f"{' '.join(args.ours) or 'none'}")
+    print("| trainer | img/s | ratio | GFLOP/img (fwd+bwd) | achieved GFLOP/s | peak RSS MB | setup + warm-up s |")
+    print("|---|---|---|---|---|---|---|")
+    rates = {}
+    for side, runs in results.items():
+        seconds = [s for r in runs for s in r["seconds"]]
+        rates[side] = args.batch / statistics.median(seconds)
+    for side, runs in results.items():
+        flops = runs[0]["flops_per_image"]
+        print(f"| {side} | {rates[side]:.1f} | {rates[side] / rates['reference']:.2f} | {flops / 1e9:.2f} | "
+              f"{flops * rates[side] / 1e9:.1f} | {max(r['peak_rss_mb'] for r in runs):.0f} | "
+              f"{statistics.median(r['setup_seconds'] for r in runs):.1f} |")
+
+
+if __name__ == "__main__":
+    main()
