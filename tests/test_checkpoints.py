@@ -1,0 +1,68 @@
+"""Checkpoint safety: partial checkpoints are never chosen, a failed save keeps the previous one, no overwrite."""
+
+import errno
+import json
+from dataclasses import dataclass
+
+import pytest
+from accelerate import Accelerator
+
+from ldm.errors import UserError
+from ldm.training import NonFiniteGuard, list_checkpoints, resolve_resume, save_checkpoint
+
+
+@dataclass
+class Settings:
+    max_steps: int = 20
+
+
+def _fake_checkpoint(output_dir, name, complete=True):
+    folder = output_dir / "checkpoints" / name
+    folder.mkdir(parents=True)
+    if complete:
+        (folder / "trainer_state.json").write_text(json.dumps({"step": int(name.split("-")[-1])}))
+    return folder
+
+
+def test_partial_checkpoints_are_never_picked(tmp_path):
+    _fake_checkpoint(tmp_path, "step-00000010")
+    _fake_checkpoint(tmp_path, "step-00000020")
+    _fake_checkpoint(tmp_path, "step-00000030", complete=False)  # killed while writing its files
+    _fake_checkpoint(tmp_path, ".tmp-step-00000040")  # killed before the rename
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step-00000010", "step-00000020"]
+    assert resolve_resume(tmp_path, "auto").name == "step-00000020"
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        resolve_resume(tmp_path, str(tmp_path / "checkpoints" / "step-00000030"))
+
+
+def test_new_run_refuses_a_used_output_dir(tmp_path):
+    assert resolve_resume(tmp_path / "new", "never") is None
+    assert resolve_resume(tmp_path / "new", "auto") is None
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not empty; pass resume=auto"):
+        resolve_resume(tmp_path, "never")
+    with pytest.raises(UserError, match="holds files but no complete checkpoint"):
+        resolve_resume(tmp_path, "auto")
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    accelerator = Accelerator(cpu=True)
+    previous = _fake_checkpoint(tmp_path, "step-00000010")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(accelerator, "save_state", disk_full)
+    with pytest.raises(UserError, match="could not write checkpoint at step 20.*previous checkpoint is intact"):
+        save_checkpoint(accelerator, tmp_path, 20, Settings(), {}, keep=1)
+    assert list_checkpoints(tmp_path) == [previous]
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_nonfinite_guard_counts_and_stops():
+    guard = NonFiniteGuard(max_in_row=2)
+    assert guard.check(True, 1) and not guard.check(False, 2) and guard.check(True, 3)
+    assert not guard.check(False, 4)
+    with pytest.raises(UserError, match="NaN/inf for 2 steps in a row"):
+        guard.check(False, 5)
+    assert guard.total == 3
