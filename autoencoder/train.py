@@ -6,6 +6,7 @@ AutoencoderKL folder whose config carries the latent scaling factor computed fro
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -17,17 +18,22 @@ from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
 from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from autoencoder.discriminator import (PatchDiscriminator, adaptive_gan_weight, generator_gan_loss,
+                                       hinge_discriminator_loss)
 from autoencoder.losses import autoencoder_loss
 from autoencoder.model import build_autoencoder, estimate_scaling_factor, load_autoencoder
+from autoencoder.perceptual import PERCEPTUAL_CHOICES, make_perceptual
 from ldm.config import save_config
 from ldm.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
 from ldm.errors import UserError
 from ldm.images import make_grid, pil_to_uint8_array, tensor_to_pil
-from ldm.training import (NonFiniteGuard, all_ranks_true, endless_batches, load_checkpoint, make_accelerator,
-                          resolve_resume, save_checkpoint, setup_logging)
+from ldm.training import (NonFiniteGuard, all_ranks_true, assert_replicas_in_sync, endless_batches, load_checkpoint,
+                          make_accelerator, resolve_resume, save_checkpoint, setup_logging)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +63,14 @@ class AutoencoderTrainConfig:
     l1_weight: float = 1.0
     l2_weight: float = 0.0
     kl_weight: float = 1e-6
+    perceptual: str = "ssim"  # lpips (needs its weights on disk) | ssim (offline) | none
+    perceptual_weight: float = 1.0
+    disc_start: int = -1  # step at which the patch discriminator switches on; -1 = never (no GAN term)
+    disc_weight: float = 0.5
+    disc_layers: int = 3
+    disc_learning_rate: Optional[float] = None  # default: learning_rate
+    use_ema: bool = False
+    ema_decay: float = 0.999
     resume: str = "auto"  # auto | never | PATH of a checkpoint
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -76,6 +90,8 @@ class AutoencoderTrainConfig:
                 raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.learning_rate <= 0:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.perceptual not in PERCEPTUAL_CHOICES:
+            raise UserError(f"perceptual must be one of {', '.join(PERCEPTUAL_CHOICES)}, got '{self.perceptual}'")
         if self.decoder_only and not self.pretrained:
             raise UserError("decoder_only=true fine-tunes an existing autoencoder: also set pretrained=DIR")
 
@@ -133,15 +149,31 @@ class AutoencoderTrainer:
         logger.info("autoencoder: %.2fM parameters, %.2fM trained", sum(p.numel() for p in self.vae.parameters())
                     / 1e6, sum(p.numel() for p in trainable) / 1e6)
 
+        self.perceptual = make_perceptual(config.perceptual)
+        if self.perceptual is not None:
+            self.perceptual.to(self.accelerator.device)
+        logger.info("perceptual term: %s%s", config.perceptual,
+                    " (offline choice: LPIPS weights cannot be downloaded here)" if config.perceptual == "ssim" else "")
+
         self.collate = SkippingCollate()
         loader = torch.utils.data.DataLoader(
             self.train_data, batch_size=config.batch_size, shuffle=True, drop_last=True,
             num_workers=config.num_workers, collate_fn=self.collate,
             generator=torch.Generator().manual_seed(config.seed))
-        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate,
-                                      betas=(config.adam_beta1, config.adam_beta2), weight_decay=0.0)
+        betas = (config.adam_beta1, config.adam_beta2)
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=betas, weight_decay=0.0)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(
             AutoencoderTrainingModule(self.vae), optimizer, loader)
+        self.discriminator = None
+        if config.disc_start >= 0:
+            discriminator = PatchDiscriminator(layers=config.disc_layers)  # DDP broadcasts its BatchNorm buffers
+            disc_optimizer = torch.optim.AdamW(discriminator.parameters(), betas=betas, weight_decay=0.0,
+                                               lr=config.disc_learning_rate or config.learning_rate)
+            self.discriminator, self.disc_optimizer = self.accelerator.prepare(discriminator, disc_optimizer)
+        self.ema = None
+        if config.use_ema:  # from the prepared (rank-0-broadcast) weights, so every rank's EMA is the same
+            self.ema = EMAModel(self.vae.parameters(), decay=config.ema_decay)
+            self.accelerator.register_for_checkpointing(self.ema)
         set_seed(config.seed, device_specific=True)  # each rank draws its own posterior samples
 
         self.step, self.batches_seen = 0, 0
@@ -154,20 +186,47 @@ class AutoencoderTrainer:
                                                               if isinstance(v, (int, float, str, bool))})
 
     def train_step(self, batch: dict) -> dict[str, float] | None:
-        """One optimiser step on one batch; returns the logged numbers, or None if the step was skipped."""
+        """One autoencoder step (and, once `disc_start` is reached, one discriminator step) on one batch.
+
+        Returns the logged numbers, or None if a non-finite loss on any rank made every rank skip the step.
+        """
+        config = self.config
         images = batch["pixel_values"]
         reconstructions, mean, logvar = self.model(images)
-        losses = autoencoder_loss(images, reconstructions, mean, logvar, self.config.kl_weight,
-                                  self.config.l1_weight, self.config.l2_weight)
-        self.accelerator.backward(losses["loss"])
-        finite = all_ranks_true(self.accelerator, bool(torch.isfinite(losses["loss"].detach())))
+        perceptual = self.perceptual(images, reconstructions) if self.perceptual is not None else None
+        losses = autoencoder_loss(images, reconstructions, mean, logvar, config.kl_weight, config.l1_weight,
+                                  config.l2_weight, perceptual, config.perceptual_weight)
+        loss = losses["loss"]
+        gan_active = self.discriminator is not None and self.step >= config.disc_start
+        if gan_active:
+            # the discriminator scores the reconstructions with frozen (detached) weights: only the decoder learns
+            disc = self.accelerator.unwrap_model(self.discriminator)
+            frozen = {name: t.detach() for name, t in [*disc.named_parameters(), *disc.named_buffers()]}
+            gan = generator_gan_loss(functional_call(disc, frozen, (reconstructions,)))
+            last_layer = self.accelerator.unwrap_model(self.model).vae.decoder.conv_out.weight
+            gan_weight = adaptive_gan_weight(losses["nll"], gan, last_layer) * config.disc_weight
+            loss = loss + gan_weight * gan
+            losses.update(loss=loss, gan=gan.detach(), gan_weight=gan_weight)
+        self.accelerator.backward(loss)
+        finite = all_ranks_true(self.accelerator, bool(torch.isfinite(loss.detach())))
         if self.guard.check(finite, self.step):
-            self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            self.accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.step(self.vae.parameters())
         self.optimizer.zero_grad(set_to_none=True)
         if not finite:
             return None
-        logged = self.accelerator.gather({k: v.detach().reshape(1) for k, v in losses.items()})
+        if gan_active:
+            real = self.discriminator(images)
+            fake = self.discriminator(reconstructions.detach())
+            disc_loss = hinge_discriminator_loss(real, fake)
+            self.accelerator.backward(disc_loss)
+            if all_ranks_true(self.accelerator, bool(torch.isfinite(disc_loss.detach()))):
+                self.disc_optimizer.step()
+            self.disc_optimizer.zero_grad(set_to_none=True)
+            losses["disc"] = disc_loss.detach()
+        logged = self.accelerator.gather({k: v.detach().float().reshape(1) for k, v in losses.items()})
         return {k: v.mean().item() for k, v in logged.items()}
 
     def train(self) -> None:
@@ -197,23 +256,29 @@ class AutoencoderTrainer:
                 self.accelerator.log({**{f"train/{k}": v for k, v in logs.items()},
                                       "train/images_per_second": images_per_second}, step=self.step)
                 progress.set_postfix(loss=f"{logs['loss']:.4g}", l1=f"{logs['l1_pixel']:.4f}",
-                                     img_s=f"{images_per_second:.1f}")
+                                     img_s=f"{images_per_second:.1f}", **({"disc": f"{logs['disc']:.3f}"}
+                                                                         if "disc" in logs else {}))
             if self.step % config.sample_every == 0 or self.step == config.max_steps:
                 self.save_samples()
             if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
                 self.save_checkpoint()
         progress.close()
 
+    def inference_vae(self) -> nn.Module:
+        """An eval-mode copy of the autoencoder with the EMA weights (or the raw weights without EMA)."""
+        vae = copy.deepcopy(self.vae).eval()
+        if self.ema is not None:
+            self.ema.copy_to(vae.parameters())
+        return vae
+
     @torch.no_grad()
     def save_samples(self) -> None:
         """Originals (top row) above their reconstructions (posterior mean), as PNG and in TensorBoard."""
         if not self.accelerator.is_main_process:
             return
-        vae = self.accelerator.unwrap_model(self.model).vae
-        vae.eval()
+        vae = self.inference_vae()
         images = self.sample_images.to(self.accelerator.device)
         reconstructions = vae.decode(vae.encode(images).latent_dist.mode()).sample
-        vae.train()
         grid = make_grid(tensor_to_pil(images) + tensor_to_pil(reconstructions), columns=len(images))
         folder = Path(self.config.output_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
@@ -231,9 +296,11 @@ class AutoencoderTrainer:
     def export(self) -> Path:
         """Write `output_dir/final`: the AutoencoderKL with its data-derived scaling factor, plus config.yaml."""
         final = Path(self.config.output_dir) / "final"
+        assert_replicas_in_sync(self.accelerator, self.vae.parameters(), "autoencoder weights")
+        if self.ema is not None:
+            assert_replicas_in_sync(self.accelerator, self.ema.shadow_params, "EMA weights")
         if self.accelerator.is_main_process:
-            vae = self.accelerator.unwrap_model(self.model).vae
-            vae.eval()
+            vae = self.inference_vae()
             count = min(self.config.scale_num_images, len(self.train_data))
             rows = [r for r in (self.train_data[i] for i in range(count)) if r is not None]
             batches = [torch.stack([r["pixel_values"] for r in rows[i:i + 32]]) for i in range(0, len(rows), 32)]

@@ -1,4 +1,5 @@
-"""The `ldm` command: `ldm data emoji ...` builds the offline dataset, `ldm generate PROMPT ...` samples images.
+"""The `ldm` command: `ldm data emoji` builds the offline dataset, `ldm eval autoencoder` measures the first stage,
+`ldm generate PROMPT` samples images.
 
 Training runs through Accelerate instead: `accelerate launch train_autoencoder.py|train_ldm.py --config ...`.
 """
@@ -49,6 +50,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {image.width}x{image.height})")
 
 
+def cmd_eval_autoencoder(args: argparse.Namespace) -> None:
+    from autoencoder.evaluate import evaluate_autoencoder, format_table
+
+    out = args.out or str(Path(args.model) / "eval")
+    metrics = evaluate_autoencoder(args.model, args.data, out, split=args.split, num_images=args.num_images,
+                                   batch_size=args.batch_size, resolution=args.resolution, fid=not args.no_fid)
+    print(format_table(metrics))
+    print(f"wrote {out}/metrics.json and {out}/reconstructions.png")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.schedulers import SCHEDULERS
 
@@ -65,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="add styles from npm packages when npm is present (default auto)")
     emoji.add_argument("--limit", type=int, default=None, help="only the first N names (quick builds, tests)")
     emoji.set_defaults(func=cmd_data_emoji)
+
+    evaluate = commands.add_parser("eval", help="evaluate a trained stage").add_subparsers(dest="stage",
+                                                                                         required=True)
+    autoencoder = evaluate.add_parser("autoencoder", help="PSNR, SSIM, rFID of reconstructions")
+    autoencoder.add_argument("--model", required=True, help="autoencoder folder (or a train_autoencoder output_dir)")
+    autoencoder.add_argument("--data", required=True, help="imagefolder or dataset")
+    autoencoder.add_argument("--split", default="validation")
+    autoencoder.add_argument("--num-images", type=int, default=1000, help="N, at most (default 1000)")
+    autoencoder.add_argument("--batch-size", type=int, default=32)
+    autoencoder.add_argument("--resolution", type=int, default=None, help="default: the model's sample_size")
+    autoencoder.add_argument("--out", default=None, help="folder for metrics.json and the grid (default MODEL/eval)")
+    autoencoder.add_argument("--no-fid", action="store_true", help="skip rFID (slow on CPU: about 5 img/s)")
+    autoencoder.set_defaults(func=cmd_eval_autoencoder)
 
     generate = commands.add_parser("generate", help="text-to-image with a trained model")
     generate.add_argument("prompt", help="text prompt ('' for unconditional)")

@@ -55,13 +55,8 @@ def test_two_processes(emoji_dir, autoencoder_dir, tmp_path):
     out = tmp_path / "ddp"
     launch = [LAUNCH[0], "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no"]
-    env_backup = os.environ.get("ACCELERATE_USE_CPU")
-    os.environ["ACCELERATE_USE_CPU"] = "1"
-    try:
-        result = run(launch + _args(emoji_dir, autoencoder_dir, out, "max_steps=6", "checkpoint_every=3"))
-    finally:
-        if env_backup is None:
-            os.environ.pop("ACCELERATE_USE_CPU")
+    result = run(launch + _args(emoji_dir, autoencoder_dir, out, "max_steps=6", "checkpoint_every=3"),
+                 env={"ACCELERATE_USE_CPU": "1"})
     checkpoint = out / "checkpoints" / "step-00000006"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     assert (out / "final" / "unet" / "diffusion_pytorch_model.safetensors").is_file()

