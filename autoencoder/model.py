@@ -16,8 +16,10 @@ from ldm.errors import UserError
 # Each preset maps a data resolution to a latent grid; f = 2 ** (len(block_out_channels) - 1).
 PRESETS: dict[str, dict] = {
     "tiny": {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8},  # f2, for tests
-    "kl-f4": {"block_out_channels": (64, 128, 256), "layers_per_block": 2, "norm_num_groups": 32},  # 64 px -> 16
-    "kl-f8": {"block_out_channels": (64, 128, 256, 256), "layers_per_block": 2, "norm_num_groups": 32},  # 128 -> 16
+    # CPU-sized (the LDM paper's f4/f8 use 128-512 channels and 2 layers per block): 2.7M parameters, about
+    # 16 img/s for a training step at 64 px on 2 CPU cores
+    "kl-f4": {"block_out_channels": (32, 64, 128), "layers_per_block": 1, "norm_num_groups": 32},  # 64 px -> 16
+    "kl-f8": {"block_out_channels": (32, 64, 128, 128), "layers_per_block": 1, "norm_num_groups": 32},  # 128 -> 16
 }
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +29,7 @@ from autoencoder.perceptual import PERCEPTUAL_CHOICES, make_perceptual
 from ldm.config import save_config
 from ldm.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
 from ldm.errors import UserError
+from ldm.files import atomic_folder
 from ldm.images import make_grid, pil_to_uint8_array, tensor_to_pil
 from ldm.training import (NonFiniteGuard, all_ranks_true, assert_replicas_in_sync, endless_batches, load_checkpoint,
                           make_accelerator, resolve_resume, save_checkpoint, setup_logging)
@@ -306,13 +305,9 @@ class AutoencoderTrainer:
             batches = [torch.stack([r["pixel_values"] for r in rows[i:i + 32]]) for i in range(0, len(rows), 32)]
             scaling_factor = estimate_scaling_factor(vae, batches)
             vae.register_to_config(scaling_factor=scaling_factor)
-            tmp = final.with_name(".tmp-final")
-            shutil.rmtree(tmp, ignore_errors=True)
-            vae.save_pretrained(tmp, safe_serialization=True)
-            save_config(self.config, tmp / "config.yaml")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            with atomic_folder(final) as tmp:
+                vae.save_pretrained(tmp, safe_serialization=True)
+                save_config(self.config, tmp / "config.yaml")
             logger.info("exported autoencoder to %s (scaling_factor %.4f from %d images)", final, scaling_factor,
                         len(rows))
         self.accelerator.wait_for_everyone()

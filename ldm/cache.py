@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ldm.data.dataset import ImageCaptionDataset, SkippingCollate
+from ldm.files import atomic_folder
 
 logger = logging.getLogger(__name__)
 
@@ -102,15 +101,10 @@ def load_or_build_cache(accelerator, data: ImageCaptionDataset, vae: nn.Module, 
         if accelerator.is_main_process and not (folder / "cache.safetensors").is_file():
             logger.info("building latent/text cache in %s", folder)
             tensors, skipped = _encode(data, vae, text_encoder, batch_size, accelerator.device)
-            tmp = folder.with_name(f".tmp-{folder.name}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "cache.safetensors")
-            (tmp / "info.json").write_text(json.dumps({"images": len(tensors["latent_mean"]), "skipped": skipped,
-                                                       "captions": len(tensors["caption_embeddings"])}))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
+            with atomic_folder(folder) as tmp:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "cache.safetensors")
+                (tmp / "info.json").write_text(json.dumps({"images": len(tensors["latent_mean"]), "skipped": skipped,
+                                                           "captions": len(tensors["caption_embeddings"])}))
             if skipped:
                 logger.warning("skipped %d undecodable images while caching", skipped)
         cached = CachedLatents(load_file(folder / "cache.safetensors"))

@@ -6,11 +6,10 @@ Safe by default: only safetensors weights are read unless the caller passes `all
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 from ldm.errors import UserError
+from ldm.files import atomic_folder
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 COMPONENT_FILES = {
@@ -68,14 +67,9 @@ def save_model_folder(folder: str | Path, vae, text_encoder, unet, scheduler) ->
     """Write a diffusers StableDiffusionPipeline folder (model_index.json + components), atomically."""
     from diffusers import StableDiffusionPipeline
 
-    folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.model, tokenizer=text_encoder.tokenizer,
                                    unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
-    return folder
+    with atomic_folder(folder) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return Path(folder)

@@ -1,8 +1,6 @@
 import json
-import logging
 
 import pytest
-import torch
 from PIL import Image
 
 from ldm.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset, to_rgb
