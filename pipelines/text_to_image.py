@@ -53,7 +53,7 @@ class Pipeline:
         self.vae, self.text_encoder, self.unet, self.scheduler = vae, text_encoder, unet, scheduler
         for module in (self.vae, self.unet, self.text_encoder):
             module.eval().requires_grad_(False)
-        self._empty_embedding: tuple[torch.Tensor, ...] | None = None
+        self._empty_embedding: torch.Tensor | None = None
         self._unet_forward = self.unet  # replaced by a compiled forward after `compile()`; self.unet stays plain
 
     @classmethod
@@ -95,8 +95,8 @@ class Pipeline:
         """Text hidden states (B, L, D) for the U-Net; the "" embedding is cached (used by every guided call)."""
         if all(p == "" for p in prompts):
             if self._empty_embedding is None:
-                self._empty_embedding = (self.text_encoder.encode([""]).hidden_states,)
-            return self._empty_embedding[0].expand(len(prompts), -1, -1)
+                self._empty_embedding = self.text_encoder.encode([""]).hidden_states
+            return self._empty_embedding.expand(len(prompts), -1, -1)
         return self.text_encoder.encode(prompts).hidden_states
 
     def _check_inputs(self, prompts: list[str], negative: list[str], num_images: int, num_inference_steps: int,
