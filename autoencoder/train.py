@@ -171,7 +171,7 @@ class AutoencoderTrainer:
             self.discriminator, self.disc_optimizer = self.accelerator.prepare(discriminator, disc_optimizer)
         self.ema = None
         if config.use_ema:  # from the prepared (rank-0-broadcast) weights, so every rank's EMA is the same
-            self.ema = EMAModel(self.vae.parameters(), decay=config.ema_decay)
+            self.ema = EMAModel(self.vae.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
             self.accelerator.register_for_checkpointing(self.ema)
         set_seed(config.seed, device_specific=True)  # each rank draws its own posterior samples
 
