@@ -119,7 +119,6 @@ class AutoencoderTrainer:
         self.accelerator = make_accelerator(config.output_dir)
         setup_logging(self.accelerator)
         resume_from = resolve_resume(config.output_dir, config.resume)
-        set_seed(config.seed)
 
         train_ds = load_image_caption_dataset(config.data, config.train_split, config.image_column,
                                               config.caption_column)

@@ -130,7 +130,6 @@ class LDMTrainer:
                                             config.ddp_timeout_minutes)
         setup_logging(self.accelerator)
         resume_from = resolve_resume(config.output_dir, config.resume)
-        set_seed(config.seed)
         device = self.accelerator.device
 
         # frozen stages: eval mode, no gradients, outside the optimiser and the training state
