@@ -32,7 +32,7 @@ from ldm.errors import UserError
 from ldm.files import atomic_folder
 from ldm.images import make_grid, pil_to_uint8_array, tensor_to_pil
 from ldm.training import (NonFiniteGuard, all_ranks_true, assert_replicas_in_sync, endless_batches, load_checkpoint,
-                          make_accelerator, resolve_resume, save_checkpoint, setup_logging)
+                          make_accelerator, resolve_resume, save_checkpoint, setup_logging, step_is_finite)
 
 logger = logging.getLogger(__name__)
 
@@ -206,9 +206,9 @@ class AutoencoderTrainer:
             loss = loss + gan_weight * gan
             losses.update(loss=loss, gan=gan.detach(), gan_weight=gan_weight)
         self.accelerator.backward(loss)
-        finite = all_ranks_true(self.accelerator, bool(torch.isfinite(loss.detach())))
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
+        finite = step_is_finite(self.accelerator, grad_norm, loss)
         if self.guard.check(finite, self.step):
-            self.accelerator.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.step(self.vae.parameters())

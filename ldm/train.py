@@ -31,7 +31,7 @@ from ldm.errors import UserError
 from ldm.images import make_grid, pil_to_uint8_array
 from ldm.text_encoders import DEFAULT_TEXT_ENCODER, load_text_encoder
 from ldm.training import (NonFiniteGuard, all_ranks_true, assert_replicas_in_sync, endless_batches, load_checkpoint,
-                          make_accelerator, resolve_resume, save_checkpoint, setup_logging)
+                          make_accelerator, resolve_resume, save_checkpoint, setup_logging, step_is_finite)
 from ldm.unet import build_unet, enable_xformers
 
 logger = logging.getLogger(__name__)
@@ -231,11 +231,7 @@ class LDMTrainer:
             if not self.accelerator.sync_gradients:
                 return False, loss.detach()
             grad_norm = self.accelerator.clip_grad_norm_(self.unet.parameters(), self.config.max_grad_norm)
-            if grad_norm is None:  # DeepSpeed clips inside its engine and returns no norm
-                finite = all_ranks_true(self.accelerator, bool(torch.isfinite(loss)))
-            else:
-                finite = bool(torch.isfinite(grad_norm))
-            stepped = self.guard.check(finite, self.step)
+            stepped = self.guard.check(step_is_finite(self.accelerator, grad_norm, loss), self.step)
             if stepped:
                 self.optimizer.step()
                 self.lr_scheduler.step()

@@ -165,6 +165,17 @@ def all_ranks_true(accelerator: Accelerator, flag: bool) -> bool:
     return bool(accelerator.reduce(failures, reduction="sum").item() == 0)
 
 
+def step_is_finite(accelerator: Accelerator, grad_norm: torch.Tensor | None, loss: torch.Tensor) -> bool:
+    """Whether this optimiser step is usable on every rank.
+
+    The gradient norm comes from gradients already all-reduced by DDP, so it is the same on every rank and needs no
+    extra collective; DeepSpeed clips inside its engine and returns no norm, so then the loss is checked on all ranks.
+    """
+    if grad_norm is None:
+        return all_ranks_true(accelerator, bool(torch.isfinite(loss.detach()).all()))
+    return bool(torch.isfinite(grad_norm))
+
+
 def assert_replicas_in_sync(accelerator: Accelerator, tensors: Iterable[torch.Tensor], what: str) -> None:
     """Compare a checksum of `tensors` across ranks; DDP and a correct EMA keep every rank's copy identical."""
     tensors = list(tensors)

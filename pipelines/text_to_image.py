@@ -7,6 +7,7 @@ the same model folder, seed, scheduler, steps and guidance both give the same im
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from pathlib import Path
 
@@ -181,8 +182,6 @@ class Pipeline:
 
 def _tokenizer_max_length(path: Path) -> int:
     """The padding length the model was trained with, as saved in its tokenizer config."""
-    import json
-
     config_file = path / "tokenizer" / "tokenizer_config.json"
     if not config_file.is_file():
         raise UserError(f"model folder {path} is missing tokenizer/tokenizer_config.json")
