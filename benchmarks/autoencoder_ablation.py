@@ -1,0 +1,75 @@
+"""Autoencoder objective ablation at equal steps: L1 + KL, + perceptual (SSIM), + patch discriminator.
+
+Trains each arm with the real command (`accelerate launch train_autoencoder.py`, the preset's other settings
+unchanged), then scores the export with `ldm eval autoencoder`'s function on the validation split: PSNR, SSIM, rFID.
+Arms whose `final/` already exists are scored, not retrained.
+
+    python benchmarks/autoencoder_ablation.py --data data/emoji [--steps 2000] [--disc-start 1000] [--parallel 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ARMS = {  # name -> config overrides; the discriminator arm's disc_start comes from --disc-start
+    "l1-kl": ["perceptual=none", "disc_start=-1"],
+    "l1-kl-ssim": ["perceptual=ssim", "disc_start=-1"],
+    "l1-kl-ssim-disc": ["perceptual=ssim"],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--config", default="configs/autoencoder/kl-f4.yaml")
+    parser.add_argument("--out", default="runs/ae-ablation")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--disc-start", type=int, default=1000)
+    parser.add_argument("--parallel", type=int, default=2, help="arms trained at a time")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads per training process")
+    parser.add_argument("--num-images", type=int, default=1000, help="validation images scored, at most")
+    args = parser.parse_args()
+
+    from autoencoder.evaluate import evaluate_autoencoder
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pending = [name for name in ARMS if not (out / name / "final").is_dir()]
+    seconds: dict[str, float] = {}
+    running: list[tuple[str, subprocess.Popen, float]] = []
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            name = pending.pop(0)
+            overrides = ARMS[name] + ([f"disc_start={args.disc_start}"] if name.endswith("disc") else [])
+            command = ["accelerate", "launch", "--num_cpu_threads_per_process", str(args.threads),
+                       "train_autoencoder.py", "--config", args.config, f"output_dir={out / name}",
+                       f"data={args.data}", f"max_steps={args.steps}", *overrides]
+            log = open(out / f"{name}.log", "w")
+            print("training", name, ":", " ".join(command), flush=True)
+            running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), time.time()))
+        time.sleep(5)
+        for item in list(running):
+            name, process, started = item
+            if process.poll() is not None:
+                running.remove(item)
+                if process.returncode != 0:
+                    sys.exit(f"arm {name} failed (exit {process.returncode}); see {out / f'{name}.log'}")
+                seconds[name] = time.time() - started
+
+    print(f"\n{args.steps} steps each (discriminator from step {args.disc_start}), config {args.config}\n")
+    print("| arm | PSNR dB | SSIM | rFID | rFID floor | N | train wall s |\n|---|---|---|---|---|---|---|")
+    for name in ARMS:
+        metrics = evaluate_autoencoder(str(out / name), args.data, out / name / "eval", num_images=args.num_images)
+        wall = f"{seconds[name]:.0f}" if name in seconds else "(earlier run)"
+        print(f"| {name} | {metrics['psnr']:.2f} | {metrics['ssim']:.3f} | {metrics['rfid']:.1f} | "
+              f"{metrics['rfid_floor_real_half_vs_half']:.1f} | {metrics['images']} | {wall} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
