@@ -71,5 +71,5 @@ def format_table(metrics: dict) -> str:
             ("PSNR (dB)", f"{metrics['psnr']:.2f}"), ("SSIM", f"{metrics['ssim']:.4f}")]
     if "rfid" in metrics:
         rows += [("rFID", f"{metrics['rfid']:.2f}"),
-                 ("real-vs-real floor (half vs half)", f"{metrics['rfid_floor_real_half_vs_half']:.2f}")]
+                 ("FID, real half vs half (for scale, not a floor)", f"{metrics['rfid_floor_real_half_vs_half']:.2f}")]
     return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)

@@ -42,7 +42,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     pending = [name for name in ARMS if not (out / name / "final").is_dir()]
     seconds: dict[str, float] = {}
-    running: list[tuple[str, subprocess.Popen, float]] = []
+    running: list[tuple[str, subprocess.Popen, float, object]] = []
     while pending or running:
         while pending and len(running) < args.parallel:
             name = pending.pop(0)
@@ -52,18 +52,19 @@ def main() -> None:
                        f"data={args.data}", f"max_steps={args.steps}", *overrides]
             log = open(out / f"{name}.log", "w")
             print("training", name, ":", " ".join(command), flush=True)
-            running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), time.time()))
+            running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), time.time(), log))
         time.sleep(5)
         for item in list(running):
-            name, process, started = item
+            name, process, started, log = item
             if process.poll() is not None:
                 running.remove(item)
+                log.close()
                 if process.returncode != 0:
                     sys.exit(f"arm {name} failed (exit {process.returncode}); see {out / f'{name}.log'}")
                 seconds[name] = time.time() - started
 
     print(f"\n{args.steps} steps each (discriminator from step {args.disc_start}), config {args.config}\n")
-    print("| arm | PSNR dB | SSIM | rFID | rFID floor | N | train wall s |\n|---|---|---|---|---|---|---|")
+    print("| arm | PSNR dB | SSIM | rFID | FID real half vs half | N | train wall s |\n|---|---|---|---|---|---|---|")
     for name in ARMS:
         metrics = evaluate_autoencoder(str(out / name), args.data, out / name / "eval", num_images=args.num_images)
         wall = f"{seconds[name]:.0f}" if name in seconds else "(earlier run)"
