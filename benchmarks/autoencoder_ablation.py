@@ -14,13 +14,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ARMS = {  # name -> config overrides; the discriminator arm's disc_start comes from --disc-start
+ARMS = {  # name -> config overrides; {disc_start} is --disc-start
     "l1-kl": ["perceptual=none", "disc_start=-1"],
     "l1-kl-ssim": ["perceptual=ssim", "disc_start=-1"],
-    "l1-kl-ssim-disc": ["perceptual=ssim"],
+    "l1-kl-ssim-disc": ["perceptual=ssim", "disc_start={disc_start}"],
 }
 
 
@@ -42,11 +43,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     pending = [name for name in ARMS if not (out / name / "final").is_dir()]
     seconds: dict[str, float] = {}
-    running: list[tuple[str, subprocess.Popen, float, object]] = []
+    running: list[tuple[str, subprocess.Popen, float, IO[str]]] = []
     while pending or running:
         while pending and len(running) < args.parallel:
             name = pending.pop(0)
-            overrides = ARMS[name] + ([f"disc_start={args.disc_start}"] if name.endswith("disc") else [])
+            overrides = [item.format(disc_start=args.disc_start) for item in ARMS[name]]
             command = ["accelerate", "launch", "--num_cpu_threads_per_process", str(args.threads),
                        "train_autoencoder.py", "--config", args.config, f"output_dir={out / name}",
                        f"data={args.data}", f"max_steps={args.steps}", *overrides]
