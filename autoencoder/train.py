@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
 from torch.func import functional_call
@@ -56,6 +57,8 @@ class AutoencoderTrainConfig:
     learning_rate: float = 1e-4
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
+    lr_scheduler: str = "constant"  # any diffusers.optimization scheduler name, e.g. cosine (decays to 0 at max_steps)
+    lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
     max_steps: int = 10000
     seed: int = 0
@@ -160,6 +163,10 @@ class AutoencoderTrainer:
             generator=torch.Generator().manual_seed(config.seed))
         betas = (config.adam_beta1, config.adam_beta2)
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=betas, weight_decay=0.0)
+        # stepped by us once per optimiser step (a prepared scheduler would step once per process)
+        self.lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                          num_training_steps=config.max_steps)
+        self.accelerator.register_for_checkpointing(self.lr_scheduler)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(
             AutoencoderTrainingModule(self.vae), optimizer, loader)
         self.discriminator = None
@@ -210,6 +217,7 @@ class AutoencoderTrainer:
         finite = step_is_finite(self.accelerator, grad_norm, loss)
         if self.guard.check(finite, self.step):
             self.optimizer.step()
+            self.lr_scheduler.step()
             if self.ema is not None:
                 self.ema.step(self.vae.parameters())
         self.optimizer.zero_grad(set_to_none=True)
@@ -252,6 +260,7 @@ class AutoencoderTrainer:
                     / max(now - last_time, 1e-9)
                 last_time, last_step = now, self.step
                 self.accelerator.log({**{f"train/{k}": v for k, v in logs.items()},
+                                      "train/lr": self.lr_scheduler.get_last_lr()[0],
                                       "train/images_per_second": images_per_second}, step=self.step)
                 progress.set_postfix(loss=f"{logs['loss']:.4g}", l1=f"{logs['l1_pixel']:.4f}",
                                      img_s=f"{images_per_second:.1f}", **({"disc": f"{logs['disc']:.3f}"}
@@ -299,16 +308,18 @@ class AutoencoderTrainer:
             assert_replicas_in_sync(self.accelerator, self.ema.shadow_params, "EMA weights")
         if self.accelerator.is_main_process:
             vae = self.inference_vae()
-            count = min(self.config.scale_num_images, len(self.train_data))
-            rows = [r for r in (self.train_data[i] for i in range(count)) if r is not None]
-            batches = [torch.stack([r["pixel_values"] for r in rows[i:i + 32]]) for i in range(0, len(rows), 32)]
-            scaling_factor = estimate_scaling_factor(vae, batches)
+            if self.config.decoder_only:  # the encoder, so the latent space and its scale, are unchanged
+                scaling_factor, source = vae.config.scaling_factor, f"kept from {self.config.pretrained}"
+            else:
+                count = min(self.config.scale_num_images, len(self.train_data))
+                rows = [r for r in (self.train_data[i] for i in range(count)) if r is not None]
+                batches = [torch.stack([r["pixel_values"] for r in rows[i:i + 32]]) for i in range(0, len(rows), 32)]
+                scaling_factor, source = estimate_scaling_factor(vae, batches), f"from {len(rows)} images"
             vae.register_to_config(scaling_factor=scaling_factor)
             with atomic_folder(final) as tmp:
                 vae.save_pretrained(tmp, safe_serialization=True)
                 save_config(self.config, tmp / "config.yaml")
-            logger.info("exported autoencoder to %s (scaling_factor %.4f from %d images)", final, scaling_factor,
-                        len(rows))
+            logger.info("exported autoencoder to %s (scaling_factor %.4f %s)", final, scaling_factor, source)
         self.accelerator.wait_for_everyone()
         return final
 

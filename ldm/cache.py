@@ -1,9 +1,10 @@
 """Latent and text-embedding cache: encode the dataset once with the frozen stages, then train from memory.
 
 Stored per image: the autoencoder posterior's mean and log-variance (so every epoch still draws a fresh latent
-sample, exactly as encoding on the fly does); per distinct caption: the text encoder's hidden states. The cache
+sample, exactly as encoding on the fly does) and the ids of its caption variants (one per caption template); per
+distinct caption: the text encoder's hidden states. The cache
 folder is named by a hash of everything that determines its contents (dataset fingerprint, resolution, autoencoder
-weights, text encoder weights and max length), so a change to any of them builds a new one.
+weights, text encoder weights and max length, caption templates), so a change to any of them builds a new one.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ def _module_digest(module: nn.Module) -> str:
 def cache_key(data: ImageCaptionDataset, vae: nn.Module, text_encoder: nn.Module) -> str:
     """A hash that changes whenever the data, the autoencoder or the text encoder changes."""
     spec = {
-        "version": 1,
+        "version": 2,
         "data": data.ds._fingerprint,
         "rows": len(data),
         "resolution": data.resolution,
         "caption_column": data.caption_column,
+        "caption_templates": list(data.templates),
         "vae": _module_digest(vae),
         "text_encoder": _module_digest(text_encoder),
         "text_max_length": text_encoder.max_length,
@@ -50,7 +52,8 @@ def cache_key(data: ImageCaptionDataset, vae: nn.Module, text_encoder: nn.Module
 
 
 class CachedLatents(torch.utils.data.Dataset):
-    """Rows of (posterior mean, posterior log-variance, caption id) with the caption embedding table beside."""
+    """Rows of (posterior mean, posterior log-variance, caption variant ids) with the caption embedding table
+    beside."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.mean, self.logvar = tensors["latent_mean"], tensors["latent_logvar"]
@@ -61,7 +64,7 @@ class CachedLatents(torch.utils.data.Dataset):
         return len(self.mean)
 
     def __getitem__(self, i: int) -> dict:
-        return {"latent_mean": self.mean[i], "latent_logvar": self.logvar[i], "caption_id": self.caption_ids[i],
+        return {"latent_mean": self.mean[i], "latent_logvar": self.logvar[i], "caption_ids": self.caption_ids[i],
                 "index": self.indices[i]}
 
 
@@ -80,13 +83,14 @@ def _encode(data: ImageCaptionDataset, vae: nn.Module, text_encoder: nn.Module, 
         logvars.append(posterior.logvar.cpu())
         captions += batch["captions"]
         indices.append(batch["indices"])
-    distinct = sorted(set(captions))
+    distinct = sorted({caption for variants in captions for caption in variants})
     position = {caption: i for i, caption in enumerate(distinct)}
     embeddings = [text_encoder.encode(distinct[i:i + batch_size]).hidden_states.cpu()
                   for i in range(0, len(distinct), batch_size)]
     tensors = {
         "latent_mean": torch.cat(means), "latent_logvar": torch.cat(logvars),
-        "caption_ids": torch.tensor([position[c] for c in captions]), "indices": torch.cat(indices),
+        "caption_ids": torch.tensor([[position[c] for c in variants] for variants in captions]),
+        "indices": torch.cat(indices),
         "caption_embeddings": torch.cat(embeddings),
         "empty_embedding": text_encoder.encode([""]).hidden_states[0].cpu(),
     }

@@ -1,5 +1,5 @@
 """The `ldm` command: `ldm data emoji` builds the offline dataset, `ldm eval autoencoder` measures the first stage,
-`ldm generate PROMPT` samples images.
+`ldm eval generate` the text-to-image model's samples, `ldm generate PROMPT` samples images.
 
 Training runs through Accelerate instead: `accelerate launch train_autoencoder.py|train_ldm.py --config ...`.
 """
@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,6 +61,41 @@ def cmd_eval_autoencoder(args: argparse.Namespace) -> None:
     print(f"wrote {out}/metrics.json and {out}/reconstructions.png")
 
 
+def cmd_eval_generate(args: argparse.Namespace) -> None:
+    from pipelines import Pipeline
+    from pipelines.evaluate import evaluate_generation, format_tables
+
+    pipe = Pipeline(model=args.model)
+    out = args.out or (str(Path(args.model) / "eval") if args.model else "eval-default-model")
+    metrics = evaluate_generation(
+        pipe, args.data, out, num_images=args.num_images, sweep_images=args.sweep_images, scheduler=args.scheduler,
+        steps=args.steps, guidance=args.guidance,
+        heldout_split=None if args.heldout_split == "none" else args.heldout_split,
+        samplers=not args.no_sampler_sweep, guidance_sweep=not args.no_guidance_sweep, seed=args.seed,
+        batch_size=args.batch_size, cache_dir=args.cache_dir)
+    print(format_tables(metrics))
+    print(f"wrote {out}/metrics.json and its plots")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+    import yaml
+
+    from pipelines import Pipeline
+    from pipelines.loading import save_slim_model_folder
+
+    pipe = Pipeline(model=args.model)
+    config_file = Path(args.model) / "config.yaml"
+    if args.text_encoder is None and not config_file.is_file():
+        raise UserError(f"{args.model} has no config.yaml naming its text encoder; pass --text-encoder NAME")
+    name = args.text_encoder or yaml.safe_load(config_file.read_text())["text_encoder"]
+    folder = save_slim_model_folder(args.out, pipe.vae, pipe.unet, pipe.scheduler, name,
+                                    pipe.text_encoder.max_length, getattr(torch, args.dtype))
+    if config_file.is_file():
+        shutil.copy(config_file, folder / "config.yaml")
+    print(f"wrote {folder} (U-Net and autoencoder in {args.dtype}; text encoder '{name}' from its package)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.schedulers import SCHEDULERS
 
@@ -89,6 +125,31 @@ def build_parser() -> argparse.ArgumentParser:
     autoencoder.add_argument("--out", default=None, help="folder for metrics.json and the grid (default MODEL/eval)")
     autoencoder.add_argument("--no-fid", action="store_true", help="skip rFID (slow on CPU: about 5 img/s)")
     autoencoder.set_defaults(func=cmd_eval_autoencoder)
+
+    gen_eval = evaluate.add_parser("generate", help="FID, prompt alignment, sampler and guidance sweeps of samples")
+    gen_eval.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
+    gen_eval.add_argument("--data", required=True, help="imagefolder with train and held-out splits")
+    gen_eval.add_argument("--num-images", type=int, default=1000, help="N for the main FIDs (default 1000)")
+    gen_eval.add_argument("--sweep-images", type=int, default=200, help="N for each sweep setting (default 200)")
+    gen_eval.add_argument("--heldout-split", default="validation", help="held-out split, or none (default validation)")
+    gen_eval.add_argument("--scheduler", default="dpm++", help="sampler of the main FIDs (default dpm++)")
+    gen_eval.add_argument("--steps", type=int, default=20, help="its steps (default 20)")
+    gen_eval.add_argument("--guidance", type=float, default=4.0, help="guidance scale (default 4)")
+    gen_eval.add_argument("--no-sampler-sweep", action="store_true")
+    gen_eval.add_argument("--no-guidance-sweep", action="store_true")
+    gen_eval.add_argument("--seed", type=int, default=0)
+    gen_eval.add_argument("--batch-size", type=int, default=50)
+    gen_eval.add_argument("--out", default=None,
+                          help="results folder (default MODEL/eval, or eval-default-model for the default)")
+    gen_eval.add_argument("--cache-dir", default=None, help="real-image feature cache (default OUT/cache)")
+    gen_eval.set_defaults(func=cmd_eval_generate)
+
+    export = commands.add_parser("export", help="a slim model folder (the embedded default's layout)")
+    export.add_argument("--model", required=True, help="model folder (train_ldm.py's final/)")
+    export.add_argument("--out", required=True, help="folder to write (e.g. pipelines/default_model)")
+    export.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    export.add_argument("--text-encoder", default=None, help="installed text encoder name (default: config.yaml's)")
+    export.set_defaults(func=cmd_export)
 
     generate = commands.add_parser("generate", help="text-to-image with a trained model")
     generate.add_argument("prompt", help="text prompt ('' for unconditional)")

@@ -28,6 +28,30 @@ def make_grid(images: list[Image.Image], columns: int | None = None) -> Image.Im
     return grid
 
 
+def captioned_grid(images: torch.Tensor | list[Image.Image], captions: list[str], columns: int = 8,
+                   scale: int = 2, caption_height: int = 28) -> Image.Image:
+    """A grid with each caption printed under its image (images upscaled `scale` times, nearest neighbour)."""
+    from PIL import ImageDraw
+
+    pil = tensor_to_pil(images) if isinstance(images, torch.Tensor) else list(images)
+    width, height = pil[0].width * scale, pil[0].height * scale
+    rows = math.ceil(len(pil) / columns)
+    grid = Image.new("RGB", (columns * width, rows * (height + caption_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, caption) in enumerate(zip(pil, captions)):
+        x, y = (i % columns) * width, (i // columns) * (height + caption_height)
+        grid.paste(image.resize((width, height), Image.Resampling.NEAREST), (x, y))
+        words, lines = caption.split(), [""]
+        for word in words:  # wrap to the cell width, at most two lines
+            if draw.textlength(f"{lines[-1]} {word}".strip()) > width - 4 and lines[-1]:
+                lines.append(word)
+            else:
+                lines[-1] = f"{lines[-1]} {word}".strip()
+        for j, line in enumerate(lines[:2]):
+            draw.text((x + 2, y + height + 2 + 12 * j), line, fill="black")
+    return grid
+
+
 def pil_to_uint8_array(image: Image.Image) -> np.ndarray:
     """(H, W, 3) uint8, the layout TensorBoard's `add_image(..., dataformats="HWC")` takes."""
     return np.asarray(image.convert("RGB"), dtype=np.uint8)

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 from autoencoder.model import downsampling_factor, load_autoencoder
 from ldm.cache import load_or_build_cache
 from ldm.config import save_config
-from ldm.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
+from ldm.data.dataset import (ImageCaptionDataset, SkippingCollate, check_caption_templates,
+                              load_image_caption_dataset)
 from ldm.diffusion import BETA_SCHEDULES, NoiseSchedule, diffusion_loss, sample_noise, sample_timesteps
 from ldm.errors import UserError
 from ldm.images import make_grid, pil_to_uint8_array
@@ -45,12 +46,14 @@ class LDMTrainConfig:
     data: str = ""
     image_column: str = "image"
     caption_column: str = "caption"
+    # caption variants, one drawn per image and step; fields: caption, article ("a"/"an"), any text column
+    caption_templates: list[str] = field(default_factory=lambda: ["{caption}"])
     train_split: str = "train"
     autoencoder: str = ""  # output_dir (or final/) of train_autoencoder.py, or any diffusers AutoencoderKL folder
     text_encoder: str = DEFAULT_TEXT_ENCODER
     text_max_length: int = 77
     resolution: Optional[int] = None  # pixels; defaults to the autoencoder's sample_size
-    unet_preset: str = "emoji-64"
+    unet_preset: str = "emoji-s"
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"
     beta_start: float = 0.00085
@@ -145,7 +148,9 @@ class LDMTrainer:
 
         train_ds = load_image_caption_dataset(config.data, config.train_split, config.image_column,
                                               config.caption_column)
-        train_data = ImageCaptionDataset(train_ds, self.resolution, config.image_column, config.caption_column)
+        check_caption_templates(train_ds, config.caption_column, tuple(config.caption_templates))
+        train_data = ImageCaptionDataset(train_ds, self.resolution, config.image_column, config.caption_column,
+                                         tuple(config.caption_templates))
         self.collate = SkippingCollate()
         self.cache = None
         if config.cache_latents:
@@ -189,6 +194,12 @@ class LDMTrainer:
         self.accelerator.init_trackers("ldm", config={k: v for k, v in dataclasses.asdict(config).items()
                                                       if isinstance(v, (int, float, str, bool))})
 
+    def draw_captions(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image: whether its caption is dropped (condition dropout) and which caption variant it gets."""
+        drop = torch.rand(batch_size) < self.config.cond_drop_prob
+        variant = torch.randint(0, len(self.config.caption_templates), (batch_size,))
+        return drop, variant
+
     @torch.no_grad()
     def encode_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled latents (a fresh posterior sample) and text hidden states with condition dropout applied.
@@ -199,13 +210,14 @@ class LDMTrainer:
         if self.cache is None:
             images = batch["pixel_values"].to(device)
             latents = self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
-            drop = torch.rand(len(batch["captions"])) < self.config.cond_drop_prob
-            captions = ["" if dropped else caption for caption, dropped in zip(batch["captions"], drop.tolist())]
+            drop, variant = self.draw_captions(len(batch["captions"]))
+            captions = ["" if dropped else variants[j]
+                        for variants, dropped, j in zip(batch["captions"], drop.tolist(), variant.tolist())]
             return latents, self.text_encoder.encode(captions).hidden_states
         mean, logvar = batch["latent_mean"].to(device), batch["latent_logvar"].to(device)
         sample = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, device=device, dtype=mean.dtype)
-        drop = torch.rand(len(mean)) < self.config.cond_drop_prob
-        context = self.cache.caption_embeddings[batch["caption_id"]]
+        drop, variant = self.draw_captions(len(mean))
+        context = self.cache.caption_embeddings[batch["caption_ids"][torch.arange(len(mean)), variant]]
         context[drop] = self.cache.empty_embedding
         return sample * self.vae.config.scaling_factor, context.to(device)
 

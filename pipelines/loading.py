@@ -1,17 +1,25 @@
 """Find, check and load a model folder (diffusers Stable Diffusion layout); write one.
 
 Safe by default: only safetensors weights are read unless the caller passes `allow_pickle=True`; no remote code.
+A *slim* folder (the embedded default) leaves out `text_encoder/` and `tokenizer/` and names an installed text
+encoder in `text_encoder.json` instead (the MiniLM package, not a second copy); its `checksums.json` holds the
+SHA-256 of every weight file, checked at load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+
+import torch
 
 from ldm.errors import UserError
 from ldm.files import atomic_folder
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+TEXT_ENCODER_REFERENCE = "text_encoder.json"
+CHECKSUMS = "checksums.json"
 COMPONENT_FILES = {
     "unet": ("config.json", "diffusion_pytorch_model.safetensors"),
     "vae": ("config.json", "diffusion_pytorch_model.safetensors"),
@@ -26,8 +34,9 @@ def resolve_model_path(model: str | Path | None) -> Path:
     """The model folder for `model`: None = the embedded default, a folder, or a training output_dir (its final/)."""
     if model is None:
         if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
-            raise UserError("no default model yet: train one with `accelerate launch train_ldm.py --config "
-                            "configs/ldm/emoji-64.yaml ...` and pass model=OUTPUT_DIR/final (or --model)")
+            raise UserError(f"the embedded default model is missing ({DEFAULT_MODEL_DIR}/model_index.json); restore "
+                            "it with `git checkout -- pipelines/default_model` (or reinstall the package), or pass "
+                            "a model folder (--model)")
         return DEFAULT_MODEL_DIR
     path = Path(model).expanduser()
     if path.is_dir():
@@ -43,8 +52,11 @@ def resolve_model_path(model: str | Path | None) -> Path:
 
 
 def check_model_folder(path: Path, allow_pickle: bool = False) -> None:
-    """Name the first missing file, and refuse pickled weights unless allowed."""
+    """Name the first missing file, refuse pickled weights unless allowed, and check the recorded checksums."""
+    slim = (path / TEXT_ENCODER_REFERENCE).is_file()
     for component, files in COMPONENT_FILES.items():
+        if slim and component in ("text_encoder", "tokenizer"):
+            continue
         folder = path / component
         if not folder.is_dir():
             raise UserError(f"model folder {path} is missing the component folder {component}/")
@@ -57,6 +69,58 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> None:
                 raise UserError(f"{folder} holds only pickled weights, which can run code when loaded; convert them "
                                 "to safetensors, or pass allow_pickle=True if you trust the file")
             raise UserError(f"model folder {path} is missing {component}/{name}")
+
+
+    if (path / CHECKSUMS).is_file():
+        verify_checksums(path)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checksums(path: Path) -> None:
+    """Every file listed in checksums.json exists and has its SHA-256; the error names the file and the fix."""
+    restore = ("restore it with `git checkout -- pipelines/default_model` (or reinstall the package)"
+               if path.resolve() == DEFAULT_MODEL_DIR.resolve() else "re-export the model folder")
+    for name, expected in json.loads((path / CHECKSUMS).read_text()).items():
+        file = path / name
+        if not file.is_file():
+            raise UserError(f"model file {file} is missing; {restore}")
+        if file_sha256(file) != expected:
+            raise UserError(f"model file {file} is corrupted (SHA-256 differs from {CHECKSUMS}); {restore}")
+
+
+def read_text_encoder_reference(path: Path) -> dict | None:
+    """The installed text encoder a slim folder names ({"name", "max_length"}), or None for a full folder."""
+    file = path / TEXT_ENCODER_REFERENCE
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def save_slim_model_folder(folder: str | Path, vae, unet, scheduler, text_encoder_name: str, max_length: int,
+                           dtype: torch.dtype = torch.float16) -> Path:
+    """The embedded-default layout: model_index.json, unet/, vae/, scheduler/ (weights in `dtype`), the text
+    encoder named in text_encoder.json, and checksums.json over the weight files."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    with atomic_folder(folder) as tmp:
+        for name, module in (("unet", unet), ("vae", vae)):
+            copy.deepcopy(module).to(dtype).save_pretrained(tmp / name, safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
+        index = {"_class_name": StableDiffusionPipeline.__name__, "unet": ["diffusers", type(unet).__name__],
+                 "vae": ["diffusers", type(vae).__name__], "scheduler": ["diffusers", type(scheduler).__name__]}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / TEXT_ENCODER_REFERENCE).write_text(json.dumps({"name": text_encoder_name,
+                                                               "max_length": max_length}, indent=2) + "\n")
+        weights = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*.safetensors"))
+        (tmp / CHECKSUMS).write_text(json.dumps({w: file_sha256(tmp / w) for w in weights}, indent=2) + "\n")
+    return Path(folder)
 
 
 def read_model_index(path: Path) -> dict:

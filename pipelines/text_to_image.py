@@ -23,7 +23,7 @@ from autoencoder.model import downsampling_factor
 from ldm.errors import UserError
 from ldm.text_encoders import load_text_encoder
 from pipelines.guidance import ClassifierFreeGuidance
-from pipelines.loading import check_model_folder, resolve_model_path
+from pipelines.loading import check_model_folder, read_text_encoder_reference, resolve_model_path
 from pipelines.schedulers import make_scheduler
 
 OUTPUT_TYPES = ("pil", "numpy", "torch", "latent")
@@ -47,9 +47,16 @@ class Pipeline:
             path = resolve_model_path(model)
             check_model_folder(path, allow_pickle)
             use_safetensors = None if allow_pickle else True
-            vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=use_safetensors)
-            unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_safetensors)
-            text_encoder = load_text_encoder(str(path), max_length=_tokenizer_max_length(path))
+            # fp32 whatever the files hold (the embedded default is stored in fp16); `.to(dtype=...)` to change
+            vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=use_safetensors,
+                                                torch_dtype=torch.float32)
+            unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_safetensors,
+                                                        torch_dtype=torch.float32)
+            reference = read_text_encoder_reference(path)
+            if reference is not None:  # a slim folder: the text encoder comes from its installed package
+                text_encoder = load_text_encoder(reference["name"], max_length=reference["max_length"])
+            else:
+                text_encoder = load_text_encoder(str(path), max_length=_tokenizer_max_length(path))
             scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
         self.vae, self.text_encoder, self.unet, self.scheduler = vae, text_encoder, unet, scheduler
         for module in (self.vae, self.unet, self.text_encoder):
@@ -58,7 +65,8 @@ class Pipeline:
         self._unet_forward = self.unet  # replaced by a compiled forward after `compile()`; self.unet stays plain
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, allow_pickle: bool = False) -> "Pipeline":
+    def from_pretrained(cls, path: str | Path | None = None, allow_pickle: bool = False) -> "Pipeline":
+        """Load a model folder; no path = the embedded default model."""
         return cls(model=path, allow_pickle=allow_pickle)
 
     @property

@@ -112,6 +112,7 @@ def test_decoder_only_fine_tuning_keeps_the_latent_space(emoji_dir, tmp_path):
     for name, param in before.encoder.state_dict().items():
         assert torch.equal(param, after.encoder.state_dict()[name]), name
     assert not torch.equal(before.decoder.conv_out.weight, after.decoder.conv_out.weight)
+    assert after.config.scaling_factor == before.config.scaling_factor  # same latent space, same scale
 
 
 def test_scaling_factor_makes_latents_unit_variance(tmp_path, tiny_components):

@@ -19,7 +19,7 @@ def test_split_holds_out_whole_names(emoji_dir):
     assert len(val_names) >= 0.1 * 40
     for name in val_names:  # every style of a held-out name is held out
         assert {r["style"] for r in val if r["name"] == name} == {"twemoji", "openmoji"}
-    assert set(train[0]) == {"file_name", "caption", "name", "style", "category"}
+    assert set(train[0]) == {"file_name", "caption", "name", "short_name", "style", "category"}
 
 
 def test_loads_with_datasets_imagefolder(emoji_dir):
@@ -59,3 +59,29 @@ def test_refuses_a_non_empty_output(tmp_path):
     with pytest.raises(UserError, match="not empty"):
         build_emoji_dataset(tmp_path, use_npm="no", limit=2)
     assert (tmp_path / "x").read_text() == "keep me"
+
+
+def test_iconify_sets_are_found_by_codepoint_or_name_slug(tmp_path):
+    from ldm.data.emoji import _find_iconify, _render
+
+    body = '<circle cx="8" cy="8" r="8" fill="#f00"/>'
+    icons = {"prefix": "x", "width": 16, "height": 16,
+             "icons": {"cat-face": {"body": body}, "red-apple": {"body": body, "width": 32, "height": 32}},
+             "aliases": {"apple": {"parent": "red-apple"}, "flipped": {"parent": "cat-face", "hFlip": True}}}
+    (tmp_path / "icons.json").write_text(json.dumps(icons))
+    (tmp_path / "chars.json").write_text(json.dumps({"1f431": "cat-face"}))
+    by_code = _find_iconify(tmp_path, {"unified": "1F431", "name": "no such name", "short_names": []})
+    assert b'viewBox="0 0 16 16"' in by_code and body.encode() in by_code
+    by_alias = _find_iconify(tmp_path, {"unified": "1F34E", "name": "big apple", "short_names": ["apple"]})
+    assert b'viewBox="0 0 32 32"' in by_alias
+    assert _find_iconify(tmp_path, {"unified": "0", "name": "flipped", "short_names": []}) is None
+    image = _render(by_code, 24)
+    assert image.size == (24, 24) and image.getpixel((12, 12)) == (255, 0, 0) and image.getpixel((0, 0)) == (255,) * 3
+
+
+def test_short_name_is_an_everyday_word_or_the_name():
+    from ldm.data.emoji import _short_name
+
+    assert _short_name("slice of pizza", ["pizza"]) == "pizza"
+    assert _short_name("cat", ["cat2"]) == "cat"
+    assert _short_name("thumbs up sign", ["+1", "thumbsup"]) == "thumbsup"

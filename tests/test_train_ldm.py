@@ -72,10 +72,14 @@ def _trainer(emoji_dir, autoencoder_dir, output_dir, *extra) -> LDMTrainer:
     return trainer
 
 
+TEMPLATES = 'caption_templates=["{caption}", "{article} {caption}", "{caption}, {style} style"]'
+
+
 def test_cached_and_uncached_batches_give_the_same_loss(emoji_dir, autoencoder_dir, tmp_path):
-    cached = _trainer(emoji_dir, autoencoder_dir, tmp_path / "cached", "cache_latents=true", "cond_drop_prob=0.5")
+    cached = _trainer(emoji_dir, autoencoder_dir, tmp_path / "cached", "cache_latents=true", "cond_drop_prob=0.5",
+                      TEMPLATES)
     uncached = _trainer(emoji_dir, autoencoder_dir, tmp_path / "uncached", "cache_latents=false",
-                        "cond_drop_prob=0.5")
+                        "cond_drop_prob=0.5", TEMPLATES)
     batch_c, batch_u = next(iter(cached.loader)), next(iter(uncached.loader))
     assert torch.equal(batch_c["index"], batch_u["indices"])  # same images in the same order
     losses = []
@@ -107,6 +111,28 @@ def test_cache_is_rebuilt_when_an_input_changes(emoji_dir, autoencoder_dir, tmp_
     assert cache_key(images, trainer.vae, trainer.text_encoder) != key
     fewer = ImageCaptionDataset(images.ds.select(range(10)), 32)
     assert cache_key(fewer, trainer.vae, trainer.text_encoder) != key
+    templated = ImageCaptionDataset(images.ds, 32, templates=("{caption}", "{caption} emoji"))
+    assert cache_key(templated, trainer.vae, trainer.text_encoder) != key
+
+
+def test_caption_variants_are_drawn_per_image_and_step(emoji_dir, autoencoder_dir, tmp_path):
+    trainer = _trainer(emoji_dir, autoencoder_dir, tmp_path / "variants", TEMPLATES, "cond_drop_prob=0")
+    cache = trainer.cache
+    assert cache.caption_ids.shape == (len(cache), 3)
+    first = json.loads(emoji_dir.joinpath("train", "metadata.jsonl").read_text().splitlines()[0])
+    caption, style = first["caption"], first["style"]
+    expected = [caption, f"a {caption}" if caption[0] not in "aeiou" else f"an {caption}", f"{caption}, {style} style"]
+    embeddings = trainer.text_encoder.encode(expected).hidden_states
+    for j in range(3):
+        torch.testing.assert_close(cache.caption_embeddings[cache.caption_ids[0, j]], embeddings[j])
+    batch = next(iter(trainer.loader))
+    drawn = set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        _, context = trainer.encode_batch(batch)
+        drawn |= {int((cache.caption_embeddings - c).abs().flatten(1).sum(1).argmin()) for c in context}
+    variants = {int(i) for i in batch["caption_ids"].flatten()}
+    assert drawn <= variants and len(drawn) > len(batch["caption_ids"])  # more than one variant per image used
 
 
 def test_nonfinite_losses_skip_then_stop_without_saving(emoji_dir, autoencoder_dir, tmp_path, monkeypatch):

