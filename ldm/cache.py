@@ -2,9 +2,9 @@
 
 Stored per image: the autoencoder posterior's mean and log-variance (so every epoch still draws a fresh latent
 sample, exactly as encoding on the fly does) and the ids of its caption variants (one per caption template); per
-distinct caption: the text encoder's hidden states. The cache
-folder is named by a hash of everything that determines its contents (dataset fingerprint, resolution, autoencoder
-weights, text encoder weights and max length, caption templates), so a change to any of them builds a new one.
+distinct caption: the text encoder's hidden states. The cache folder is named by a hash of everything that
+determines its contents (dataset fingerprint, resolution, autoencoder weights, text encoder weights and max length,
+caption templates), so a change to any of them builds a new one.
 """
 
 from __future__ import annotations

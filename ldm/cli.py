@@ -61,6 +61,26 @@ def cmd_eval_autoencoder(args: argparse.Namespace) -> None:
     print(f"wrote {out}/metrics.json and {out}/reconstructions.png")
 
 
+def _sampler_list(text: str) -> tuple[tuple[str, int], ...]:
+    """"ddim:50,dpm++:20" -> (("ddim", 50), ("dpm++", 20)); "none" -> ()."""
+    if text == "none":
+        return ()
+    try:
+        return tuple((name, int(steps)) for name, steps in (item.rsplit(":", 1) for item in text.split(",")))
+    except ValueError as err:
+        raise UserError(f"--samplers takes NAME:STEPS,... (e.g. ddim:50,dpm++:20) or none, got '{text}'") from err
+
+
+def _scale_list(text: str) -> tuple[float, ...]:
+    if text == "none":
+        return ()
+    try:
+        return tuple(float(value) for value in text.split(","))
+    except ValueError as err:
+        raise UserError(f"--guidance-scales takes numbers separated by commas (e.g. 1,3,5) or none, got '{text}'") \
+            from err
+
+
 def cmd_eval_generate(args: argparse.Namespace) -> None:
     from pipelines import Pipeline
     from pipelines.evaluate import evaluate_generation, format_tables
@@ -71,10 +91,31 @@ def cmd_eval_generate(args: argparse.Namespace) -> None:
         pipe, args.data, out, num_images=args.num_images, sweep_images=args.sweep_images, scheduler=args.scheduler,
         steps=args.steps, guidance=args.guidance,
         heldout_split=None if args.heldout_split == "none" else args.heldout_split,
-        samplers=not args.no_sampler_sweep, guidance_sweep=not args.no_guidance_sweep, seed=args.seed,
+        samplers=_sampler_list(args.samplers), guidance_scales=_scale_list(args.guidance_scales), seed=args.seed,
         batch_size=args.batch_size, cache_dir=args.cache_dir)
     print(format_tables(metrics))
     print(f"wrote {out}/metrics.json and its plots")
+
+
+def swap_decoder(vae, path: str):
+    """The autoencoder at `path` in place of `vae`, allowed only if it encodes identically (same encoder weights and
+    scaling factor, e.g. a decoder-only fine-tune): the U-Net was trained on `vae`'s latents."""
+    import torch
+
+    from autoencoder.model import load_autoencoder
+
+    tuned = load_autoencoder(path)
+
+    def encoding(module) -> dict:
+        return {k: v for k, v in module.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+
+    ours, theirs = encoding(vae), encoding(tuned)
+    same = vae.config.scaling_factor == tuned.config.scaling_factor and ours.keys() == theirs.keys() and all(
+        torch.equal(ours[k].float(), theirs[k].float()) for k in ours)
+    if not same:
+        raise UserError(f"--vae {path} does not encode like the model's autoencoder (encoder weights or scaling "
+                        "factor differ); only a decoder-only fine-tune of the same autoencoder can replace it")
+    return tuned.eval().requires_grad_(False)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -85,6 +126,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from pipelines.loading import save_slim_model_folder
 
     pipe = Pipeline(model=args.model)
+    if args.vae is not None:
+        pipe.vae = swap_decoder(pipe.vae, args.vae)
     config_file = Path(args.model) / "config.yaml"
     if args.text_encoder is None and not config_file.is_file():
         raise UserError(f"{args.model} has no config.yaml naming its text encoder; pass --text-encoder NAME")
@@ -97,6 +140,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipelines.evaluate import GUIDANCE_SWEEP, SAMPLER_SWEEP
     from pipelines.schedulers import SCHEDULERS
 
     parser = argparse.ArgumentParser(prog="ldm", description=__doc__)
@@ -135,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen_eval.add_argument("--scheduler", default="dpm++", help="sampler of the main FIDs (default dpm++)")
     gen_eval.add_argument("--steps", type=int, default=20, help="its steps (default 20)")
     gen_eval.add_argument("--guidance", type=float, default=4.0, help="guidance scale (default 4)")
-    gen_eval.add_argument("--no-sampler-sweep", action="store_true")
-    gen_eval.add_argument("--no-guidance-sweep", action="store_true")
+    gen_eval.add_argument("--samplers", default=",".join(f"{n}:{s}" for n, s in SAMPLER_SWEEP),
+                          help="sampler sweep as NAME:STEPS,... or none (default: %(default)s)")
+    gen_eval.add_argument("--guidance-scales", default=",".join(f"{g:g}" for g in GUIDANCE_SWEEP),
+                          help="guidance sweep, or none (default: %(default)s)")
     gen_eval.add_argument("--seed", type=int, default=0)
     gen_eval.add_argument("--batch-size", type=int, default=50)
     gen_eval.add_argument("--out", default=None,
@@ -149,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="folder to write (e.g. pipelines/default_model)")
     export.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     export.add_argument("--text-encoder", default=None, help="installed text encoder name (default: config.yaml's)")
+    export.add_argument("--vae", default=None,
+                        help="a decoder-only fine-tune of the model's autoencoder to ship instead (checked)")
     export.set_defaults(func=cmd_export)
 
     generate = commands.add_parser("generate", help="text-to-image with a trained model")

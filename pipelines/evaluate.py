@@ -133,8 +133,10 @@ def evaluate_setting(pipe, network, prompts_from: RealImages, scheduler: str, st
 
 def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = 1000, sweep_images: int = 200,
                         scheduler: str = "dpm++", steps: int = 20, guidance: float = 4.0,
-                        heldout_split: str | None = "validation", samplers: bool = True, guidance_sweep: bool = True,
-                        seed: int = 0, batch_size: int = 50, cache_dir: str | Path | None = None) -> dict:
+                        heldout_split: str | None = "validation",
+                        samplers: tuple[tuple[str, int], ...] = SAMPLER_SWEEP,
+                        guidance_scales: tuple[float, ...] = GUIDANCE_SWEEP, seed: int = 0, batch_size: int = 50,
+                        cache_dir: str | Path | None = None) -> dict:
     """Run every measurement; returns the metrics dict (also written to `out/metrics.json`). Real images'
     features are cached in `cache_dir` (default `out/cache`), so evaluating several models on the same data and N
     computes them once."""
@@ -181,12 +183,12 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = 1000
     sweep_floor = frechet_distance(reference.take(len(sweep_set.captions)).features, sweep_set.features)
     if samplers:
         rows = [evaluate_setting(pipe, network, sweep_set, name, count, guidance, seed, batch_size)[0]
-                for name, count in SAMPLER_SWEEP]
+                for name, count in samplers]
         metrics["samplers"] = {"images": len(sweep_set.captions), "fid_real_vs_real": sweep_floor, "rows": rows}
         plot_samplers(rows, sweep_floor, out / "samplers.png")
-    if guidance_sweep:
+    if guidance_scales:
         rows = [evaluate_setting(pipe, network, sweep_set, scheduler, steps, scale, seed, batch_size)[0]
-                for scale in GUIDANCE_SWEEP]
+                for scale in guidance_scales]
         metrics["guidance"] = {"images": len(sweep_set.captions), "fid_real_vs_real": sweep_floor, "rows": rows}
         plot_guidance(rows, sweep_floor, out / "guidance.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
