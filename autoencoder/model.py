@@ -62,6 +62,17 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
     return AutoencoderKL.from_pretrained(path, use_safetensors=True)
 
 
+def encodes_identically(a: AutoencoderKL, b: AutoencoderKL) -> bool:
+    """Same encoder (and quant_conv) weights and scaling factor: the same latents for every image, so a U-Net trained
+    on one works with the other (e.g. `b` is a decoder-only fine-tune of `a`)."""
+    def encoding(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+
+    ours, theirs = encoding(a), encoding(b)
+    return a.config.scaling_factor == b.config.scaling_factor and ours.keys() == theirs.keys() and all(
+        torch.equal(ours[k].float(), theirs[k].float()) for k in ours)
+
+
 def downsampling_factor(vae: AutoencoderKL) -> int:
     """Pixels per latent cell along one side."""
     return 2 ** (len(vae.config.block_out_channels) - 1)

@@ -3,7 +3,7 @@
 Same prompt, seed, scheduler (DDIM), steps and guidance; warm-up excluded; the two alternate call by call and the
 median of `--repeats` is reported as ms/image, with the ratio ours / diffusers, the max abs pixel difference between
 their outputs, and the peak RSS each call needed above its start. Without `--model`, a randomly initialised model
-of the default recipe's shape (kl-f4 autoencoder, emoji-64 U-Net, MiniLM) is used: speed does not depend on weights.
+of the default recipe's shape (kl-f4 autoencoder, emoji-l U-Net, MiniLM) is used: speed does not depend on weights.
 
     python benchmarks/sample_latency.py [--model DIR] [--steps 20 50] [--batch 1 4] [--repeats 5] [--compile]
 """
@@ -93,7 +93,7 @@ def main() -> None:
                               guidance_scale=args.guidance, generator=torch.Generator().manual_seed(0),
                               output_type="np").images
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model or 'random emoji-64'}; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model or 'random emoji-l'}; "
           f"DDIM, guidance {args.guidance}, median of {args.repeats}")
     header = "| steps | batch | diffusers ms/img | ours ms/img | ours/diffusers | max abs diff | diffusers peak RSS MB " \
              "| ours peak RSS MB |"

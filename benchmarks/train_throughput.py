@@ -9,7 +9,7 @@ side runs in a fresh child process (so peak RSS is its own), twice, alternating;
 timed steps after warm-up. FLOPs per image are counted with torch.utils.flop_counter over one full step
 (after the timed ones); "setup + warm-up" is the one-off cost: cache building, compilation, first steps.
 
-    python benchmarks/train_throughput.py [--preset emoji-64] [--batch 32] [--steps 8] [--ours compile=true]
+    python benchmarks/train_throughput.py [--preset emoji-l] [--batch 32] [--steps 8] [--ours compile=true]
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def run_child(side: str, args, data: Path, vae_dir: Path, workdir: Path, attempt
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="emoji-64")
+    parser.add_argument("--preset", default="emoji-l")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per child")
     parser.add_argument("--warmup", type=int, default=2)

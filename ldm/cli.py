@@ -98,21 +98,12 @@ def cmd_eval_generate(args: argparse.Namespace) -> None:
 
 
 def swap_decoder(vae, path: str):
-    """The autoencoder at `path` in place of `vae`, allowed only if it encodes identically (same encoder weights and
-    scaling factor, e.g. a decoder-only fine-tune): the U-Net was trained on `vae`'s latents."""
-    import torch
-
-    from autoencoder.model import load_autoencoder
+    """The autoencoder at `path` in place of `vae`, allowed only if it encodes identically (e.g. a decoder-only
+    fine-tune): the U-Net was trained on `vae`'s latents."""
+    from autoencoder.model import encodes_identically, load_autoencoder
 
     tuned = load_autoencoder(path)
-
-    def encoding(module) -> dict:
-        return {k: v for k, v in module.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
-
-    ours, theirs = encoding(vae), encoding(tuned)
-    same = vae.config.scaling_factor == tuned.config.scaling_factor and ours.keys() == theirs.keys() and all(
-        torch.equal(ours[k].float(), theirs[k].float()) for k in ours)
-    if not same:
+    if not encodes_identically(vae, tuned):
         raise UserError(f"--vae {path} does not encode like the model's autoencoder (encoder weights or scaling "
                         "factor differ); only a decoder-only fine-tune of the same autoencoder can replace it")
     return tuned.eval().requires_grad_(False)

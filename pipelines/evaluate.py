@@ -13,7 +13,6 @@ Writes `metrics.json`, `samplers.png`, `guidance.png` and `samples.png` (prompts
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -27,8 +26,6 @@ from ldm.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_ca
 from ldm.errors import UserError
 from ldm.fid import frechet_distance, inception_features, inception_network
 from ldm.images import captioned_grid
-
-logger = logging.getLogger(__name__)
 
 # (scheduler, steps) rows of the sampler table, slowest first
 SAMPLER_SWEEP = (("ddpm", 1000), ("ddpm", 250), ("ddim", 50), ("dpm++", 20), ("dpm++", 10), ("euler", 30),
@@ -53,11 +50,9 @@ def _column(ds, column: str, fallback: list[str]) -> list[str]:
     return list(ds[column]) if column in ds.column_names else fallback
 
 
-def load_real_images(data: str, split: str, indices: list[int], resolution: int, network,
-                     cache_file: Path) -> RealImages:
+def load_real_images(ds, split: str, indices: list[int], resolution: int, network, cache_file: Path) -> RealImages:
     """Inception features of the given rows of a split, resized to `resolution` (cached in `cache_file`, keyed by
     data, rows and resolution)."""
-    ds = load_image_caption_dataset(data, split)
     rows = ds.select(indices)
     captions = list(rows["caption"])
     names = _column(rows, "name", captions)
@@ -154,9 +149,9 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = 1000
         num_images = len(train) // 2
     order = np.random.default_rng(seed).permutation(len(train)).tolist()
     size = pipe.default_size()  # real images are resized (shorter side) and centre-cropped to the samples' size
-    prompts_set = load_real_images(data, "train", order[:num_images], size, network,
+    prompts_set = load_real_images(train, "train", order[:num_images], size, network,
                                    cache / f"train_a_{num_images}.npz")
-    reference = load_real_images(data, "train", order[num_images:2 * num_images], size, network,
+    reference = load_real_images(train, "train", order[num_images:2 * num_images], size, network,
                                  cache / f"train_b_{num_images}.npz")
 
     metrics: dict = {"data": str(data), "num_images": num_images, "resolution": size, "notes": notes, "seed": seed}
@@ -174,7 +169,7 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = 1000
         if count < num_images:
             notes.append(f"held-out N = {count}: the whole '{heldout_split}' split")
         rows = np.random.default_rng(seed).permutation(len(heldout_ds))[:count].tolist()
-        heldout = load_real_images(data, heldout_split, rows, size, network, cache / f"heldout_{count}.npz")
+        heldout = load_real_images(heldout_ds, heldout_split, rows, size, network, cache / f"heldout_{count}.npz")
         result, _ = evaluate_setting(pipe, network, heldout, scheduler, steps, guidance, seed, batch_size)
         metrics["heldout"] = {**result, "fid_real_vs_real": frechet_distance(reference.take(count).features,
                                                                              heldout.features)}

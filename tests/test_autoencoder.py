@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from autoencoder.discriminator import (PatchDiscriminator, adaptive_gan_weight, generator_gan_loss,
                                        hinge_discriminator_loss)
 from autoencoder.losses import autoencoder_loss, kl_to_standard_normal
-from autoencoder.model import estimate_scaling_factor
+from autoencoder.model import encodes_identically, estimate_scaling_factor
 from autoencoder.perceptual import SSIMDistance, make_perceptual
 from ldm.errors import UserError
 from ldm.fid import frechet_distance
@@ -113,6 +113,10 @@ def test_decoder_only_fine_tuning_keeps_the_latent_space(emoji_dir, tmp_path):
         assert torch.equal(param, after.encoder.state_dict()[name]), name
     assert not torch.equal(before.decoder.conv_out.weight, after.decoder.conv_out.weight)
     assert after.config.scaling_factor == before.config.scaling_factor  # same latent space, same scale
+    assert encodes_identically(before, after)  # what `ldm export --vae` checks
+    with torch.no_grad():
+        after.encoder.conv_in.bias.add_(1e-3)
+    assert not encodes_identically(before, after)
 
 
 def test_scaling_factor_makes_latents_unit_variance(tmp_path, tiny_components):

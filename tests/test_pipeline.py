@@ -177,3 +177,23 @@ def test_slim_folder_in_half_precision_is_close_to_full(tiny_components, tmp_pat
     assert slim.unet.dtype == torch.float32  # stored in fp16, run in fp32
     kwargs = dict(num_inference_steps=3, seed=0, output_type="numpy", progress=False)
     assert np.abs(slim.generate("a cat", **kwargs) - full.generate("a cat", **kwargs)).max() < 0.02
+
+
+def test_ldm_export_writes_a_slim_folder_and_refuses_a_different_encoder(tiny_model_dir, tmp_path, capsys):
+    from ldm.cli import main as ldm_main
+
+    out = tmp_path / "slim"
+    with pytest.raises(SystemExit):  # no config.yaml beside the model: the text encoder must be named
+        ldm_main(["export", "--model", str(tiny_model_dir), "--out", str(out)])
+    assert "pass --text-encoder NAME" in capsys.readouterr().err
+    ldm_main(["export", "--model", str(tiny_model_dir), "--out", str(out), "--text-encoder", "minilm"])
+    assert (out / "checksums.json").is_file() and Pipeline.from_pretrained(out).unet.dtype == torch.float32
+    other = Pipeline.from_pretrained(tiny_model_dir).vae
+    with torch.no_grad():
+        other.encoder.conv_in.weight.mul_(2)
+    other.save_pretrained(tmp_path / "other_vae")
+    with pytest.raises(SystemExit):
+        ldm_main(["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--text-encoder",
+                  "minilm", "--vae", str(tmp_path / "other_vae")])
+    assert "does not encode like the model's autoencoder" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
