@@ -1,10 +1,10 @@
 """Train the first stage. Usage: accelerate launch train_autoencoder.py --config configs/autoencoder/kl-f4.yaml \
 output_dir=runs/ae data=data/emoji [key=value ...]"""
 
-from autoencoder.train import AutoencoderTrainConfig, run
-from ldm.cli_args import parse_training_args
-from ldm.config import load_config
-from ldm.errors import exit_on_user_error
+from cli.training_args import parse_training_args
+from core.config import load_config
+from core.errors import exit_on_user_error
+from recipes.autoencoder import AutoencoderTrainConfig, run
 
 
 @exit_on_user_error

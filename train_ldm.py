@@ -1,10 +1,10 @@
 """Train the latent U-Net. Usage: accelerate launch train_ldm.py --config configs/ldm/emoji-64.yaml \
 output_dir=runs/ldm autoencoder=runs/ae data=data/emoji [key=value ...]"""
 
-from ldm.cli_args import parse_training_args
-from ldm.config import load_config
-from ldm.errors import exit_on_user_error
-from ldm.train import LDMTrainConfig, run
+from cli.training_args import parse_training_args
+from core.config import load_config
+from core.errors import exit_on_user_error
+from recipes.latent_diffusion import LDMTrainConfig, run
 
 
 @exit_on_user_error

@@ -1,3 +1,5 @@
 """First stage: a KL-regularised autoencoder (diffusers `AutoencoderKL`) mapping pixels to latents and back."""
 
-import ldm  # noqa: F401  (checks torch / torchvision before diffusers is imported)
+from core.torch_env import check_torchvision
+
+check_torchvision()  # before diffusers is imported

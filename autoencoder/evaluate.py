@@ -13,8 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from autoencoder.model import load_autoencoder
-from ldm.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
-from ldm.images import make_grid, tensor_to_pil
+from core.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
+from core.images import make_grid, tensor_to_pil
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def evaluate_autoencoder(model: str, data: str, out: str | Path, split: str = "v
     metrics = {"model": str(model), "data": str(data), "split": split, "images": len(originals),
                "resolution": resolution, "psnr": float(psnr.mean()), "ssim": float(ssim.mean())}
     if fid:
-        from ldm.fid import frechet_distance, inception_features, inception_network
+        from core.fid import frechet_distance, inception_features, inception_network
 
         network = inception_network()
         real, fake = inception_features(network, originals), inception_features(network, reconstructions)

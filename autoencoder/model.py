@@ -11,16 +11,14 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from ldm.errors import UserError
+from core.errors import UserError
 
 # Each preset maps a data resolution to a latent grid; f = 2 ** (len(block_out_channels) - 1).
 PRESETS: dict[str, dict] = {
     "tiny": {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8},  # f2, for tests
-    # CPU-sized (the LDM paper's f4/f8 use 128-512 channels and 2 layers per block): 2.7M parameters; a training
-    # step at 64 px on 2 CPU cores runs about 15 img/s at batch 16, 13 at the presets' batch 4. 8 norm groups keep at
-    # least 4 channels per group, as SD's 128/32: with 32 groups the 32-channel stages normalise each channel alone,
-    # which erases per-image colour (measured: 17.7 vs 22.4 dB PSNR after 1000 steps, colours at 41% vs 90% of the
-    # originals' saturation)
+    # CPU-sized (the LDM paper's f4/f8 use 128-512 channels and 2 layers per block): 2.7M parameters. 8 norm groups
+    # keep at least 4 channels per group, as SD's 128/32: with 32 groups the 32-channel stages normalise each channel
+    # alone, which erased per-image colour (README, "Autoencoder quality", has the measurements)
     "kl-f4": {"block_out_channels": (32, 64, 128), "layers_per_block": 1, "norm_num_groups": 8},  # 64 px -> 16
     "kl-f8": {"block_out_channels": (32, 64, 128, 128), "layers_per_block": 1, "norm_num_groups": 8},  # 128 -> 16
 }

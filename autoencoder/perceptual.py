@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ldm.errors import UserError
+from core.errors import UserError
 
 PERCEPTUAL_CHOICES = ("lpips", "ssim", "none")
 

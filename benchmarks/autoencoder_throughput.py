@@ -32,17 +32,17 @@ def main() -> None:
 
     from autoencoder.losses import autoencoder_loss
     from autoencoder.model import build_autoencoder
-    from autoencoder.train import AutoencoderTrainConfig, AutoencoderTrainer
-    from ldm.config import load_config
-    from ldm.data.emoji import build_emoji_dataset
-    from ldm.training import endless_batches
+    from recipes.autoencoder import AutoencoderTrainConfig, AutoencoderTrainer
+    from core.config import load_config
+    from core.data.emoji import build_emoji_dataset
+    from core.accelerator import endless_batches
 
     workdir = Path(tempfile.mkdtemp(prefix="ae-throughput-"))
     build_emoji_dataset(workdir / "emoji", size=args.resolution, use_npm="no", limit=100)
 
     def recipe(name: str, *overrides: str):
         config = load_config(AutoencoderTrainConfig, None, [
-            f"data={workdir / 'emoji'}", f"output_dir={workdir / name}", f"preset={args.preset}",
+            f"data={workdir / 'emoji'}", f"output_dir={workdir / name}", f"autoencoder_preset={args.preset}",
             f"resolution={args.resolution}", f"batch_size={args.batch}", *overrides])
         trainer = AutoencoderTrainer(config)
         trainer.setup()

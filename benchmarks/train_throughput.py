@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 def prepare(workdir: Path) -> tuple[Path, Path]:
     """A 64 px emoji set (300 names, PyPI styles) and a randomly initialised kl-f4 autoencoder folder."""
     from autoencoder.model import build_autoencoder
-    from ldm.data.emoji import build_emoji_dataset
+    from core.data.emoji import build_emoji_dataset
 
     data, vae_dir = workdir / "emoji", workdir / "vae"
     build_emoji_dataset(data, size=64, use_npm="no", limit=300)
@@ -62,9 +62,9 @@ def timed_steps(step, steps: int) -> list[float]:
 
 
 def child_ours(args, data: Path, vae_dir: Path, out: Path) -> dict:
-    from ldm.config import load_config
-    from ldm.train import LDMTrainConfig, LDMTrainer
-    from ldm.training import endless_batches
+    from core.config import load_config
+    from recipes.latent_diffusion import LDMTrainConfig, LDMTrainer
+    from core.accelerator import endless_batches
 
     config = load_config(LDMTrainConfig, None, [
         f"data={data}", f"autoencoder={vae_dir}", f"output_dir={out}", f"unet_preset={args.preset}",
@@ -95,7 +95,7 @@ def child_reference(args, data: Path, vae_dir: Path, out: Path) -> dict:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
-    from ldm.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
+    from core.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
     from ldm.text_encoders import load_text_encoder
     from ldm.unet import build_unet
 

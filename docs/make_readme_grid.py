@@ -5,7 +5,7 @@
 
 from pathlib import Path
 
-from ldm.images import captioned_grid
+from core.images import captioned_grid
 from pipelines import Pipeline
 
 PROMPTS = ["a cat", "cat face", "grinning face", "red apple", "rocket", "pizza", "snowman", "sun with face",

@@ -1,5 +1,5 @@
-"""Latent diffusion: the diffusion math, text conditioning, the latent U-Net and its training recipe."""
+"""Second stage: the diffusion math, text conditioning and the latent U-Net (trained by recipes/latent_diffusion.py)."""
 
-from ldm.torch_env import check_torchvision
+from core.torch_env import check_torchvision
 
-check_torchvision()
+check_torchvision()  # before diffusers / transformers are imported

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ldm.data.dataset import ImageCaptionDataset, SkippingCollate
-from ldm.files import atomic_folder
+from core.data.dataset import ImageCaptionDataset, SkippingCollate
+from core.files import atomic_folder
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.errors import UserError
+from core.errors import UserError
 from ldm.text_encoders import TextEmbedding
 
 logger = logging.getLogger(__name__)

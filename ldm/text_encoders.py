@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm.errors import UserError
+from core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +69,9 @@ class FrozenTextEncoder(nn.Module):
                                 return_tensors="pt")
         lengths = [len(ids) for ids in self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]]
         if not self._warned_truncation and max(lengths) > self.max_length:
-            logger.warning("a prompt has %d tokens; the text encoder keeps the first %d (truncated)", max(lengths),
-                           self.max_length)
+            longest = lengths.index(max(lengths))
+            logger.warning("prompt %r has %d tokens; the text encoder keeps the first %d (truncated)",
+                           prompts[longest][:200], max(lengths), self.max_length)
             self._warned_truncation = True
         return tokens["input_ids"], tokens["attention_mask"]
 

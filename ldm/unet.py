@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from diffusers import UNet2DConditionModel
 
-from ldm.errors import UserError
+from core.errors import UserError
 
 PRESETS: dict[str, dict] = {
     # a few hundred thousand parameters: tests only

@@ -1,6 +1,19 @@
-"""Inference: text-to-image (and later inpainting) pipelines, model loading and saving."""
+"""Inference: text-to-image (and later inpainting) pipelines, model loading and saving.
 
-import ldm  # noqa: F401  (checks torch / torchvision before diffusers is imported)
-from pipelines.text_to_image import Pipeline
+`Pipeline` is imported on first use, so that light modules (pipelines/defaults.py, read by `ldm --help`) do not
+pay for torch and diffusers.
+"""
+
+from core.torch_env import check_torchvision
+
+check_torchvision()  # before diffusers is imported; cheap when torchvision is not installed
 
 __all__ = ["Pipeline"]
+
+
+def __getattr__(name: str):
+    if name == "Pipeline":
+        from pipelines.text_to_image import Pipeline
+
+        return Pipeline
+    raise AttributeError(f"module 'pipelines' has no attribute '{name}'")

@@ -22,15 +22,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ldm.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
-from ldm.errors import UserError
-from ldm.fid import frechet_distance, inception_features, inception_network
-from ldm.images import captioned_grid
+from core.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
+from core.errors import UserError
+from core.fid import frechet_distance, inception_features, inception_network
+from core.images import captioned_grid
+from pipelines import defaults as D
 
-# (scheduler, steps) rows of the sampler table, slowest first
-SAMPLER_SWEEP = (("ddpm", 1000), ("ddpm", 250), ("ddim", 50), ("dpm++", 20), ("dpm++", 10), ("euler", 30),
-                 ("unipc", 10))
-GUIDANCE_SWEEP = (1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 9.0)
 
 
 @dataclass
@@ -126,11 +123,13 @@ def evaluate_setting(pipe, network, prompts_from: RealImages, scheduler: str, st
     return result, images
 
 
-def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = 1000, sweep_images: int = 200,
-                        scheduler: str = "dpm++", steps: int = 20, guidance: float = 4.0,
-                        heldout_split: str | None = "validation",
-                        samplers: tuple[tuple[str, int], ...] = SAMPLER_SWEEP,
-                        guidance_scales: tuple[float, ...] = GUIDANCE_SWEEP, seed: int = 0, batch_size: int = 50,
+def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EVAL_NUM_IMAGES,
+                        sweep_images: int = D.EVAL_SWEEP_IMAGES, scheduler: str = D.EVAL_SCHEDULER,
+                        num_inference_steps: int = D.EVAL_NUM_INFERENCE_STEPS,
+                        guidance_scale: float = D.EVAL_GUIDANCE_SCALE, heldout_split: str | None = "validation",
+                        samplers: tuple[tuple[str, int], ...] = D.SAMPLER_SWEEP,
+                        guidance_scales: tuple[float, ...] = D.GUIDANCE_SWEEP, seed: int = 0,
+                        batch_size: int = D.EVAL_BATCH_SIZE,
                         cache_dir: str | Path | None = None) -> dict:
     """Run every measurement; returns the metrics dict (also written to `out/metrics.json`). Real images'
     features are cached in `cache_dir` (default `out/cache`), so evaluating several models on the same data and N
@@ -155,7 +154,8 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = 1000
                                  cache / f"train_b_{num_images}.npz")
 
     metrics: dict = {"data": str(data), "num_images": num_images, "resolution": size, "notes": notes, "seed": seed}
-    main, images = evaluate_setting(pipe, network, prompts_set, scheduler, steps, guidance, seed, batch_size)
+    main, images = evaluate_setting(pipe, network, prompts_set, scheduler, num_inference_steps, guidance_scale, seed,
+                                    batch_size)
     metrics["train"] = {**main, "fid_real_vs_real": frechet_distance(reference.features, prompts_set.features)}
     shown = min(16, len(images))
     captioned_grid(images[:shown], prompts_set.captions[:shown], columns=8).save(out / "samples.png")
@@ -170,20 +170,21 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = 1000
             notes.append(f"held-out N = {count}: the whole '{heldout_split}' split")
         rows = np.random.default_rng(seed).permutation(len(heldout_ds))[:count].tolist()
         heldout = load_real_images(heldout_ds, heldout_split, rows, size, network, cache / f"heldout_{count}.npz")
-        result, _ = evaluate_setting(pipe, network, heldout, scheduler, steps, guidance, seed, batch_size)
+        result, _ = evaluate_setting(pipe, network, heldout, scheduler, num_inference_steps, guidance_scale, seed,
+                                     batch_size)
         metrics["heldout"] = {**result, "fid_real_vs_real": frechet_distance(reference.take(count).features,
                                                                              heldout.features)}
 
     sweep_set = prompts_set.take(min(sweep_images, num_images))
     sweep_floor = frechet_distance(reference.take(len(sweep_set.captions)).features, sweep_set.features)
     if samplers:
-        rows = [evaluate_setting(pipe, network, sweep_set, name, count, guidance, seed, batch_size)[0]
+        rows = [evaluate_setting(pipe, network, sweep_set, name, count, guidance_scale, seed, batch_size)[0]
                 for name, count in samplers]
         metrics["samplers"] = {"images": len(sweep_set.captions), "fid_real_vs_real": sweep_floor, "rows": rows}
         plot_samplers(rows, sweep_floor, out / "samplers.png")
     if guidance_scales:
-        rows = [evaluate_setting(pipe, network, sweep_set, scheduler, steps, scale, seed, batch_size)[0]
-                for scale in guidance_scales]
+        rows = [evaluate_setting(pipe, network, sweep_set, scheduler, num_inference_steps, scale, seed,
+                                 batch_size)[0] for scale in guidance_scales]
         metrics["guidance"] = {"images": len(sweep_set.captions), "fid_real_vs_real": sweep_floor, "rows": rows}
         plot_guidance(rows, sweep_floor, out / "guidance.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -14,8 +14,13 @@ class ClassifierFreeGuidance:
 
     def __init__(self, denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> None:
         self.denoiser, self.cond, self.scale = denoiser, cond, scale
-        self.uncond = uncond if scale > 1 else None
+        self.uncond = uncond if self.needs_unconditional(scale) else None
         self.context = torch.cat([uncond, cond]) if self.uncond is not None else cond
+
+    @staticmethod
+    def needs_unconditional(scale: float) -> bool:
+        """The one rule: guidance runs the unconditional branch only for scale > 1 (scale 1 is the cond model)."""
+        return scale > 1
 
     @property
     def active(self) -> bool:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ldm.errors import UserError
-from ldm.files import atomic_folder
+from core.errors import MissingFileError, UserError
+from core.files import atomic_folder
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 TEXT_ENCODER_REFERENCE = "text_encoder.json"
@@ -34,9 +34,9 @@ def resolve_model_path(model: str | Path | None) -> Path:
     """The model folder for `model`: None = the embedded default, a folder, or a training output_dir (its final/)."""
     if model is None:
         if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
-            raise UserError(f"the embedded default model is missing ({DEFAULT_MODEL_DIR}/model_index.json); restore "
-                            "it with `git checkout -- pipelines/default_model` (or reinstall the package), or pass "
-                            "a model folder (--model)")
+            raise MissingFileError(f"the embedded default model is missing ({DEFAULT_MODEL_DIR}/model_index.json); "
+                                   "restore it with `git checkout -- pipelines/default_model` (or reinstall the "
+                                   "package), or pass a model folder (--model)")
         return DEFAULT_MODEL_DIR
     path = Path(model).expanduser()
     if path.is_dir():
@@ -47,7 +47,7 @@ def resolve_model_path(model: str | Path | None) -> Path:
         return path
     if path.exists():
         raise UserError(f"model {path} is a file; pass the model folder (the one with model_index.json)")
-    raise UserError(f"model '{model}' is not on disk, and models cannot be downloaded here (offline); pass the "
+    raise MissingFileError(f"model '{model}' is not on disk, and models cannot be downloaded here (offline); pass the "
                     "path of a local model folder")
 
 
@@ -68,9 +68,7 @@ def check_model_folder(path: Path, allow_pickle: bool = False) -> None:
                     continue
                 raise UserError(f"{folder} holds only pickled weights, which can run code when loaded; convert them "
                                 "to safetensors, or pass allow_pickle=True if you trust the file")
-            raise UserError(f"model folder {path} is missing {component}/{name}")
-
-
+            raise MissingFileError(f"model folder {path} is missing {component}/{name}")
     if (path / CHECKSUMS).is_file():
         verify_checksums(path)
 
@@ -90,7 +88,7 @@ def verify_checksums(path: Path) -> None:
     for name, expected in json.loads((path / CHECKSUMS).read_text()).items():
         file = path / name
         if not file.is_file():
-            raise UserError(f"model file {file} is missing; {restore}")
+            raise MissingFileError(f"model file {file} is missing; {restore}")
         if file_sha256(file) != expected:
             raise UserError(f"model file {file} is corrupted (SHA-256 differs from {CHECKSUMS}); {restore}")
 
@@ -107,13 +105,12 @@ def save_slim_model_folder(folder: str | Path, vae, unet, scheduler, text_encode
     encoder named in text_encoder.json, and checksums.json over the weight files."""
     import copy
 
-    from diffusers import StableDiffusionPipeline
-
     with atomic_folder(folder) as tmp:
         for name, module in (("unet", unet), ("vae", vae)):
             copy.deepcopy(module).to(dtype).save_pretrained(tmp / name, safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
-        index = {"_class_name": StableDiffusionPipeline.__name__, "unet": ["diffusers", type(unet).__name__],
+        index = {"_class_name": diffusers_pipeline_class(unet, vae).__name__,
+                 "unet": ["diffusers", type(unet).__name__],
                  "vae": ["diffusers", type(vae).__name__], "scheduler": ["diffusers", type(scheduler).__name__]}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / TEXT_ENCODER_REFERENCE).write_text(json.dumps({"name": text_encoder_name,
@@ -127,13 +124,29 @@ def read_model_index(path: Path) -> dict:
     return json.loads((path / "model_index.json").read_text())
 
 
-def save_model_folder(folder: str | Path, vae, text_encoder, unet, scheduler) -> Path:
-    """Write a diffusers StableDiffusionPipeline folder (model_index.json + components), atomically."""
-    from diffusers import StableDiffusionPipeline
+def diffusers_pipeline_class(unet, vae) -> type:
+    """The diffusers pipeline a folder is saved as, by the kind of U-Net: text-to-image (input = the latent) or
+    inpainting (latent + mask + masked-image latent, the 9-channel layout of Stable Diffusion inpainting)."""
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder.model, tokenizer=text_encoder.tokenizer,
-                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    latent = vae.config.latent_channels
+    kinds = {latent: StableDiffusionPipeline, 2 * latent + 1: StableDiffusionInpaintPipeline}
+    if unet.config.in_channels not in kinds:
+        raise UserError(f"the U-Net takes {unet.config.in_channels} input channels; a model for this autoencoder "
+                        f"({latent} latent channels) takes {latent} (text-to-image) or {2 * latent + 1} (inpainting)")
+    return kinds[unet.config.in_channels]
+
+
+def write_model_folder(folder: Path, vae, text_encoder, unet, scheduler) -> None:
+    """Write a complete diffusers pipeline folder (model_index.json + components) into an existing `folder`."""
+    pipe = diffusers_pipeline_class(unet, vae)(
+        vae=vae, text_encoder=text_encoder.model, tokenizer=text_encoder.tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def save_model_folder(folder: str | Path, vae, text_encoder, unet, scheduler) -> Path:
+    """`write_model_folder`, atomically: a reader never sees a half-written folder."""
     with atomic_folder(folder) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
+        write_model_folder(tmp, vae, text_encoder, unet, scheduler)
     return Path(folder)

@@ -1,16 +1,21 @@
 """Sampler names users pass as `scheduler=` and the diffusers scheduler classes behind them.
 
 All are built from the one scheduler config saved with the model (the training noise schedule), so no sampler can
-silently use a different schedule than the U-Net was trained with.
+silently use a different schedule than the U-Net was trained with. A model folder's saved scheduler class is the
+default sampler, as it is in diffusers.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import diffusers
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, UniPCMultistepScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from ldm.errors import UserError
+from core.errors import UserError
+from pipelines.defaults import SCHEDULER_NAMES
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddpm": DDPMScheduler,  # ancestral sampling, DDPM algorithm 2
@@ -20,12 +25,31 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler_a": EulerAncestralDiscreteScheduler,
     "unipc": UniPCMultistepScheduler,
 }
+assert tuple(SCHEDULERS) == SCHEDULER_NAMES
 
 
-def make_scheduler(name: str | SchedulerMixin, config: dict) -> SchedulerMixin:
-    """A fresh scheduler by name (or a user's scheduler instance, returned as is) from the model's config."""
+def make_scheduler(name: str | SchedulerMixin | None, default: SchedulerMixin) -> SchedulerMixin:
+    """A fresh scheduler: by name from `default`'s config, `default`'s own class for None, or a user's instance."""
+    if name is None:
+        return type(default).from_config(default.config)
     if not isinstance(name, str):
         return name
     if name not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{name}'; valid: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(config)
+    return SCHEDULERS[name].from_config(default.config)
+
+
+def scheduler_name(scheduler: SchedulerMixin) -> str:
+    """The user-facing name of a scheduler instance (its class name when it has none)."""
+    names = {cls: name for name, cls in SCHEDULERS.items()}
+    return names.get(type(scheduler), type(scheduler).__name__)
+
+
+def load_scheduler(folder: Path) -> SchedulerMixin:
+    """The scheduler saved in a model folder, as the diffusers class it was saved as."""
+    config = DDPMScheduler.load_config(folder)  # reads scheduler_config.json whatever class it names
+    cls = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise UserError(f"{folder}/scheduler_config.json names '{config.get('_class_name')}', which is not a "
+                        "diffusers scheduler")
+    return cls.from_config(config)

@@ -13,18 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
 from autoencoder.model import downsampling_factor
-from ldm.errors import UserError
+from core.errors import UserError
 from ldm.text_encoders import load_text_encoder
 from pipelines.guidance import ClassifierFreeGuidance
 from pipelines.loading import check_model_folder, read_text_encoder_reference, resolve_model_path
-from pipelines.schedulers import make_scheduler
+from pipelines.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
+from pipelines.schedulers import load_scheduler, make_scheduler
 
 OUTPUT_TYPES = ("pil", "numpy", "torch", "latent")
 
@@ -57,7 +58,7 @@ class Pipeline:
                 text_encoder = load_text_encoder(reference["name"], max_length=reference["max_length"])
             else:
                 text_encoder = load_text_encoder(str(path), max_length=_tokenizer_max_length(path))
-            scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
+            scheduler = load_scheduler(path / "scheduler")
         self.vae, self.text_encoder, self.unet, self.scheduler = vae, text_encoder, unet, scheduler
         for module in (self.vae, self.unet, self.text_encoder):
             module.eval().requires_grad_(False)
@@ -100,7 +101,7 @@ class Pipeline:
 
         return save_model_folder(folder, self.vae, self.text_encoder, self.unet, self.scheduler)
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """Text hidden states (B, L, D) for the U-Net; the "" embedding is cached (used by every guided call)."""
         if all(p == "" for p in prompts):
             if self._empty_embedding is None:
@@ -108,8 +109,48 @@ class Pipeline:
             return self._empty_embedding.expand(len(prompts), -1, -1)
         return self.text_encoder.encode(prompts).hidden_states
 
-    def _check_inputs(self, prompts: list[str], negative: list[str], num_images: int, num_inference_steps: int,
-                      guidance_scale: float, height: int, width: int, output_type: str) -> None:
+    def default_size(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale_factor
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the autoencoder's latent (the U-Net may take more: an inpainting U-Net adds mask inputs)."""
+        return self.vae.config.latent_channels
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
+                 num_images: int = 1, num_inference_steps: int = NUM_INFERENCE_STEPS,
+                 guidance_scale: float = GUIDANCE_SCALE, height: int | None = None, width: int | None = None,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
+                 output_type: str = "pil", progress: bool = True):
+        """Sample images for `prompt` ("" = unconditional). Returns PIL images, an array, a tensor or latents.
+
+        `scheduler`: a name from pipelines/schedulers.py, a diffusers scheduler, or None for the model's own.
+        """
+        prompts, negative, height, width = self.check_inputs(prompt, negative_prompt, num_images, num_inference_steps,
+                                                             guidance_scale, height, width, output_type)
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
+        sampler = self.prepare_scheduler(scheduler, num_inference_steps)
+        latents = self.prepare_latents(len(prompts) * num_images, height, width, generator, latents, sampler)
+        latents = self.denoise(latents, ClassifierFreeGuidance(self.denoiser, cond, uncond, guidance_scale), sampler,
+                               generator, progress)
+        return self.decode(latents, output_type)
+
+    def check_inputs(self, prompt, negative_prompt, num_images: int, num_inference_steps: int,
+                     guidance_scale: float, height: int | None, width: int | None,
+                     output_type: str) -> tuple[list[str], list[str], int, int]:
+        """Validate every argument before any work; returns (prompts, negative prompts, height, width)."""
+        prompt = self.prompt if prompt is None else prompt
+        if prompt is None:
+            raise UserError("no prompt: pass one to Pipeline(...) or generate(...) ('' for unconditional)")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negative = [negative_prompt or ""] * len(prompts) if negative_prompt is None or isinstance(
+            negative_prompt, str) else list(negative_prompt)
+        height = self.default_size() if height is None else height
+        width = self.default_size() if width is None else width
         factor = self.vae_scale_factor
         if num_images < 1:
             raise UserError(f"num_images must be at least 1, got {num_images}")
@@ -126,59 +167,47 @@ class Pipeline:
                                 f"valid sizes: {factor}, {2 * factor}, ..., e.g. {self.default_size()}")
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"unknown output_type '{output_type}'; valid: {', '.join(OUTPUT_TYPES)}")
+        return prompts, negative, height, width
 
-    def default_size(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale_factor
+    def encode_prompt(self, prompts: list[str], negative: list[str], num_images: int,
+                      guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text hidden states per image; the negative prompts' only when guidance needs the second branch."""
+        cond = self.text_embeddings(prompts).repeat_interleave(num_images, dim=0).to(self.unet.dtype)
+        if not ClassifierFreeGuidance.needs_unconditional(guidance_scale):
+            return cond, None
+        return cond, self.text_embeddings(negative).repeat_interleave(num_images, dim=0).to(self.unet.dtype)
 
-    @torch.inference_mode()
-    def generate(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
-                 num_images: int = 1, num_inference_steps: int = 30, guidance_scale: float = 5.0,
-                 height: int | None = None, width: int | None = None, generator: torch.Generator | None = None,
-                 seed: int | None = None, latents: torch.Tensor | None = None,
-                 scheduler: str | SchedulerMixin = "ddim", output_type: str = "pil", progress: bool = True):
-        """Sample images for `prompt` ("" = unconditional). Returns PIL images, an array, a tensor or latents."""
-        # 1. inputs
-        prompt = self.prompt if prompt is None else prompt
-        if prompt is None:
-            raise UserError("no prompt: pass one to Pipeline(...) or generate(...) ('' for unconditional)")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negative = [negative_prompt or ""] * len(prompts) if negative_prompt is None or isinstance(
-            negative_prompt, str) else list(negative_prompt)
-        height = self.default_size() if height is None else height
-        width = self.default_size() if width is None else width
-        self._check_inputs(prompts, negative, num_images, num_inference_steps, guidance_scale, height, width,
-                           output_type)
-        if generator is None and seed is not None:
-            generator = torch.Generator("cpu").manual_seed(seed)
-
-        # 2. text conditioning; the unconditional branch only when guidance is on
-        cond = self.encode_prompts(prompts).repeat_interleave(num_images, dim=0).to(self.unet.dtype)
-        uncond = None
-        if guidance_scale > 1:
-            uncond = self.encode_prompts(negative).repeat_interleave(num_images, dim=0).to(self.unet.dtype)
-
-        # 3. scheduler and initial noise
-        sampler = make_scheduler(scheduler, self.scheduler.config)
+    def prepare_scheduler(self, scheduler: str | SchedulerMixin | None, num_inference_steps: int) -> SchedulerMixin:
+        """A fresh sampler (schedulers keep state) with its timesteps set."""
+        sampler = make_scheduler(scheduler, self.scheduler)
         sampler.set_timesteps(num_inference_steps, device=self.device)
-        batch = len(prompts) * num_images
-        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return sampler
+
+    def prepare_latents(self, batch: int, height: int, width: int, generator: torch.Generator | None,
+                        latents: torch.Tensor | None, sampler: SchedulerMixin) -> torch.Tensor:
+        """Initial noise of the autoencoder's latent shape (drawn as diffusers draws it), scaled for the sampler."""
+        shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
             raise UserError(f"latents have shape {tuple(latents.shape)}; expected {shape} for these settings")
-        latents = latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
+        return latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
 
-        # 4. denoising loop over a guided denoiser
-        def denoiser(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-            return self._unet_forward(x, t, encoder_hidden_states=context).sample
+    def denoiser(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The U-Net as a denoiser callable (x_t, t, context) -> its prediction."""
+        return self._unet_forward(x, t, encoder_hidden_states=context).sample
 
-        guided = ClassifierFreeGuidance(denoiser, cond, uncond, guidance_scale)
+    def denoise(self, latents: torch.Tensor, guided: ClassifierFreeGuidance, sampler: SchedulerMixin,
+                generator: torch.Generator | None, progress: bool) -> torch.Tensor:
+        """The sampling loop: one guided prediction and one sampler step per timestep."""
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
         for t in tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False):
             model_output = guided(sampler.scale_model_input(latents, t), t)
             latents = sampler.step(model_output, t, latents, **step_kwargs).prev_sample
+        return latents
 
-        # 5. decode
+    def decode(self, latents: torch.Tensor, output_type: str):
+        """Latents -> images in [0, 1] as `output_type` ("latent" returns the latents as they are)."""
         if output_type == "latent":
             return latents
         images = (self.vae.decode(latents / self.vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)

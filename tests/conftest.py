@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -15,10 +16,25 @@ import torch  # noqa: E402
 @pytest.fixture(scope="session")
 def emoji_dir(tmp_path_factory):
     """40 emoji names x 2 PyPI styles at 32 px (no npm, so it is the same on every machine)."""
-    from ldm.data.emoji import build_emoji_dataset
+    from core.data.emoji import build_emoji_dataset
 
     out = tmp_path_factory.mktemp("emoji") / "data"
     build_emoji_dataset(out, size=32, val_fraction=0.1, use_npm="no", limit=40)
+    return out
+
+
+@pytest.fixture(scope="session")
+def autoencoder_dir(emoji_dir, tmp_path_factory):
+    """A tiny autoencoder trained for 4 steps in-process (the latent space of the LDM trainer tests)."""
+    from core.config import load_config
+    from recipes.autoencoder import AutoencoderTrainConfig
+    from recipes.autoencoder import run as train_autoencoder
+
+    out = tmp_path_factory.mktemp("ae") / "ae"
+    config = Path(__file__).resolve().parents[1] / "configs" / "autoencoder" / "tiny.yaml"
+    train_autoencoder(load_config(AutoencoderTrainConfig, config,
+                                  [f"output_dir={out}", f"data={emoji_dir}", "max_steps=4", "checkpoint_every=4",
+                                   "sample_every=4"]))
     return out
 
 
@@ -31,18 +47,19 @@ def text_encoder():
 
 @pytest.fixture()
 def tiny_components(text_encoder):
-    """Seeded tiny VAE (f2) and U-Net plus the real MiniLM encoder and the training schedule's scheduler."""
-    from diffusers import DDPMScheduler
-
+    """Seeded tiny VAE (f2) and U-Net plus the real MiniLM encoder and the scheduler a training export saves (the
+    default sampler on the training noise schedule)."""
     from autoencoder.model import build_autoencoder
     from ldm.diffusion import NoiseSchedule
     from ldm.unet import build_unet
+    from pipelines.defaults import DEFAULT_SCHEDULER
+    from pipelines.schedulers import SCHEDULERS
 
     torch.manual_seed(0)
     vae = build_autoencoder("tiny", resolution=32)
     vae.register_to_config(scaling_factor=0.75)
     unet = build_unet("tiny", latent_size=16, latent_channels=4, cross_attention_dim=text_encoder.hidden_size)
-    scheduler = DDPMScheduler(**NoiseSchedule().to_scheduler_config())
+    scheduler = SCHEDULERS[DEFAULT_SCHEDULER].from_config(NoiseSchedule().to_scheduler_config())
     return {"vae": vae, "text_encoder": text_encoder, "unet": unet, "scheduler": scheduler}
 
 

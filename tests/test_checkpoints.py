@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import pytest
 from accelerate import Accelerator
 
-from ldm.errors import UserError
-from ldm.training import NonFiniteGuard, list_checkpoints, resolve_resume, save_checkpoint
+from core.errors import UserError
+from core.checkpoints import list_checkpoints, resolve_resume, save_checkpoint
+from core.trainer import NonFiniteGuard
 
 
 @dataclass

@@ -1,11 +1,11 @@
 import dataclasses
-from typing import Optional
+from typing import ClassVar, Optional
 
 import pytest
 import yaml
 
-from ldm.config import load_config, parse_overrides, save_config
-from ldm.errors import UserError
+from core.config import load_config, parse_overrides, save_config
+from core.errors import UserError
 
 
 @dataclasses.dataclass
@@ -67,3 +67,29 @@ def test_saved_config_loads_back_identically(tmp_path):
     save_config(config, tmp_path / "config.yaml")
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["max_steps"] == 9
     assert load_config(Example, tmp_path / "config.yaml") == config
+
+
+
+@dataclasses.dataclass
+class Renamed:
+    renamed: ClassVar[dict[str, str]] = {"steps": "num_inference_steps"}
+    num_inference_steps: int = 1
+
+
+def test_renamed_keys_are_read_under_their_new_name(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("steps: 7\n")
+    assert load_config(Renamed, old).num_inference_steps == 7
+    assert load_config(Renamed, None, ["steps=3"]).num_inference_steps == 3
+    with pytest.raises(UserError, match="'steps' \\(the old name\\) and 'num_inference_steps' are both set"):
+        load_config(Renamed, old, ["num_inference_steps=2"])
+
+
+def test_a_bad_value_names_where_it_came_from(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("num_inference_steps: 5\n")
+    with pytest.raises(UserError, match="from the command line"):
+        load_config(Renamed, config, ["num_inference_steps=five"])
+    config.write_text("num_inference_steps: five\n")
+    with pytest.raises(UserError, match=rf"from {config}\) must be int"):
+        load_config(Renamed, config)

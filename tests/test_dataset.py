@@ -3,9 +3,9 @@ import json
 import pytest
 from PIL import Image
 
-from ldm.data.dataset import (ImageCaptionDataset, SkippingCollate, check_caption_templates, format_captions,
+from core.data.dataset import (ImageCaptionDataset, SkippingCollate, check_caption_templates, format_captions,
                               load_image_caption_dataset, to_rgb)
-from ldm.errors import UserError
+from core.errors import UserError
 
 
 def _folder(tmp_path, rows, broken=()):

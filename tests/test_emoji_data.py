@@ -3,8 +3,8 @@ import json
 import datasets
 import pytest
 
-from ldm.data.emoji import build_emoji_dataset, held_out_names
-from ldm.errors import UserError
+from core.data.emoji import build_emoji_dataset, held_out_names
+from core.errors import UserError
 
 
 def _rows(folder, split):
@@ -62,7 +62,7 @@ def test_refuses_a_non_empty_output(tmp_path):
 
 
 def test_iconify_sets_are_found_by_codepoint_or_name_slug(tmp_path):
-    from ldm.data.emoji import _find_iconify, _render
+    from core.data.emoji import _find_iconify, _render
 
     body = '<circle cx="8" cy="8" r="8" fill="#f00"/>'
     icons = {"prefix": "x", "width": 16, "height": 16,
@@ -80,7 +80,7 @@ def test_iconify_sets_are_found_by_codepoint_or_name_slug(tmp_path):
 
 
 def test_short_name_is_an_everyday_word_or_the_name():
-    from ldm.data.emoji import _short_name
+    from core.data.emoji import _short_name
 
     assert _short_name("slice of pizza", ["pizza"]) == "pizza"
     assert _short_name("cat", ["cat2"]) == "cat"

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from ldm.errors import UserError
+from core.errors import UserError
 from pipelines import Pipeline
 from pipelines.evaluate import RealImages, alignment, evaluate_generation, format_tables
 
@@ -24,8 +24,9 @@ def test_alignment_counts_name_hits_and_chance():
 
 def test_eval_generate_writes_tables_plots_and_caps_n(tiny_components, emoji_dir, tmp_path):
     pipe = Pipeline(**tiny_components)
-    metrics = evaluate_generation(pipe, str(emoji_dir), tmp_path / "out", num_images=50, sweep_images=4, steps=2,
-                                  samplers=(("ddim", 2), ("dpm++", 2)), guidance_scales=(1.0, 3.0), batch_size=8)
+    metrics = evaluate_generation(pipe, str(emoji_dir), tmp_path / "out", num_images=50, sweep_images=4,
+                                  num_inference_steps=2, samplers=(("ddim", 2), ("dpm++", 2)),
+                                  guidance_scales=(1.0, 3.0), batch_size=8)
     train_images = len((emoji_dir / "train" / "metadata.jsonl").read_text().splitlines())
     assert metrics["num_images"] == train_images // 2 and "N capped" in metrics["notes"][0]
     assert metrics["heldout"]["images"] == len((emoji_dir / "validation" / "metadata.jsonl").read_text().splitlines())
@@ -45,8 +46,9 @@ def test_eval_generate_without_a_heldout_split_says_how_to_skip(tiny_components,
     shutil.copytree(emoji_dir / "train", data / "train")
     pipe = Pipeline(**tiny_components)
     with pytest.raises(UserError, match="no split 'validation'.*--heldout-split none"):
-        evaluate_generation(pipe, str(data), tmp_path / "out", num_images=4, sweep_images=2, steps=1,
+        evaluate_generation(pipe, str(data), tmp_path / "out", num_images=4, sweep_images=2, num_inference_steps=1,
                             samplers=(), guidance_scales=(), batch_size=4)
-    metrics = evaluate_generation(pipe, str(data), tmp_path / "out", num_images=4, sweep_images=2, steps=1,
-                                  heldout_split=None, samplers=(), guidance_scales=(), batch_size=4)
+    metrics = evaluate_generation(pipe, str(data), tmp_path / "out", num_images=4, sweep_images=2,
+                                  num_inference_steps=1, heldout_split=None, samplers=(), guidance_scales=(),
+                                  batch_size=4)
     assert "heldout" not in metrics and "samplers" not in metrics

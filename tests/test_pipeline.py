@@ -6,7 +6,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from ldm.errors import UserError
+from core.errors import UserError
 from pipelines import Pipeline
 from pipelines.guidance import ClassifierFreeGuidance
 from pipelines.schedulers import SCHEDULERS
@@ -60,6 +60,21 @@ def test_same_images_as_diffusers_stable_diffusion_pipeline(tiny_model_dir, sche
     assert got.shape == expected.shape == (4, 32, 32, 3)
     assert np.abs(got - expected).max() <= 1e-4
     assert np.abs(got[0] - got[2]).max() > 1e-3  # different prompts give different images
+
+
+@pytest.mark.parametrize("saved", ["dpm++", "ddpm"])
+def test_default_arguments_sample_like_diffusers(tiny_components, tmp_path, saved):
+    """The folder's saved scheduler is the default sampler both here and in diffusers."""
+    components = {**tiny_components, "scheduler": SCHEDULERS[saved].from_config(tiny_components["scheduler"].config)}
+    folder = Pipeline(**components).save_pretrained(tmp_path / "model")
+    theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    theirs.set_progress_bar_config(disable=True)
+    expected = theirs("a cat", num_inference_steps=5, guidance_scale=3.0, output_type="np",
+                      generator=torch.Generator().manual_seed(1)).images
+    got = Pipeline.from_pretrained(folder).generate("a cat", num_inference_steps=5, guidance_scale=3.0, seed=1,
+                                                    output_type="numpy", progress=False)
+    assert type(theirs.scheduler) is SCHEDULERS[saved]
+    assert np.abs(got - expected).max() <= 1e-4
 
 
 def test_output_types_and_given_latents(tiny_components):
@@ -180,7 +195,7 @@ def test_slim_folder_in_half_precision_is_close_to_full(tiny_components, tmp_pat
 
 
 def test_ldm_export_writes_a_slim_folder_and_refuses_a_different_encoder(tiny_model_dir, tmp_path, capsys):
-    from ldm.cli import main as ldm_main
+    from cli.main import main as ldm_main
 
     out = tmp_path / "slim"
     with pytest.raises(SystemExit):  # no config.yaml beside the model: the text encoder must be named

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from ldm.errors import UserError
+from core.errors import UserError
 from ldm.text_encoders import load_text_encoder, minilm_path
 
 
@@ -44,7 +44,7 @@ def test_long_prompts_are_truncated_with_one_warning(caplog):
         encoder.encode(["word " * 30])
         encoder.encode(["word " * 30])
     assert [r.message for r in caplog.records if "truncated" in r.message] == [
-        "a prompt has 32 tokens; the text encoder keeps the first 8 (truncated)"]
+        f"prompt {'word ' * 30!r} has 32 tokens; the text encoder keeps the first 8 (truncated)"]
 
 
 def _save_with_bert_tokenizer(model, folder):

@@ -9,22 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm.config import load_config
-from ldm.errors import UserError
-from ldm.train import LDMTrainConfig, LDMTrainer
-from test_chain import LAUNCH, run
-
-
-@pytest.fixture(scope="module")
-def autoencoder_dir(emoji_dir, tmp_path_factory):
-    from autoencoder.train import AutoencoderTrainConfig
-    from autoencoder.train import run as train_autoencoder
-
-    out = tmp_path_factory.mktemp("ae") / "ae"
-    train_autoencoder(load_config(AutoencoderTrainConfig, "configs/autoencoder/tiny.yaml",
-                                  [f"output_dir={out}", f"data={emoji_dir}", "max_steps=4", "checkpoint_every=4",
-                                   "sample_every=4"]))
-    return out
+from core.config import load_config
+from core.errors import UserError
+from recipes.latent_diffusion import LDMTrainConfig, LDMTrainer
+from helpers import LAUNCH, run
 
 
 @pytest.fixture(autouse=True)
@@ -86,17 +74,17 @@ def test_cached_and_uncached_batches_give_the_same_loss(emoji_dir, autoencoder_d
     for trainer, batch in ((cached, batch_c), (uncached, batch_u)):
         torch.manual_seed(123)
         with torch.no_grad():
-            losses.append(trainer.compute_loss(batch).item())
+            losses.append(trainer.compute_loss(batch)["loss"].item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     torch.manual_seed(124)
     with torch.no_grad():
-        assert cached.compute_loss(batch_c).item() != pytest.approx(losses[0], rel=1e-3)  # the check can fail
+        assert cached.compute_loss(batch_c)["loss"].item() != pytest.approx(losses[0], rel=1e-3)  # the check can fail
 
 
 def test_cache_is_rebuilt_when_an_input_changes(emoji_dir, autoencoder_dir, tmp_path):
     from ldm.cache import cache_key
 
-    from ldm.data.dataset import ImageCaptionDataset, load_image_caption_dataset
+    from core.data.dataset import ImageCaptionDataset, load_image_caption_dataset
 
     trainer = _trainer(emoji_dir, autoencoder_dir, tmp_path / "a")
     images = ImageCaptionDataset(load_image_caption_dataset(str(emoji_dir)), 32)
@@ -142,8 +130,8 @@ def test_nonfinite_losses_skip_then_stop_without_saving(emoji_dir, autoencoder_d
 
     def sometimes_nan(batch):
         calls["n"] += 1
-        loss = real(batch)
-        return loss * float("nan") if calls["n"] in (2, 4, 5, 6) else loss
+        losses = real(batch)
+        return {"loss": losses["loss"] * float("nan")} if calls["n"] in (2, 4, 5, 6) else losses
 
     monkeypatch.setattr(trainer, "compute_loss", sometimes_nan)
     with pytest.raises(UserError, match="NaN/inf for 3 steps in a row"):

@@ -28,7 +28,7 @@ from typing import Callable
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ldm.errors import UserError
+from core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

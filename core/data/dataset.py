@@ -14,9 +14,17 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ldm.errors import UserError
+from core.errors import MissingFileError, UserError
 
 logger = logging.getLogger(__name__)
+
+
+def check_data_path(data: str) -> None:
+    """A local dataset path must exist (offline, a name that is not a folder cannot load unless it is cached)."""
+    path = Path(data).expanduser()
+    if (path.exists() and not path.is_dir()) or (not path.exists() and ("/" in data or data.startswith("."))):
+        raise MissingFileError(f"dataset folder {data} does not exist (or is not a folder): check the path, or "
+                               "build the emoji set with `ldm data emoji --out DIR` and pass data=DIR")
 
 
 def load_image_caption_dataset(data: str, split: str = "train", image_column: str = "image",
@@ -25,14 +33,12 @@ def load_image_caption_dataset(data: str, split: str = "train", image_column: st
     if not data:
         raise UserError("no dataset given: set data=PATH (an imagefolder with metadata.jsonl; `ldm data emoji` "
                         "builds one)")
+    check_data_path(data)
     path = Path(data).expanduser()
     datasets.disable_progress_bars()
     try:
         if path.is_dir():
             loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
-        elif path.exists() or "/" in data or data.startswith("."):
-            raise UserError(f"dataset folder {data} does not exist (or is not a folder); build the emoji set with "
-                            f"`ldm data emoji --out {data}` or point data= at an imagefolder")
         else:
             loaded = datasets.load_dataset(data)
     except UserError:
@@ -149,7 +155,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
 
 class SkippingCollate:
-    """Batch the decodable rows and count the skipped ones (warned about by the training loop)."""
+    """Batch the decodable rows and count the skipped ones, in `skipped` and in the batch's own "skipped" entry.
+
+    The training loop counts from the batches it consumes: Accelerate's loader fetches one batch ahead, and loader
+    workers hold their own copy of this object, so `skipped` alone would be off after a resume or with workers.
+    """
 
     def __init__(self) -> None:
         self.skipped = 0
@@ -161,4 +171,5 @@ class SkippingCollate:
             return None
         return {"pixel_values": torch.stack([r["pixel_values"] for r in good]),
                 "captions": [r["captions"] for r in good],
-                "indices": torch.tensor([r["index"] for r in good])}
+                "indices": torch.tensor([r["index"] for r in good]),
+                "skipped": len(rows) - len(good)}

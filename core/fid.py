@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from ldm.errors import UserError
+from core.errors import UserError
 
 
 def inception_network() -> torch.jit.ScriptModule:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ldm.errors import UserError
+from core.errors import MissingFileError, UserError
 
 C = TypeVar("C")
 
@@ -38,7 +38,7 @@ def _check_type(name: str, value: Any, annotation: Any, source: str) -> Any:
         return _check_type(name, value, inner[0], source)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise UserError(f"config key '{name}' in {source} must be a list, got {value!r}")
+            raise UserError(f"config key '{name}' (from {source}) must be a list, got {value!r}")
         return [_check_type(name, v, args[0], source) for v in value] if args else list(value)
     if annotation is bool:
         if isinstance(value, bool):
@@ -59,32 +59,45 @@ def _check_type(name: str, value: Any, annotation: Any, source: str) -> Any:
             return str(value)
     else:
         return value
-    raise UserError(f"config key '{name}' in {source} must be {annotation.__name__}, got {value!r}")
+    raise UserError(f"config key '{name}' (from {source}) must be {annotation.__name__}, got {value!r}")
 
 
 def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
-    """Build a config dataclass from a flat YAML file plus `key=value` overrides; unknown keys are errors."""
+    """Build a config dataclass from a flat YAML file plus `key=value` overrides; unknown keys are errors.
+
+    Keys a class lists in `renamed` (old name -> new name) are read under their new name, so configs and
+    checkpoints written before a rename still load.
+    """
     values: dict[str, Any] = {}
-    source = "the defaults"
+    sources: dict[str, str] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"config file {path} does not exist; presets live in configs/, e.g. configs/ldm/tiny.yaml")
+            raise MissingFileError(f"config file {path} does not exist; presets live in configs/, e.g. "
+                                   "configs/ldm/tiny.yaml")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise UserError(f"config file {path} must be a flat mapping of key: value")
         values.update(loaded)
-        source = str(path)
-    values.update(parse_overrides(overrides or []))
+        sources.update(dict.fromkeys(loaded, str(path)))
+    command_line = parse_overrides(overrides or [])
+    values.update(command_line)
+    sources.update(dict.fromkeys(command_line, "the command line"))
 
+    renamed: dict[str, str] = getattr(cls, "renamed", {})
+    for old, new in renamed.items():
+        if old in values:
+            if new in values:
+                raise UserError(f"config keys '{old}' (the old name) and '{new}' are both set; keep '{new}'")
+            values[new], sources[new] = values.pop(old), sources.pop(old)
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     for key in values:
         if key not in fields:
             close = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(fields))}"
-            raise UserError(f"unknown config key '{key}' (from {source} or the command line){hint}")
-    checked = {k: _check_type(k, v, hints[k], source) for k, v in values.items()}
+            raise UserError(f"unknown config key '{key}' (from {sources[key]}){hint}")
+    checked = {k: _check_type(k, v, hints[k], sources[k]) for k, v in values.items()}
     config = cls(**checked)
     validate = getattr(config, "validate", None)
     if validate is not None:

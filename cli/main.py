@@ -15,7 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from ldm.errors import UserError, exit_on_user_error
+from core.errors import UserError, exit_on_user_error
+from pipelines import defaults as D
 
 
 def _slug(prompt: str) -> str:
@@ -23,7 +24,7 @@ def _slug(prompt: str) -> str:
 
 
 def cmd_data_emoji(args: argparse.Namespace) -> None:
-    from ldm.data.emoji import build_emoji_dataset
+    from core.data.emoji import build_emoji_dataset
 
     summary = build_emoji_dataset(args.out, size=args.size, val_fraction=args.val_fraction, use_npm=args.npm,
                                   limit=args.limit)
@@ -32,7 +33,7 @@ def cmd_data_emoji(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from ldm.images import make_grid
+    from core.images import make_grid
     from pipelines import Pipeline
 
     out = Path(args.output or f"{_slug(args.prompt)}.png")
@@ -42,7 +43,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise UserError(f"output folder {out.parent} does not exist")
     pipe = Pipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle)
     images = pipe.generate(negative_prompt=args.negative_prompt, num_images=args.num_images,
-                           num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height,
+                           num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                           height=args.height,
                            width=args.width, seed=args.seed, scheduler=args.scheduler)
     image = images[0] if len(images) == 1 else make_grid(images)
     tmp = out.with_name(f".{out.name}.tmp")
@@ -89,7 +91,7 @@ def cmd_eval_generate(args: argparse.Namespace) -> None:
     out = args.out or (str(Path(args.model) / "eval") if args.model else "eval-default-model")
     metrics = evaluate_generation(
         pipe, args.data, out, num_images=args.num_images, sweep_images=args.sweep_images, scheduler=args.scheduler,
-        steps=args.steps, guidance=args.guidance,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
         heldout_split=None if args.heldout_split == "none" else args.heldout_split,
         samplers=_sampler_list(args.samplers), guidance_scales=_scale_list(args.guidance_scales), seed=args.seed,
         batch_size=args.batch_size, cache_dir=args.cache_dir)
@@ -131,9 +133,6 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.evaluate import GUIDANCE_SWEEP, SAMPLER_SWEEP
-    from pipelines.schedulers import SCHEDULERS
-
     parser = argparse.ArgumentParser(prog="ldm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -164,18 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen_eval = evaluate.add_parser("generate", help="FID, prompt alignment, sampler and guidance sweeps of samples")
     gen_eval.add_argument("--model", default=None, help="model folder (default: the embedded default model)")
     gen_eval.add_argument("--data", required=True, help="imagefolder with train and held-out splits")
-    gen_eval.add_argument("--num-images", type=int, default=1000, help="N for the main FIDs (default 1000)")
-    gen_eval.add_argument("--sweep-images", type=int, default=200, help="N for each sweep setting (default 200)")
+    gen_eval.add_argument("--num-images", type=int, default=D.EVAL_NUM_IMAGES,
+                          help="N for the main FIDs (default %(default)s)")
+    gen_eval.add_argument("--sweep-images", type=int, default=D.EVAL_SWEEP_IMAGES,
+                          help="N for each sweep setting (default %(default)s)")
     gen_eval.add_argument("--heldout-split", default="validation", help="held-out split, or none (default validation)")
-    gen_eval.add_argument("--scheduler", default="dpm++", help="sampler of the main FIDs (default dpm++)")
-    gen_eval.add_argument("--steps", type=int, default=20, help="its steps (default 20)")
-    gen_eval.add_argument("--guidance", type=float, default=4.0, help="guidance scale (default 4)")
-    gen_eval.add_argument("--samplers", default=",".join(f"{n}:{s}" for n, s in SAMPLER_SWEEP),
+    gen_eval.add_argument("--scheduler", default=D.EVAL_SCHEDULER,
+                          help="sampler of the main FIDs (default %(default)s)")
+    gen_eval.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int,
+                          default=D.EVAL_NUM_INFERENCE_STEPS, help="its steps (default %(default)s; --steps: old name)")
+    gen_eval.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float,
+                          default=D.EVAL_GUIDANCE_SCALE,
+                          help="classifier-free guidance scale (default %(default)s; --guidance: old name)")
+    gen_eval.add_argument("--samplers", default=",".join(f"{n}:{s}" for n, s in D.SAMPLER_SWEEP),
                           help="sampler sweep as NAME:STEPS,... or none (default: %(default)s)")
-    gen_eval.add_argument("--guidance-scales", default=",".join(f"{g:g}" for g in GUIDANCE_SWEEP),
+    gen_eval.add_argument("--guidance-scales", default=",".join(f"{g:g}" for g in D.GUIDANCE_SWEEP),
                           help="guidance sweep, or none (default: %(default)s)")
     gen_eval.add_argument("--seed", type=int, default=0)
-    gen_eval.add_argument("--batch-size", type=int, default=50)
+    gen_eval.add_argument("--batch-size", type=int, default=D.EVAL_BATCH_SIZE)
     gen_eval.add_argument("--out", default=None,
                           help="results folder (default MODEL/eval, or eval-default-model for the default)")
     gen_eval.add_argument("--cache-dir", default=None, help="real-image feature cache (default OUT/cache)")
@@ -195,10 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", help="model folder (default: the embedded default model)")
     generate.add_argument("-o", "--output", help="PNG to write (default: <prompt>.png); a grid when N > 1")
     generate.add_argument("--num-images", "-n", type=int, default=1)
-    generate.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
-    generate.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    generate.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int,
+                          default=D.NUM_INFERENCE_STEPS,
+                          help="sampling steps (default %(default)s; --steps: old name)")
+    generate.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float,
+                          default=D.GUIDANCE_SCALE,
+                          help="classifier-free guidance scale (default %(default)s; --guidance: old name)")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--scheduler", default="ddim", help=f"one of {', '.join(SCHEDULERS)} (default ddim)")
+    generate.add_argument("--scheduler", default=None,
+                          help=f"one of {', '.join(D.SCHEDULER_NAMES)} (default: the model's own, "
+                               f"{D.DEFAULT_SCHEDULER} for models trained here)")
     generate.add_argument("--negative-prompt", default=None)
     generate.add_argument("--height", type=int, default=None)
     generate.add_argument("--width", type=int, default=None)

@@ -1,4 +1,8 @@
-"""One exception type for user mistakes, so entry points can print one clear line instead of a traceback."""
+"""User mistakes as exceptions that entry points print as one clear line instead of a traceback.
+
+`UserError` is a `ValueError` (callers catch bad arguments as they do with diffusers) and `MissingFileError` also a
+`FileNotFoundError`.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,12 @@ from typing import Callable, TypeVar
 F = TypeVar("F", bound=Callable)
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake the user can fix (bad path, bad config value, missing model). The message names the fix."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user named (or that a model folder needs) is not there."""
 
 
 def exit_on_user_error(fn: F) -> F:

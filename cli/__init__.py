@@ -1,0 +1,1 @@
+"""The command line: the `ldm` command (cli/main.py) and the training scripts' argument parser."""

@@ -1,0 +1,299 @@
+"""The one training loop every stage runs: setup -> train -> export -> cleanup, with stage hooks.
+
+Written once here: the Accelerate set-up, data order and resume position, the optimiser and its LR schedule, gradient
+accumulation, clipping, the non-finite guard, EMA, logging, the sample and checkpoint cadence, and the replica checks
+before export. A stage (recipes/) subclasses `Trainer` and fills in the hooks: `build_data`, `build_model`,
+`compute_loss`, `make_samples`, `write_export`, and optionally `build_extras` and `after_optimizer_step`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from core.accelerator import (all_ranks_true, assert_replicas_in_sync, endless_batches, make_accelerator,
+                              setup_logging, step_is_finite)
+from core.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from core.config import save_config
+from core.data.dataset import SkippingCollate, check_data_path
+from core.errors import UserError
+from core.files import atomic_folder
+from core.images import pil_to_uint8_array
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """The settings every stage shares; a stage's config subclasses it (and may change defaults)."""
+
+    output_dir: str = ""
+    data: str = ""  # an imagefolder (e.g. from `ldm data emoji`) or a saved datasets.DatasetDict
+    image_column: str = "image"
+    caption_column: str = "caption"
+    train_split: str = "train"
+    batch_size: int = 32  # per rank and per micro-batch
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"  # any diffusers.optimization scheduler name, e.g. cosine (decays to 0 at max_steps)
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    use_ema: bool = True
+    ema_decay: float = 0.999
+    ddp_timeout_minutes: int = 10  # a rank that stops answering fails the others after this long
+    max_steps: int = 10000
+    seed: int = 0
+    resume: str = "auto"  # auto | never | PATH of a checkpoint
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    sample_every: int = 1000
+    num_workers: int = 0
+    max_nonfinite_steps: int = 10
+
+    def validate(self) -> None:
+        """Checks that need no file or model: run before anything is loaded."""
+        if not self.output_dir:
+            raise UserError("output_dir is required: add output_dir=DIR")
+        if not self.data:
+            raise UserError("data is required: add data=DIR (an imagefolder, e.g. built by `ldm data emoji`)")
+        check_data_path(self.data)
+        for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every", "log_every",
+                    "sample_every", "max_nonfinite_steps", "ddp_timeout_minutes"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.learning_rate <= 0:
+            raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+class NonFiniteGuard:
+    """Counts NaN / inf losses in a row; the step is skipped, and after `max_in_row` the run stops clearly."""
+
+    def __init__(self, max_in_row: int, total: int = 0) -> None:
+        self.max_in_row, self.in_row, self.total = max_in_row, 0, total
+
+    def check(self, finite: bool, step: int) -> bool:
+        """Pass through `finite` (train on the step) after counting; raises after too many bad steps in a row."""
+        if finite:
+            self.in_row = 0
+            return True
+        self.in_row += 1
+        self.total += 1
+        logger.warning("non-finite loss at step %d (%d in a row, %d in total); step skipped", step, self.in_row,
+                       self.total)
+        if self.in_row >= self.max_in_row:
+            raise UserError(f"loss was NaN/inf for {self.in_row} steps in a row (at step {step}); stopping without "
+                            "saving. Lower learning_rate, or resume from the last checkpoint")
+        return False
+
+
+class Trainer:
+    """The loop. Read `setup`, then `train`; one optimiser step is `train_step`. Subclasses fill in the hooks."""
+
+    name = "train"  # progress bar label and TensorBoard project
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    # ---- hooks -------------------------------------------------------------------------------------------------
+    def build_data(self) -> tuple[torch.utils.data.Dataset, Callable]:
+        """The training dataset and its collate function (`self.collate` skips undecodable images)."""
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        """The module to train (DDP wraps it; its `requires_grad` parameters go to the optimiser, all to the EMA)."""
+        raise NotImplementedError
+
+    def build_extras(self) -> None:
+        """After the model is prepared and before the per-rank seed: anything else with weights (a discriminator)."""
+
+    def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """The batch's losses; "loss" is backpropagated, every entry is logged (mean over ranks)."""
+        raise NotImplementedError
+
+    def after_optimizer_step(self, batch: dict, losses: dict[str, torch.Tensor]) -> None:
+        """Runs after each optimiser step that was taken (e.g. the discriminator's own step)."""
+
+    def make_samples(self) -> tuple[str, Image.Image]:
+        """A (TensorBoard tag, grid) made with `inference_model()`, on the main process only."""
+        raise NotImplementedError
+
+    def write_export(self, folder: Path) -> None:
+        """Write the inference export into `folder` (config.yaml is added by `export`)."""
+        raise NotImplementedError
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        config = self.config
+        self.accelerator = make_accelerator(config.output_dir, config.gradient_accumulation_steps,
+                                            config.ddp_timeout_minutes)
+        setup_logging(self.accelerator)
+        resume_from = resolve_resume(config.output_dir, config.resume)
+        self.collate = SkippingCollate()
+        dataset, collate = self.build_data()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
+                                             num_workers=config.num_workers, collate_fn=collate,
+                                             generator=torch.Generator().manual_seed(config.seed))
+
+        set_seed(config.seed)  # the same initial weights on every rank, whatever ran before
+        model = self.build_model()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        logger.info("%s: %.2fM parameters, %.2fM trained", type(model).__name__,
+                    sum(p.numel() for p in model.parameters()) / 1e6, sum(p.numel() for p in trainable) / 1e6)
+        optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                                      eps=config.adam_epsilon, weight_decay=config.weight_decay)
+        # stepped by us once per optimiser step (a prepared scheduler would step once per process)
+        self.lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
+                                          num_training_steps=config.max_steps)
+        self.accelerator.register_for_checkpointing(self.lr_scheduler)
+        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        self.build_extras()
+        self.ema = None
+        if config.use_ema:  # EMA of every rank starts from the same (prepared, rank-0-broadcast) weights
+            self.ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
+            self.ema.to(self.accelerator.device)
+            self.accelerator.register_for_checkpointing(self.ema)
+        set_seed(config.seed, device_specific=True)  # each rank draws its own noise, timesteps and dropout
+
+        self.step, self.batches_seen, self.skipped_images = 0, 0, 0
+        self.guard = NonFiniteGuard(config.max_nonfinite_steps)
+        if resume_from is not None:
+            state = load_checkpoint(self.accelerator, resume_from)
+            self.step, self.batches_seen = state["step"], state["batches_seen"]
+            self.guard.total = state.get("nonfinite_steps", 0)
+            self.skipped_images = state.get("skipped_images", 0)
+            logger.info("resumed from %s at step %d", resume_from, self.step)
+        self.accelerator.init_trackers(self.name, config={k: v for k, v in dataclasses.asdict(config).items()
+                                                          if isinstance(v, (int, float, str, bool))})
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor] | None:
+        """Forward + backward on one batch; at the end of an accumulation cycle, one optimiser step.
+
+        Returns the losses after an optimiser step, None while accumulating or when the step was skipped. A
+        non-finite gradient norm (identical on every rank after DDP's all-reduce) skips the step on every rank.
+        """
+        with self.accelerator.accumulate(self.model):
+            losses = self.compute_loss(batch)
+            self.accelerator.backward(losses["loss"])
+            if not self.accelerator.sync_gradients:
+                return None
+            grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+            stepped = self.guard.check(step_is_finite(self.accelerator, grad_norm, losses["loss"]), self.step)
+            if stepped:
+                self.optimizer.step()
+                self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if not stepped:
+            return None
+        if self.ema is not None:
+            self.ema.step(self.model.parameters())
+        self.after_optimizer_step(batch, losses)
+        return losses
+
+    def train(self) -> None:
+        config = self.config
+        batches = endless_batches(self.accelerator, self.loader, self.batches_seen)
+        progress = tqdm(total=config.max_steps, initial=self.step, desc=self.name, unit="step",
+                        disable=not self.accelerator.is_main_process)
+        images_per_step = config.batch_size * config.gradient_accumulation_steps * self.accelerator.num_processes
+        last_time, last_step, skipped_warned = time.perf_counter(), self.step, self.skipped_images
+        while self.step < config.max_steps:
+            batch = next(batches)
+            self.batches_seen += 1
+            # a batch in which no image decoded comes as None: all batch_size rows skipped (drop_last=True)
+            self.skipped_images += batch.pop("skipped", 0) if batch is not None else config.batch_size
+            if not all_ranks_true(self.accelerator, batch is not None):
+                continue
+            losses = self.train_step(batch)
+            if losses is None:
+                continue
+            self.step += 1
+            progress.update(1)
+            if self.skipped_images > skipped_warned:
+                logger.warning("skipped %d undecodable images so far", self.skipped_images)
+                skipped_warned = self.skipped_images
+            if self.step % config.log_every == 0 or self.step == config.max_steps:
+                now = time.perf_counter()
+                images_per_second = (self.step - last_step) * images_per_step / max(now - last_time, 1e-9)
+                last_time, last_step = now, self.step
+                gathered = self.accelerator.gather({k: v.detach().float().reshape(1) for k, v in losses.items()})
+                logged = {k: v.mean().item() for k, v in gathered.items()}
+                self.accelerator.log({**{f"train/{k}": v for k, v in logged.items()},
+                                      "train/lr": self.lr_scheduler.get_last_lr()[0],
+                                      "train/images_per_second": images_per_second}, step=self.step)
+                progress.set_postfix(loss=f"{logged['loss']:.4g}", img_s=f"{images_per_second:.1f}")
+            if self.step % config.sample_every == 0 or self.step == config.max_steps:
+                self.save_samples()
+            if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
+                self.save_checkpoint()
+        progress.close()
+
+    def inference_model(self) -> nn.Module:
+        """An eval-mode copy of the trained module with the EMA weights (or the raw weights without EMA)."""
+        model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
+        if self.ema is not None:
+            self.ema.copy_to(model.parameters())
+        return model
+
+    @torch.no_grad()
+    def save_samples(self) -> None:
+        """The stage's sample grid as `samples/step-XXXXXXXX.png` and in TensorBoard (main process only)."""
+        if not self.accelerator.is_main_process:
+            return
+        tag, grid = self.make_samples()
+        folder = Path(self.config.output_dir) / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(folder / f"step-{self.step:08d}.png")
+        tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        tracker.add_image(tag, pil_to_uint8_array(grid), self.step, dataformats="HWC")
+
+    def save_checkpoint(self) -> None:
+        path = save_checkpoint(self.accelerator, self.config.output_dir, self.step, self.config,
+                               {"batches_seen": self.batches_seen, "skipped_images": self.skipped_images,
+                                "nonfinite_steps": self.guard.total}, self.config.keep_checkpoints)
+        logger.info("saved checkpoint %s", path)
+
+    @torch.no_grad()
+    def export(self) -> Path:
+        """`output_dir/final`, written atomically from the EMA weights after checking every rank holds the same."""
+        final = Path(self.config.output_dir) / "final"
+        assert_replicas_in_sync(self.accelerator, self.model.parameters(), "model weights")
+        if self.ema is not None:
+            assert_replicas_in_sync(self.accelerator, self.ema.shadow_params, "EMA weights")
+        if self.accelerator.is_main_process:
+            with atomic_folder(final) as tmp:
+                self.write_export(tmp)
+                save_config(self.config, tmp / "config.yaml")
+            logger.info("exported to %s", final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def cleanup(self) -> None:
+        self.accelerator.end_training()
+
+    def run(self) -> Path:
+        """setup -> train -> export -> cleanup; returns the export folder."""
+        self.setup()
+        self.train()
+        final = self.export()
+        self.cleanup()
+        return final

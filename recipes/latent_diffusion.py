@@ -1,0 +1,194 @@
+"""Training recipe for the latent U-Net: `accelerate launch train_ldm.py --config ... [key=value ...]`.
+
+L_simple (DDPM eq. 14) on scaled latents of a frozen autoencoder, conditioned on a frozen text encoder, with
+condition dropout (the caption replaced by "" with probability `cond_drop_prob`) so sampling can use classifier-free
+guidance. The loop is core/trainer.py; this file says what the stage builds, its loss, its samples and its export.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ClassVar, Optional
+
+import torch
+from PIL import Image
+from torch import nn
+
+from autoencoder.model import downsampling_factor, load_autoencoder
+from core.data.dataset import ImageCaptionDataset, check_caption_templates, load_image_caption_dataset
+from core.errors import UserError
+from core.images import make_grid
+from core.trainer import TrainConfig, Trainer
+from ldm.cache import load_or_build_cache
+from ldm.diffusion import BETA_SCHEDULES, NoiseSchedule, diffusion_loss, sample_noise, sample_timesteps
+from ldm.text_encoders import DEFAULT_TEXT_ENCODER, load_text_encoder
+from ldm.unet import PRESETS, build_unet, enable_xformers
+from pipelines import Pipeline
+from pipelines.defaults import DEFAULT_SCHEDULER
+from pipelines.loading import write_model_folder
+from pipelines.schedulers import SCHEDULERS
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LDMTrainConfig(TrainConfig):
+    """Every setting of a latent diffusion run; saved as config.yaml beside each checkpoint and the export."""
+
+    renamed: ClassVar[dict[str, str]] = {"sample_steps": "sample_num_inference_steps"}  # old spellings still read
+
+    # caption variants, one drawn per image and step; fields: caption, article ("a"/"an"), any text column
+    caption_templates: list[str] = field(default_factory=lambda: ["{caption}"])
+    autoencoder: str = ""  # output_dir (or final/) of train_autoencoder.py, or any diffusers AutoencoderKL folder
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    text_max_length: int = 77
+    resolution: Optional[int] = None  # pixels; defaults to the autoencoder's sample_size
+    unet_preset: str = "emoji-s"
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction_type: str = "epsilon"
+    zero_terminal_snr: bool = False
+    min_snr_gamma: Optional[float] = None  # None = uniform L_simple
+    offset_noise: float = 0.0
+    cond_drop_prob: float = 0.1
+    gradient_checkpointing: bool = False
+    attention: str = "sdpa"  # sdpa (PyTorch scaled_dot_product_attention) | xformers (GPU, if installed)
+    compile: bool = False  # torch.compile the U-Net
+    cache_latents: bool = True  # encode the data once with the frozen stages (ldm/cache.py)
+    cache_dir: Optional[str] = None  # default: output_dir/cache
+    sample_prompts: list[str] = field(default_factory=lambda: ["a cat", "red apple", "rocket", "smiling face"])
+    sample_num_inference_steps: int = 25
+    sample_guidance_scale: float = 4.0
+    sample_seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.autoencoder:
+            raise UserError("autoencoder is required: add autoencoder=DIR (the output_dir of train_autoencoder.py)")
+        for key in ("sample_num_inference_steps", "text_max_length", "num_train_timesteps"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 <= self.cond_drop_prob < 1:
+            raise UserError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise UserError(f"unknown beta_schedule '{self.beta_schedule}'; valid: {', '.join(BETA_SCHEDULES)}")
+        if self.unet_preset not in PRESETS:
+            raise UserError(f"unknown unet_preset '{self.unet_preset}'; valid: {', '.join(PRESETS)}")
+        if self.attention not in ("sdpa", "xformers"):
+            raise UserError(f"attention must be sdpa or xformers, got '{self.attention}'")
+        self.noise_schedule()
+
+    def noise_schedule(self) -> NoiseSchedule:
+        try:
+            return NoiseSchedule(self.num_train_timesteps, self.beta_schedule, self.beta_start, self.beta_end,
+                                 self.prediction_type, self.zero_terminal_snr)
+        except ValueError as err:
+            raise UserError(str(err)) from err
+
+
+class LDMTrainer(Trainer):
+    """The latent diffusion stage's hooks on the one loop (core/trainer.py)."""
+
+    name = "ldm"
+
+    def build_data(self) -> tuple[torch.utils.data.Dataset, Callable]:
+        config = self.config
+        train_ds = load_image_caption_dataset(config.data, config.train_split, config.image_column,
+                                              config.caption_column)
+        check_caption_templates(train_ds, config.caption_column, tuple(config.caption_templates))
+        # frozen stages: eval mode, no gradients, outside the optimiser and the training state
+        device = self.accelerator.device
+        self.vae = load_autoencoder(config.autoencoder).to(device).eval().requires_grad_(False)
+        self.text_encoder = load_text_encoder(config.text_encoder, config.text_max_length).to(device)
+        self.schedule = config.noise_schedule()
+        factor = downsampling_factor(self.vae)
+        self.resolution = config.resolution or self.vae.config.sample_size
+        if self.resolution % factor:
+            raise UserError(f"resolution {self.resolution} is not a multiple of the autoencoder's factor {factor}")
+        logger.info("autoencoder %s: f=%d, scaling_factor %.4f; text encoder %s (dim %d)", config.autoencoder, factor,
+                    self.vae.config.scaling_factor, config.text_encoder, self.text_encoder.hidden_size)
+        train_data = ImageCaptionDataset(train_ds, self.resolution, config.image_column, config.caption_column,
+                                         tuple(config.caption_templates))
+        self.cache = None
+        if not config.cache_latents:
+            return train_data, self.collate
+        self.cache = load_or_build_cache(self.accelerator, train_data, self.vae, self.text_encoder,
+                                         config.cache_dir or Path(config.output_dir) / "cache")
+        return self.cache, torch.utils.data.default_collate
+
+    def build_model(self) -> nn.Module:
+        config = self.config
+        unet = build_unet(config.unet_preset, self.resolution // downsampling_factor(self.vae),
+                          self.vae.config.latent_channels, self.text_encoder.hidden_size)
+        if config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        if config.attention == "xformers":
+            enable_xformers(unet)
+        return unet
+
+    def build_extras(self) -> None:
+        self.unet_forward = torch.compile(self.model) if self.config.compile else self.model
+
+    def draw_captions(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image: whether its caption is dropped (condition dropout) and which caption variant it gets."""
+        drop = torch.rand(batch_size) < self.config.cond_drop_prob
+        variant = torch.randint(0, len(self.config.caption_templates), (batch_size,))
+        return drop, variant
+
+    @torch.no_grad()
+    def encode_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled latents (a fresh posterior sample) and text hidden states with condition dropout applied.
+
+        Cached and uncached batches draw the same random numbers in the same order, so both give the same loss.
+        """
+        device = self.accelerator.device
+        if self.cache is None:
+            images = batch["pixel_values"].to(device)
+            latents = self.vae.encode(images).latent_dist.sample() * self.vae.config.scaling_factor
+            drop, variant = self.draw_captions(len(batch["captions"]))
+            captions = ["" if dropped else variants[j]
+                        for variants, dropped, j in zip(batch["captions"], drop.tolist(), variant.tolist())]
+            return latents, self.text_encoder.encode(captions).hidden_states
+        mean, logvar = batch["latent_mean"].to(device), batch["latent_logvar"].to(device)
+        sample = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, device=device, dtype=mean.dtype)
+        drop, variant = self.draw_captions(len(mean))
+        context = self.cache.caption_embeddings[batch["caption_ids"][torch.arange(len(mean)), variant]]
+        context[drop] = self.cache.empty_embedding
+        return sample * self.vae.config.scaling_factor, context.to(device)
+
+    def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
+        """L_simple (or its weighted variants) for one batch: noise the latents at random t, predict, compare."""
+        latents, context = self.encode_batch(batch)
+        noise = sample_noise(latents, self.config.offset_noise)
+        timesteps = sample_timesteps(latents.shape[0], self.schedule.num_train_timesteps, latents.device)
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        prediction = self.unet_forward(noisy, timesteps, encoder_hidden_states=context).sample
+        loss = diffusion_loss(prediction, self.schedule.target(latents, noise, timesteps),
+                              self.schedule.loss_weights(timesteps, self.config.min_snr_gamma))
+        return {"loss": loss}
+
+    def inference_pipeline(self) -> Pipeline:
+        """The EMA U-Net with the frozen stages and the default sampler on the training noise schedule."""
+        scheduler = SCHEDULERS[DEFAULT_SCHEDULER].from_config(self.schedule.to_scheduler_config())
+        return Pipeline(vae=self.vae, text_encoder=self.text_encoder, unet=self.inference_model(), scheduler=scheduler)
+
+    def make_samples(self) -> tuple[str, Image.Image]:
+        """Fixed prompts and seed, EMA weights: one row per sampling step."""
+        images = self.inference_pipeline().generate(
+            self.config.sample_prompts, num_inference_steps=self.config.sample_num_inference_steps,
+            guidance_scale=self.config.sample_guidance_scale, seed=self.config.sample_seed, progress=False)
+        return "samples", make_grid(images, columns=len(images))
+
+    def write_export(self, folder: Path) -> None:
+        """A diffusers StableDiffusionPipeline folder with the EMA U-Net."""
+        pipe = self.inference_pipeline()
+        write_model_folder(folder, pipe.vae, pipe.text_encoder, pipe.unet, pipe.scheduler)
+
+
+def run(config: LDMTrainConfig) -> Path:
+    """setup -> train -> export -> cleanup."""
+    return LDMTrainer(config).run()
