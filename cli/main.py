@@ -1,5 +1,6 @@
 """The `ldm` command: `ldm data emoji` builds the offline dataset, `ldm eval autoencoder` measures the first stage,
-`ldm eval generate` the text-to-image model's samples, `ldm generate PROMPT` samples images.
+`ldm eval generate` the text-to-image model's samples, `ldm generate PROMPT` samples images, `ldm inpaint PROMPT`
+fills a masked region.
 
 Training runs through Accelerate instead: `accelerate launch train_autoencoder.py|train_ldm.py --config ...`.
 """
@@ -15,7 +16,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from core.errors import UserError, exit_on_user_error
+from core.errors import MissingFileError, UserError, exit_on_user_error
 from pipelines import defaults as D
 
 
@@ -32,25 +33,60 @@ def cmd_data_emoji(args: argparse.Namespace) -> None:
     print(f"wrote {sum(summary['images'].values())} images to {args.out}")
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from core.images import make_grid
-    from pipelines import Pipeline
-
+def _output_path(args: argparse.Namespace) -> Path:
     out = Path(args.output or f"{_slug(args.prompt)}.png")
     if out.suffix.lower() != ".png":
         raise UserError(f"output file {out} must end in .png")
     if not out.parent.exists():
         raise UserError(f"output folder {out.parent} does not exist")
-    pipe = Pipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle)
-    images = pipe.generate(negative_prompt=args.negative_prompt, num_images=args.num_images,
-                           num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                           height=args.height,
-                           width=args.width, seed=args.seed, scheduler=args.scheduler)
+    return out
+
+
+def _write_images(images: list, out: Path) -> None:
+    """One PNG (a grid for several images), written atomically."""
+    from core.images import make_grid
+
     image = images[0] if len(images) == 1 else make_grid(images)
     tmp = out.with_name(f".{out.name}.tmp")
     image.save(tmp, format="PNG")
     os.replace(tmp, out)
     print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {image.width}x{image.height})")
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(negative_prompt=args.negative_prompt, num_images=args.num_images,
+                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from pipelines import Pipeline
+
+    out = _output_path(args)
+    pipe = Pipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle)
+    _write_images(pipe.generate(**_sampling_kwargs(args)), out)
+
+
+def _open_image(path: str, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path)
+    except FileNotFoundError as err:
+        raise MissingFileError(f"{what} {path} does not exist") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"{what} {path} is not an image PIL can read ({err})") from err
+
+
+def cmd_inpaint(args: argparse.Namespace) -> None:
+    from pipelines import InpaintPipeline
+
+    out = _output_path(args)
+    image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
+    pipe = InpaintPipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle)
+    _write_images(pipe.generate(image=image, mask_image=mask, strength=args.strength, method=args.method,
+                                paste_back=not args.no_paste_back, feather=args.feather, **_sampling_kwargs(args)),
+                  out)
 
 
 def cmd_eval_autoencoder(args: argparse.Namespace) -> None:
@@ -196,26 +232,43 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     generate = commands.add_parser("generate", help="text-to-image with a trained model")
-    generate.add_argument("prompt", help="text prompt ('' for unconditional)")
-    generate.add_argument("--model", help="model folder (default: the embedded default model)")
-    generate.add_argument("-o", "--output", help="PNG to write (default: <prompt>.png); a grid when N > 1")
-    generate.add_argument("--num-images", "-n", type=int, default=1)
-    generate.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int,
-                          default=D.NUM_INFERENCE_STEPS,
-                          help="sampling steps (default %(default)s; --steps: old name)")
-    generate.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float,
-                          default=D.GUIDANCE_SCALE,
-                          help="classifier-free guidance scale (default %(default)s; --guidance: old name)")
-    generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--scheduler", default=None,
-                          help=f"one of {', '.join(D.SCHEDULER_NAMES)} (default: the model's own, "
-                               f"{D.DEFAULT_SCHEDULER} for models trained here)")
-    generate.add_argument("--negative-prompt", default=None)
-    generate.add_argument("--height", type=int, default=None)
-    generate.add_argument("--width", type=int, default=None)
-    generate.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.bin) weights")
+    _add_sampling_args(generate, "model folder (default: the embedded default model)")
     generate.set_defaults(func=cmd_generate)
+
+    inpaint = commands.add_parser("inpaint", help="fill the white part of a mask from a prompt")
+    _add_sampling_args(inpaint, "inpainting or text-to-image model folder (default: the embedded default)")
+    inpaint.add_argument("--image", required=True, help="image to edit (transparency is composited on white)")
+    inpaint.add_argument("--mask", required=True,
+                         help="mask image: white (>= 50%% grey) = repaint; resized to the image's size")
+    inpaint.add_argument("--strength", type=float, default=1.0,
+                         help="1 = start from noise, < 1 = from the noised image (default 1)")
+    inpaint.add_argument("--method", choices=("unet", "blend"), default=None,
+                         help="default: unet for an inpainting model, blend (latent blending) for text-to-image")
+    inpaint.add_argument("--no-paste-back", action="store_true",
+                         help="keep the decoded pixels outside the mask (default: paste the original back)")
+    inpaint.add_argument("--feather", type=float, default=0.0, help="paste-back edge blur in pixels (default 0)")
+    inpaint.set_defaults(func=cmd_inpaint)
     return parser
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser, model_help: str) -> None:
+    parser.add_argument("prompt", help="text prompt ('' for unconditional)")
+    parser.add_argument("--model", help=model_help)
+    parser.add_argument("-o", "--output", help="PNG to write (default: <prompt>.png); a grid when N > 1")
+    parser.add_argument("--num-images", "-n", type=int, default=1)
+    parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int,
+                        default=D.NUM_INFERENCE_STEPS, help="sampling steps (default %(default)s; --steps: old name)")
+    parser.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float,
+                        default=D.GUIDANCE_SCALE,
+                        help="classifier-free guidance scale (default %(default)s; --guidance: old name)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scheduler", default=None,
+                        help=f"one of {', '.join(D.SCHEDULER_NAMES)} (default: the model's own, "
+                             f"{D.DEFAULT_SCHEDULER} for models trained here)")
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.bin) weights")
 
 
 @exit_on_user_error

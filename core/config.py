@@ -105,6 +105,15 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
     return config
 
 
+def config_keys(path: str | Path | None, overrides: list[str] | None = None) -> set[str]:
+    """The keys a config file and overrides set (to choose a config class before loading, e.g. `init_from`)."""
+    keys = set(parse_overrides(overrides or []))
+    if path is not None and Path(path).is_file():
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        keys |= set(loaded) if isinstance(loaded, dict) else set()
+    return keys
+
+
 def save_config(config: Any, path: str | Path) -> None:
     """Write the resolved config as flat YAML (the exact settings a checkpoint was made with)."""
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))

@@ -5,7 +5,9 @@ The network only sees (noisy latents, timestep, text hidden states); all diffusi
 
 from __future__ import annotations
 
+import torch
 from diffusers import UNet2DConditionModel
+from torch import nn
 
 from core.errors import UserError
 
@@ -44,6 +46,27 @@ def build_unet(preset: str, latent_size: int, latent_channels: int, cross_attent
         raise UserError(f"unknown U-Net preset '{preset}'; valid: {', '.join(PRESETS)}")
     return UNet2DConditionModel(sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
                                 cross_attention_dim=cross_attention_dim, **PRESETS[preset])
+
+
+def inpainting_unet_from(unet: UNet2DConditionModel, latent_channels: int) -> UNet2DConditionModel:
+    """The text-to-image U-Net with `conv_in` widened to take [noisy latents, mask, masked-image latents].
+
+    The new input channels start at zero and every other weight (the conv_in bias included) is copied, so at step 0
+    the inpainting U-Net predicts exactly what the text-to-image one does (the Stable Diffusion inpainting recipe).
+    """
+    if unet.config.in_channels != latent_channels:
+        raise UserError(f"init_from must be a text-to-image U-Net ({latent_channels} input channels); this one takes "
+                        f"{unet.config.in_channels} (already an inpainting model?)")
+    old = unet.conv_in
+    new = nn.Conv2d(2 * latent_channels + 1, old.out_channels, kernel_size=old.kernel_size, stride=old.stride,
+                    padding=old.padding)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, :latent_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=2 * latent_channels + 1)
+    return unet
 
 
 def enable_xformers(unet: UNet2DConditionModel) -> None:

@@ -1,4 +1,4 @@
-"""Inference: text-to-image (and later inpainting) pipelines, model loading and saving.
+"""Inference: text-to-image and inpainting pipelines, model loading and saving.
 
 `Pipeline` is imported on first use, so that light modules (pipelines/defaults.py, read by `ldm --help`) do not
 pay for torch and diffusers.
@@ -8,7 +8,7 @@ from core.torch_env import check_torchvision
 
 check_torchvision()  # before diffusers is imported; cheap when torchvision is not installed
 
-__all__ = ["Pipeline"]
+__all__ = ["Pipeline", "InpaintPipeline"]
 
 
 def __getattr__(name: str):
@@ -16,4 +16,8 @@ def __getattr__(name: str):
         from pipelines.text_to_image import Pipeline
 
         return Pipeline
+    if name == "InpaintPipeline":
+        from pipelines.inpaint import InpaintPipeline
+
+        return InpaintPipeline
     raise AttributeError(f"module 'pipelines' has no attribute '{name}'")

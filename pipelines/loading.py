@@ -99,6 +99,21 @@ def read_text_encoder_reference(path: Path) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
+def text_encoder_spec(path: Path) -> tuple[str, int]:
+    """(name or folder, padding length) of a model folder's text encoder: the installed one a slim folder names, or
+    the folder's own `text_encoder/` with the length its tokenizer was trained with."""
+    reference = read_text_encoder_reference(path)
+    if reference is not None:
+        return reference["name"], reference["max_length"]
+    config_file = path / "tokenizer" / "tokenizer_config.json"
+    if not config_file.is_file():
+        raise MissingFileError(f"model folder {path} is missing tokenizer/tokenizer_config.json")
+    length = json.loads(config_file.read_text()).get("model_max_length")
+    if not isinstance(length, int) or length > 4096:
+        raise UserError(f"{config_file} has no usable model_max_length (the training padding length)")
+    return str(path), length
+
+
 def save_slim_model_folder(folder: str | Path, vae, unet, scheduler, text_encoder_name: str, max_length: int,
                            dtype: torch.dtype = torch.float16) -> Path:
     """The embedded-default layout: model_index.json, unet/, vae/, scheduler/ (weights in `dtype`), the text

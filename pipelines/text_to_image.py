@@ -7,9 +7,9 @@ the same model folder, seed, scheduler, steps and guidance both give the same im
 from __future__ import annotations
 
 import inspect
-import json
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 from autoencoder.model import downsampling_factor
 from core.errors import UserError
 from ldm.text_encoders import load_text_encoder
-from pipelines.guidance import ClassifierFreeGuidance
-from pipelines.loading import check_model_folder, read_text_encoder_reference, resolve_model_path
 from pipelines.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
+from pipelines.guidance import ClassifierFreeGuidance
+from pipelines.loading import check_model_folder, resolve_model_path, text_encoder_spec
 from pipelines.schedulers import load_scheduler, make_scheduler
 
 OUTPUT_TYPES = ("pil", "numpy", "torch", "latent")
@@ -53,17 +53,20 @@ class Pipeline:
                                                 torch_dtype=torch.float32)
             unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_safetensors,
                                                         torch_dtype=torch.float32)
-            reference = read_text_encoder_reference(path)
-            if reference is not None:  # a slim folder: the text encoder comes from its installed package
-                text_encoder = load_text_encoder(reference["name"], max_length=reference["max_length"])
-            else:
-                text_encoder = load_text_encoder(str(path), max_length=_tokenizer_max_length(path))
+            text_encoder = load_text_encoder(*text_encoder_spec(path))
             scheduler = load_scheduler(path / "scheduler")
         self.vae, self.text_encoder, self.unet, self.scheduler = vae, text_encoder, unet, scheduler
+        self.check_unet()
         for module in (self.vae, self.unet, self.text_encoder):
             module.eval().requires_grad_(False)
         self._empty_embedding: torch.Tensor | None = None
         self._unet_forward = self.unet  # replaced by a compiled forward after `compile()`; self.unet stays plain
+
+    def check_unet(self) -> None:
+        """Text-to-image needs a U-Net whose input is the latent alone."""
+        if self.unet.config.in_channels != self.vae.config.latent_channels:
+            raise UserError(f"this model's U-Net takes {self.unet.config.in_channels} input channels, an inpainting "
+                            "model: use `from pipelines import InpaintPipeline` (or `ldm inpaint`)")
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, allow_pickle: bool = False) -> "Pipeline":
@@ -198,12 +201,17 @@ class Pipeline:
         return self._unet_forward(x, t, encoder_hidden_states=context).sample
 
     def denoise(self, latents: torch.Tensor, guided: ClassifierFreeGuidance, sampler: SchedulerMixin,
-                generator: torch.Generator | None, progress: bool) -> torch.Tensor:
-        """The sampling loop: one guided prediction and one sampler step per timestep."""
+                generator: torch.Generator | None, progress: bool, timesteps: torch.Tensor | None = None,
+                after_step: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """The sampling loop: one guided prediction and one sampler step per timestep (all of the sampler's, or
+        `timesteps`); `after_step(i, latents)` may replace the latents after step i (inpainting's blending)."""
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
-        for t in tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False):
+        timesteps = sampler.timesteps if timesteps is None else timesteps
+        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
             model_output = guided(sampler.scale_model_input(latents, t), t)
             latents = sampler.step(model_output, t, latents, **step_kwargs).prev_sample
+            if after_step is not None:
+                latents = after_step(i, latents)
         return latents
 
     def decode(self, latents: torch.Tensor, output_type: str):
@@ -215,17 +223,6 @@ class Pipeline:
             return images
         array = images.permute(0, 2, 3, 1).cpu().numpy()
         return array if output_type == "numpy" else images_to_pil(array)
-
-
-def _tokenizer_max_length(path: Path) -> int:
-    """The padding length the model was trained with, as saved in its tokenizer config."""
-    config_file = path / "tokenizer" / "tokenizer_config.json"
-    if not config_file.is_file():
-        raise UserError(f"model folder {path} is missing tokenizer/tokenizer_config.json")
-    length = json.loads(config_file.read_text()).get("model_max_length")
-    if not isinstance(length, int) or length > 4096:
-        raise UserError(f"{config_file} has no usable model_max_length (the training padding length)")
-    return length
 
 
 def images_to_pil(images: np.ndarray) -> list[Image.Image]:

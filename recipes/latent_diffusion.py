@@ -160,13 +160,20 @@ class LDMTrainer(Trainer):
         context[drop] = self.cache.empty_embedding
         return sample * self.vae.config.scaling_factor, context.to(device)
 
+    def extra_inputs(self, batch: dict, latents: torch.Tensor) -> torch.Tensor | None:
+        """Channels concatenated to the noisy latents as the U-Net's input: none for text-to-image (the inpainting
+        recipe adds the mask and the masked image's latents)."""
+        return None
+
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         """L_simple (or its weighted variants) for one batch: noise the latents at random t, predict, compare."""
         latents, context = self.encode_batch(batch)
+        extra = self.extra_inputs(batch, latents)
         noise = sample_noise(latents, self.config.offset_noise)
         timesteps = sample_timesteps(latents.shape[0], self.schedule.num_train_timesteps, latents.device)
         noisy = self.schedule.add_noise(latents, noise, timesteps)
-        prediction = self.unet_forward(noisy, timesteps, encoder_hidden_states=context).sample
+        model_input = noisy if extra is None else torch.cat([noisy, extra], dim=1)
+        prediction = self.unet_forward(model_input, timesteps, encoder_hidden_states=context).sample
         loss = diffusion_loss(prediction, self.schedule.target(latents, noise, timesteps),
                               self.schedule.loss_weights(timesteps, self.config.min_snr_gamma))
         return {"loss": loss}

@@ -1,0 +1,249 @@
+"""Inpainting: `InpaintPipeline("a cat", image=..., mask=...).generate()` fills the white part of the mask.
+
+Two methods, one per kind of U-Net:
+- `unet`: a fine-tuned inpainting U-Net (9 input channels: noisy latents, mask, masked-image latents; the layout of
+  Stable Diffusion's inpainting checkpoints and of `recipes/inpainting.py`);
+- `blend`: a text-to-image U-Net used as is; after each step the known region is replaced by the original latents
+  noised to the next timestep (diffusers' 4-channel path of `StableDiffusionInpaintPipeline`).
+
+Inputs, random draws and steps follow diffusers' `StableDiffusionInpaintPipeline`, so with paste-back off both give
+the same pixels for the same folder, seed and settings. Paste-back (on by default) puts the original pixels back
+outside the mask, optionally with a feathered edge: the autoencoder round trip otherwise shifts the known pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image, ImageFilter
+
+from core.data.dataset import to_rgb
+from core.errors import UserError
+from pipelines.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
+from pipelines.guidance import ClassifierFreeGuidance
+from pipelines.text_to_image import Pipeline, images_to_pil
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("unet", "blend")
+
+
+class InpaintPipeline(Pipeline):
+    """Inpainting with a trained latent diffusion model (an inpainting fine-tune, or a text-to-image model).
+
+    `InpaintPipeline(prompt, image=..., mask_image=...)` (alias `mask=`): PIL, numpy or torch, as diffusers takes
+    them; white (>= 0.5) = repaint. No `model` = the embedded default text-to-image model with `blend`.
+    """
+
+    def __init__(self, prompt: str | list[str] | None = None, model=None, *, image=None, mask_image=None, mask=None,
+                 **components) -> None:
+        super().__init__(prompt, model, **components)
+        self.image, self.mask_image = image, _one_mask(mask_image, mask)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.mask_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False,
+                                                do_binarize=True, do_convert_grayscale=True)
+
+    @property
+    def is_inpainting_unet(self) -> bool:
+        return self.unet.config.in_channels == 2 * self.latent_channels + 1
+
+    def check_unet(self) -> None:
+        latent = self.vae.config.latent_channels
+        if self.unet.config.in_channels not in (latent, 2 * latent + 1):
+            raise UserError(f"the U-Net takes {self.unet.config.in_channels} input channels; inpainting needs "
+                            f"{2 * latent + 1} (an inpainting fine-tune) or {latent} (text-to-image, method='blend')")
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | list[str] | None = None, image=None, mask_image=None, *, mask=None,
+                 strength: float = 1.0, masked_image_latents: torch.Tensor | None = None, method: str | None = None,
+                 paste_back: bool = True, feather: float = 0.0, negative_prompt: str | list[str] | None = None,
+                 num_images: int = 1, num_inference_steps: int = NUM_INFERENCE_STEPS,
+                 guidance_scale: float = GUIDANCE_SCALE, height: int | None = None, width: int | None = None,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
+                 output_type: str = "pil", progress: bool = True):
+        """Fill the mask of `image` from `prompt`. `strength` < 1 starts from the noised image instead of noise;
+        `method`: None (= `unet` for an inpainting U-Net, `blend` otherwise); `feather`: paste-back edge blur in
+        pixels. Image and mask are resized to `height` x `width` (default: the image's size)."""
+        image = self.image if image is None else image
+        mask_image = _one_mask(mask_image, mask)
+        mask_image = self.mask_image if mask_image is None else mask_image
+        if image is None or mask_image is None:
+            raise UserError("inpainting needs an image and a mask: image=..., mask_image=... (white = repaint)")
+        method = self.check_method(method)
+        if not 0 < strength <= 1:
+            raise UserError(f"strength must be in (0, 1], got {strength}")
+        if height is None or width is None:
+            image_height, image_width = _image_size(image)
+            factor = self.vae_scale_factor
+            if image_height % factor or image_width % factor:
+                raise UserError(f"the image is {image_width}x{image_height}; its sides must be multiples of the "
+                                f"autoencoder's downsampling factor {factor}: pass height= and width= to resize it")
+            height, width = height or image_height, width or image_width
+        prompts, negative, height, width = self.check_inputs(prompt, negative_prompt, num_images, num_inference_steps,
+                                                             guidance_scale, height, width, output_type)
+        init_image, mask_condition = self.prepare_image_and_mask(image, mask_image, height, width)
+        batch = len(prompts) * num_images
+        if not mask_condition.any():
+            logger.warning("the mask is empty (no pixel >= 0.5): returning the image unchanged")
+            return self.decode_output(((init_image + 1) / 2).repeat(batch, 1, 1, 1), output_type)
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+
+        cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
+        sampler, timesteps = self.prepare_inpaint_scheduler(scheduler, num_inference_steps, strength)
+        need_image_latents = method == "blend" or (latents is None and strength < 1)
+        latents, noise, image_latents = self.prepare_inpaint_latents(batch, height, width, generator, latents,
+                                                                     sampler, init_image, timesteps, strength,
+                                                                     need_image_latents)
+        mask_latents, masked_latents = self.prepare_mask_latents(mask_condition, init_image, masked_image_latents,
+                                                                 batch, generator)
+        if method == "unet":
+            guided = ClassifierFreeGuidance(self.inpaint_denoiser(mask_latents, masked_latents), cond, uncond,
+                                            guidance_scale)
+            latents = self.denoise(latents, guided, sampler, generator, progress, timesteps)
+        else:
+            def blend(i: int, x: torch.Tensor) -> torch.Tensor:
+                known = image_latents
+                if i < len(timesteps) - 1:
+                    known = sampler.add_noise(image_latents, noise, torch.tensor([timesteps[i + 1]]))
+                return (1 - mask_latents) * known + mask_latents * x
+
+            guided = ClassifierFreeGuidance(self.denoiser, cond, uncond, guidance_scale)
+            latents = self.denoise(latents, guided, sampler, generator, progress, timesteps, after_step=blend)
+        if output_type == "latent":
+            return latents
+        images = self.decode(latents, "torch")
+        if paste_back:
+            images = paste(images, (init_image + 1) / 2, mask_condition, feather)
+        return self.decode_output(images, output_type)
+
+    def check_method(self, method: str | None) -> str:
+        if method is None:
+            return "unet" if self.is_inpainting_unet else "blend"
+        if method not in METHODS:
+            raise UserError(f"unknown inpainting method '{method}'; valid: {', '.join(METHODS)}")
+        if (method == "unet") != self.is_inpainting_unet:
+            kind = "an inpainting" if self.is_inpainting_unet else "a text-to-image"
+            raise UserError(f"method='{method}' does not fit this model's U-Net ({kind} U-Net); use "
+                            f"method='{'unet' if self.is_inpainting_unet else 'blend'}' or leave it out")
+        return method
+
+    def prepare_image_and_mask(self, image, mask_image, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image in [-1, 1] (1, 3, H, W), transparency on white; mask binarised at 0.5 (1, 1, H, W); both resized."""
+        if isinstance(image, Image.Image) and image.mode != "RGB":
+            image = to_rgb(image)
+        try:
+            init_image = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+            mask_condition = self.mask_processor.preprocess(mask_image, height=height, width=width)
+        except (ValueError, TypeError) as err:
+            raise UserError(f"cannot read the image or mask ({err}); pass PIL images, numpy arrays or tensors") \
+                from err
+        if init_image.shape[0] != 1 or mask_condition.shape[0] != 1:
+            raise UserError("pass one image and one mask (num_images makes several samples of it)")
+        return init_image.to(self.device), mask_condition.to(self.device)
+
+    def prepare_inpaint_scheduler(self, scheduler: str | SchedulerMixin | None, num_inference_steps: int,
+                                  strength: float) -> tuple[SchedulerMixin, torch.Tensor]:
+        """The sampler and the last `strength` fraction of its timesteps (img2img's rule in diffusers)."""
+        sampler = self.prepare_scheduler(scheduler, num_inference_steps)
+        t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
+        if num_inference_steps - t_start < 1:
+            raise UserError(f"strength {strength} leaves no sampling step out of {num_inference_steps}; raise "
+                            "strength or num_inference_steps")
+        timesteps = sampler.timesteps[t_start * sampler.order:]
+        if hasattr(sampler, "set_begin_index"):
+            sampler.set_begin_index(t_start * sampler.order)
+        return sampler, timesteps
+
+    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Scaled latents: a posterior sample, drawn from `generator` as diffusers draws it."""
+        posterior = self.vae.encode(pixels.to(self.unet.dtype)).latent_dist
+        return posterior.sample(generator) * self.vae.config.scaling_factor
+
+    def prepare_inpaint_latents(self, batch: int, height: int, width: int, generator: torch.Generator | None,
+                                latents: torch.Tensor | None, sampler: SchedulerMixin, init_image: torch.Tensor,
+                                timesteps: torch.Tensor, strength: float, need_image_latents: bool,
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(initial latents, their noise, the image's latents or None): pure noise at strength 1, else the image's
+        latents noised to the first timestep kept."""
+        shape = (batch, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        image_latents = None
+        if need_image_latents:
+            image_latents = self.encode_image(init_image, generator).repeat(batch, 1, 1, 1)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise UserError(f"latents have shape {tuple(latents.shape)}; expected {shape} for these settings")
+            noise = latents.to(self.device, self.unet.dtype)
+            return noise * sampler.init_noise_sigma, noise, image_latents
+        noise = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        if strength == 1:
+            return noise * sampler.init_noise_sigma, noise, image_latents
+        return sampler.add_noise(image_latents, noise, timesteps[:1].repeat(batch)), noise, image_latents
+
+    def prepare_mask_latents(self, mask_condition: torch.Tensor, init_image: torch.Tensor,
+                             masked_image_latents: torch.Tensor | None, batch: int,
+                             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask at latent size (nearest) and the masked image's latents (the hole is 0 in [-1, 1] pixels)."""
+        size = (mask_condition.shape[-2] // self.vae_scale_factor, mask_condition.shape[-1] // self.vae_scale_factor)
+        mask_latents = F.interpolate(mask_condition, size=size).to(self.unet.dtype)
+        if masked_image_latents is None:
+            masked_latents = self.encode_image(init_image * (mask_condition < 0.5), generator)
+        else:
+            if tuple(masked_image_latents.shape[1:]) != (self.latent_channels, *size):
+                raise UserError(f"masked_image_latents have shape {tuple(masked_image_latents.shape)}; expected "
+                                f"(1, {self.latent_channels}, {size[0]}, {size[1]})")
+            masked_latents = masked_image_latents.to(self.device, self.unet.dtype)
+        return mask_latents.repeat(batch, 1, 1, 1), masked_latents.repeat(batch // masked_latents.shape[0], 1, 1, 1)
+
+    def inpaint_denoiser(self, mask_latents: torch.Tensor, masked_latents: torch.Tensor):
+        """The 9-channel U-Net as a denoiser of the noisy latents: mask and masked-image latents appended."""
+        extra = torch.cat([mask_latents, masked_latents], dim=1)
+
+        def denoiser(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            copies = x.shape[0] // extra.shape[0]  # 2 when guidance batches both branches
+            return self.denoiser(torch.cat([x, extra.repeat(copies, 1, 1, 1)], dim=1), t, context)
+
+        return denoiser
+
+    @staticmethod
+    def decode_output(images: torch.Tensor, output_type: str):
+        """[0, 1] images (B, 3, H, W) as `output_type`."""
+        if output_type in ("torch", "latent"):
+            return images
+        array = images.permute(0, 2, 3, 1).float().cpu().numpy()
+        return array if output_type == "numpy" else images_to_pil(array)
+
+
+def paste(generated: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, feather: float) -> torch.Tensor:
+    """Original pixels outside the mask, generated inside; `feather` > 0 blurs the edge outwards by that radius."""
+    weight = mask.float()
+    if feather > 0:
+        blurred = Image.fromarray((weight[0, 0].cpu().numpy() * 255).astype(np.uint8)).filter(
+            ImageFilter.GaussianBlur(feather))
+        soft = torch.from_numpy(np.asarray(blurred, dtype=np.float32) / 255).to(weight.device)
+        weight = torch.maximum(weight, soft[None, None])
+    return original * (1 - weight) + generated * weight
+
+
+def _image_size(image) -> tuple[int, int]:
+    """(height, width) of a PIL image, an (H, W, C) / (B, H, W, C) array or a (C, H, W) / (B, C, H, W) tensor."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    if isinstance(image, np.ndarray):
+        return tuple(image.shape[-3:-1]) if image.ndim >= 3 else tuple(image.shape)
+    if isinstance(image, torch.Tensor):
+        return tuple(image.shape[-2:])
+    raise UserError(f"cannot read an image from {type(image).__name__}; pass a PIL image, numpy array or tensor")
+
+
+def _one_mask(mask_image, mask):
+    if mask_image is not None and mask is not None:
+        raise UserError("pass the mask once: mask_image=... or its alias mask=...")
+    return mask_image if mask_image is not None else mask

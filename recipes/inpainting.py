@@ -1,0 +1,134 @@
+"""Inpainting fine-tune: `accelerate launch train_ldm.py --config configs/ldm/<preset>-inpaint.yaml init_from=DIR`.
+
+The recipe of Stable Diffusion's inpainting checkpoints on the latent diffusion loop: the text-to-image U-Net of
+`init_from` with `conv_in` widened to 9 channels (new ones zero, so step 0 predicts what the text-to-image model does),
+trained with the same L_simple on [noisy latents, mask, masked-image latents]. Masks come from ldm/masks.py, one per
+image and step, the whole image with `mask_full_probability`; condition dropout drops only the text. The masked-image
+latents depend on the step's mask, so images are encoded every step (no latent cache): two autoencoder encodes per
+image and step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from torch import nn
+
+from autoencoder.model import downsampling_factor
+from core.errors import UserError
+from core.images import make_grid, tensor_to_pil
+from ldm.masks import MaskGenerator
+from ldm.unet import inpainting_unet_from
+from pipelines.defaults import DEFAULT_SCHEDULER
+from pipelines.inpaint import InpaintPipeline
+from pipelines.loading import check_model_folder, read_model_index, resolve_model_path, text_encoder_spec
+from pipelines.schedulers import SCHEDULERS
+from recipes.latent_diffusion import LDMTrainConfig, LDMTrainer
+
+
+@dataclass
+class InpaintTrainConfig(LDMTrainConfig):
+    """An inpainting fine-tune: the LDM settings plus where to start from and how masks are drawn."""
+
+    init_from: str = ""  # a text-to-image model folder (train_ldm.py's final/, or an `ldm export` folder)
+    autoencoder: str = ""  # default: init_from's vae/
+    text_encoder: str = ""  # default: init_from's text encoder
+    text_max_length: Optional[int] = None  # default: init_from's
+    cache_latents: bool = False  # must stay false: the masked image changes every step
+    mask_strokes_weight: float = 1.0
+    mask_boxes_weight: float = 1.0
+    mask_ellipses_weight: float = 0.5
+    mask_outpaint_weight: float = 0.5
+    mask_full_probability: float = 0.25  # the whole image: plain text-to-image, so that ability stays
+
+    def validate(self) -> None:
+        """Fill the frozen stages in from `init_from`, then the LDM checks."""
+        if not self.init_from:
+            raise UserError("init_from is required: the text-to-image model folder to fine-tune (init_from=DIR)")
+        init = resolve_model_path(self.init_from)
+        check_model_folder(init)
+        if read_model_index(init).get("_class_name") != "StableDiffusionPipeline":
+            raise UserError(f"init_from {init} is not a text-to-image model folder (model_index.json names "
+                            f"{read_model_index(init).get('_class_name')})")
+        if self.cache_latents:
+            raise UserError("cache_latents=true cannot be used for inpainting: the masked image's latents change "
+                            "with every step's mask (leave it false)")
+        name, length = text_encoder_spec(init)
+        self.autoencoder = self.autoencoder or str(init / "vae")
+        self.text_encoder = self.text_encoder or name
+        self.text_max_length = self.text_max_length or length
+        self.init_from = str(init)
+        super().validate()
+
+    def mask_generator(self, size: int) -> MaskGenerator:
+        return MaskGenerator(size, {"strokes": self.mask_strokes_weight, "boxes": self.mask_boxes_weight,
+                                    "ellipses": self.mask_ellipses_weight, "outpaint": self.mask_outpaint_weight},
+                             self.mask_full_probability)
+
+
+class InpaintTrainer(LDMTrainer):
+    """The inpainting hooks on the latent diffusion recipe: the widened U-Net and its extra inputs."""
+
+    name = "inpaint"
+
+    def build_data(self) -> tuple[torch.utils.data.Dataset, Callable]:
+        dataset, collate = super().build_data()
+        self.masks = self.config.mask_generator(self.resolution)
+        rows = (dataset[i] for i in range(min(len(self.config.sample_prompts), len(dataset))))
+        self.sample_rows = [r for r in rows if r is not None]  # the sample grid's inputs
+        return dataset, collate
+
+    def build_model(self) -> nn.Module:
+        init = Path(self.config.init_from)
+        unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32, use_safetensors=True)
+        latent_size = self.resolution // downsampling_factor(self.vae)
+        if unet.config.sample_size != latent_size:
+            raise UserError(f"init_from's U-Net was trained on {unet.config.sample_size}x{unet.config.sample_size} "
+                            f"latents; resolution {self.resolution} gives {latent_size}x{latent_size}")
+        return inpainting_unet_from(unet, self.vae.config.latent_channels)
+
+    def draw_masks(self, count: int) -> torch.Tensor:
+        """(count, 1, H, W) masks, one seed per image drawn from torch's RNG (so resume replays them)."""
+        seeds = torch.randint(0, 2**62, (count,)).tolist()
+        return torch.from_numpy(np.stack([self.masks(np.random.default_rng(s)) for s in seeds]))[:, None]
+
+    @torch.no_grad()
+    def extra_inputs(self, batch: dict, latents: torch.Tensor) -> torch.Tensor:
+        """[mask at latent size (nearest), latents of the masked image (the hole is 0 in [-1, 1] pixels)]."""
+        pixels = batch["pixel_values"].to(latents.device)
+        masks = self.draw_masks(len(pixels)).to(pixels.device)
+        masked = self.vae.encode(pixels * (masks < 0.5)).latent_dist.sample() * self.vae.config.scaling_factor
+        return torch.cat([F.interpolate(masks, size=latents.shape[-2:]), masked], dim=1)
+
+    def inference_pipeline(self) -> InpaintPipeline:
+        scheduler = SCHEDULERS[DEFAULT_SCHEDULER].from_config(self.schedule.to_scheduler_config())
+        return InpaintPipeline(vae=self.vae, text_encoder=self.text_encoder, unet=self.inference_model(),
+                               scheduler=scheduler)
+
+    def make_samples(self) -> tuple[str, Image.Image]:
+        """Per sample prompt, a training image with a fixed mask: masked input (grey hole) above the output."""
+        pipe = self.inference_pipeline()
+        rng = np.random.default_rng(self.config.sample_seed)
+        generator = MaskGenerator(self.resolution, self.masks.weights, full_probability=0.0)
+        inputs, outputs = [], []
+        for i, prompt in enumerate(self.config.sample_prompts):
+            row = self.sample_rows[i % len(self.sample_rows)]
+            image = tensor_to_pil(row["pixel_values"][None])[0]
+            mask = Image.fromarray((generator(rng) * 255).astype(np.uint8))
+            inputs.append(Image.composite(Image.new("RGB", image.size, (128, 128, 128)), image, mask))
+            outputs += pipe.generate(prompt, image=image, mask=mask, seed=self.config.sample_seed,
+                                     num_inference_steps=self.config.sample_num_inference_steps,
+                                     guidance_scale=self.config.sample_guidance_scale, progress=False)
+        return "inpainting", make_grid(inputs + outputs, columns=len(inputs))
+
+
+def run(config: InpaintTrainConfig) -> Path:
+    """setup -> train -> export -> cleanup."""
+    return InpaintTrainer(config).run()

@@ -1,0 +1,219 @@
+"""Inpainting: mask generators, the zero-initialised 9-channel U-Net, InpaintPipeline against diffusers'
+StableDiffusionInpaintPipeline on both paths (9-channel U-Net; 4-channel latent blending), bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionInpaintPipeline
+from PIL import Image
+
+from core.errors import UserError
+from ldm.masks import GENERATORS, MaskGenerator
+from ldm.unet import inpainting_unet_from
+from pipelines import InpaintPipeline, Pipeline
+from pipelines.schedulers import SCHEDULERS
+
+COVERAGE = {"strokes": (0.01, 0.95), "boxes": (0.01, 0.9), "ellipses": (0.02, 0.9), "outpaint": (0.1, 0.95)}
+
+
+@pytest.mark.parametrize("kind", sorted(GENERATORS))
+def test_each_mask_kind_is_seeded_binary_and_within_its_coverage(kind):
+    low, high = COVERAGE[kind]
+    coverages = []
+    for seed in range(50):
+        mask = GENERATORS[kind](np.random.default_rng(seed), 64)
+        assert mask.shape == (64, 64) and mask.dtype == np.float32 and set(np.unique(mask)) <= {0.0, 1.0}
+        np.testing.assert_array_equal(mask, GENERATORS[kind](np.random.default_rng(seed), 64))
+        coverages.append(mask.mean())
+    assert low <= min(coverages) and max(coverages) <= high, (min(coverages), max(coverages))
+    assert np.std(coverages) > 0.01  # the masks vary
+
+
+def test_outpaint_masks_touch_the_border_and_full_masks_come_at_their_rate():
+    for seed in range(20):
+        mask = GENERATORS["outpaint"](np.random.default_rng(seed), 32)
+        assert max(mask[0].min(), mask[-1].min(), mask[:, 0].min(), mask[:, -1].min()) == 1
+    generator = MaskGenerator(32, {"boxes": 1.0, "strokes": 0.0}, full_probability=0.25)
+    rng = np.random.default_rng(0)
+    full = np.mean([generator(rng).min() == 1 for _ in range(400)])
+    assert 0.18 < full < 0.32
+    with pytest.raises(UserError, match="unknown mask kind"):
+        MaskGenerator(32, {"circles": 1.0})
+    with pytest.raises(UserError, match="positive sum"):
+        MaskGenerator(32, {"boxes": 0.0})
+
+
+def test_the_zero_initialised_inpainting_unet_predicts_what_the_text_to_image_one_does(tiny_components):
+    unet = tiny_components["unet"]
+    x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 16, 384)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        expected = unet(x, t, encoder_hidden_states=context).sample
+        inpaint = inpainting_unet_from(unet, 4)
+        extra = torch.randn(2, 5, 16, 16)
+        got = inpaint(torch.cat([x, extra], 1), t, encoder_hidden_states=context).sample
+    assert inpaint.config.in_channels == 9
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    with pytest.raises(UserError, match="already an inpainting model"):
+        inpainting_unet_from(inpaint, 4)
+
+
+@pytest.fixture()
+def inpaint_components(tiny_components):
+    """The tiny components with a 9-channel U-Net whose new channels are random (so the mask inputs matter)."""
+    torch.manual_seed(1)
+    unet = inpainting_unet_from(tiny_components["unet"], 4)
+    with torch.no_grad():
+        unet.conv_in.weight[:, 4:].normal_(0, 0.2)
+    return {**tiny_components, "unet": unet}
+
+
+def _image_and_mask():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 4:20] = 255
+    return image, Image.fromarray(mask)
+
+
+def _compare(ours_components, folder, scheduler, strength, negative, method=None):
+    image, mask = _image_and_mask()
+    theirs = StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.scheduler = SCHEDULERS[scheduler].from_config(theirs.scheduler.config)
+    expected = theirs("a cat", image=image, mask_image=mask, strength=strength, negative_prompt=negative,
+                      num_inference_steps=6, guidance_scale=3.0, num_images_per_prompt=2, output_type="np",
+                      generator=torch.Generator().manual_seed(5)).images
+    ours = InpaintPipeline(**ours_components)
+    got = ours.generate("a cat", image=image, mask=mask, strength=strength, negative_prompt=negative,
+                        num_inference_steps=6, guidance_scale=3.0, num_images=2, seed=5, scheduler=scheduler,
+                        method=method, paste_back=False, output_type="numpy", progress=False)
+    assert got.shape == expected.shape == (2, 32, 32, 3)
+    assert np.abs(got - expected).max() <= 1 / 255
+    return got
+
+
+@pytest.mark.parametrize("scheduler, strength, negative", [
+    ("dpm++", 1.0, None), ("ddim", 0.6, "a dog"), ("euler_a", 1.0, "blurry"), ("ddim", 1.0, None),
+])
+def test_nine_channel_path_matches_diffusers_inpaint_pipeline(inpaint_components, tmp_path, scheduler, strength,
+                                                              negative):
+    folder = InpaintPipeline(**inpaint_components).save_pretrained(tmp_path / "inpaint")
+    assert '"StableDiffusionInpaintPipeline"' in (folder / "model_index.json").read_text()
+    _compare(inpaint_components, folder, scheduler, strength, negative)
+
+
+@pytest.mark.parametrize("scheduler, strength", [("dpm++", 1.0), ("ddim", 0.6)])
+def test_latent_blending_matches_diffusers_four_channel_path(tiny_components, tmp_model_dir_factory, scheduler,
+                                                             strength):
+    got = _compare(tiny_components, tmp_model_dir_factory(tiny_components), scheduler, strength, "a dog",
+                   method="blend")
+    assert np.abs(got[0] - got[1]).max() > 1e-3  # two samples differ
+
+
+@pytest.fixture()
+def tmp_model_dir_factory(tmp_path):
+    return lambda components: Pipeline(**components).save_pretrained(tmp_path / "t2i")
+
+
+def test_paste_back_keeps_known_pixels_and_feather_softens_the_edge(inpaint_components):
+    image, mask = _image_and_mask()
+    pipe = InpaintPipeline("a cat", image=image, mask=mask, **inpaint_components)
+    kwargs = dict(num_inference_steps=3, seed=0, output_type="numpy", progress=False)
+    pasted, raw = pipe.generate(**kwargs), pipe.generate(paste_back=False, **kwargs)
+    known = np.asarray(mask) < 128
+    original = np.asarray(image, dtype=np.float32) / 255
+    np.testing.assert_allclose(pasted[0][known], original[known], atol=1e-6)
+    assert np.abs(raw[0][known] - original[known]).max() > 1 / 255  # the round trip moves known pixels
+    np.testing.assert_allclose(pasted[0][~known], raw[0][~known], atol=1e-6)
+    feathered = pipe.generate(feather=2, **kwargs)
+    far = known.copy()
+    far[2:30, 0:26] = False  # more than 6 px from the hole (rows 8-23, columns 4-19)
+    np.testing.assert_allclose(feathered[0][far], original[far], atol=1e-6)
+    edge = feathered[0][7, 4:20]  # the row just above the hole: a mix of original and generated
+    assert np.abs(edge - original[7, 4:20]).max() > 1 / 255
+
+
+def test_bad_inpainting_input(inpaint_components, tiny_components, caplog):
+    image, mask = _image_and_mask()
+    pipe = InpaintPipeline("a cat", **inpaint_components)
+    with pytest.raises(UserError, match="needs an image and a mask"):
+        pipe.generate(image=image)
+    with pytest.raises(UserError, match="the image is 33x33; its sides must be multiples of the autoencoder's"):
+        pipe.generate(image=image.resize((33, 33)), mask=mask.resize((33, 33)))
+    with pytest.raises(UserError, match="cannot read an image from str"):
+        pipe.generate(image="cat.png", mask=mask)
+    with pytest.raises(UserError, match="strength must be in"):
+        pipe.generate(image=image, mask=mask, strength=0)
+    with pytest.raises(UserError, match="method='blend' does not fit"):
+        pipe.generate(image=image, mask=mask, method="blend")
+    with pytest.raises(UserError, match="pass the mask once"):
+        pipe.generate(image=image, mask=mask, mask_image=mask)
+    with pytest.raises(UserError, match="use `from pipelines import InpaintPipeline`"):
+        Pipeline(**inpaint_components)
+    with caplog.at_level(logging.WARNING):
+        same = pipe.generate(image=image, mask=Image.new("L", (32, 32), 0), output_type="numpy", progress=False)
+    assert "mask is empty" in caplog.text
+    np.testing.assert_allclose(same[0], np.asarray(image, dtype=np.float32) / 255, atol=1e-6)
+    kwargs = dict(num_inference_steps=2, seed=0, output_type="numpy", progress=False, paste_back=False)
+    grey = Image.fromarray((np.asarray(mask) * 0.6).astype(np.uint8))  # 153/255 = 0.6: thresholded to 1
+    np.testing.assert_array_equal(pipe.generate(image=image, mask=grey, **kwargs),
+                                  pipe.generate(image=image, mask=mask, **kwargs))
+    rgba = image.convert("RGBA")
+    assert pipe.generate(image=rgba, mask=mask, **kwargs).shape == (1, 32, 32, 3)
+    small_mask = mask.resize((16, 16), Image.NEAREST)  # resized to the image's size
+    np.testing.assert_array_equal(pipe.generate(image=image, mask=small_mask, **kwargs),
+                                  pipe.generate(image=image, mask=mask, **kwargs))
+
+
+def test_inpainting_fine_tune_through_accelerate_launch_resumes_and_exports(emoji_dir, autoencoder_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from helpers import LAUNCH, run
+
+    t2i = tmp_path / "t2i"
+    run(LAUNCH + ["train_ldm.py", "--config", "configs/ldm/tiny.yaml", f"data={emoji_dir}",
+                  f"autoencoder={autoencoder_dir}", f"output_dir={t2i}", "max_steps=2", "sample_every=1000"])
+    common = ["train_ldm.py", "--config", "configs/ldm/tiny-inpaint.yaml", f"data={emoji_dir}",
+              f"init_from={t2i / 'final'}", "checkpoint_every=3", "sample_every=6"]
+    run(LAUNCH + common + [f"output_dir={tmp_path / 'straight'}", "max_steps=6"])
+    run(LAUNCH + common + [f"output_dir={tmp_path / 'resumed'}", "max_steps=3"])
+    resumed = run(LAUNCH + common + [f"output_dir={tmp_path / 'resumed'}", "max_steps=6"])
+    assert "at step 3" in resumed.stderr
+    weights = "final/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "resumed" / weights)
+    assert a["conv_in.weight"].shape[1] == 9 and all(torch.equal(a[k], b[k]) for k in a)
+    final = tmp_path / "straight" / "final"
+    assert '"StableDiffusionInpaintPipeline"' in (final / "model_index.json").read_text()
+    assert Image.open(tmp_path / "straight" / "samples" / "step-00000006.png").size == (2 * 32, 2 * 32)
+    image, mask = _image_and_mask()
+    out = InpaintPipeline.from_pretrained(final).generate("a cat", image=image, mask=mask, num_inference_steps=3,
+                                                          seed=0, progress=False)
+    assert out[0].size == (32, 32)
+    refused = run(LAUNCH + common + [f"output_dir={tmp_path / 'again'}", f"init_from={final}"], check=False)
+    assert "is not a text-to-image model folder" in refused.stderr
+
+
+def test_ldm_inpaint_command_with_the_default_model(tmp_path, capsys):
+    from cli.main import main as ldm_main
+
+    image = Image.new("RGB", (64, 64), "white")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    image.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    ldm_main(["inpaint", "a cat", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
+              "-o", str(out), "--num-inference-steps", "3"])
+    assert f"wrote {out} (1 image, 64x64)" in capsys.readouterr().out
+    result = np.asarray(Image.open(out), dtype=np.int16)
+    assert (result[np.asarray(mask) == 0] == 255).all()  # pasted back: white outside the mask
+    (tmp_path / "bad.png").write_text("not a png")
+    with pytest.raises(SystemExit):
+        ldm_main(["inpaint", "a cat", "--image", str(tmp_path / "bad.png"), "--mask", str(tmp_path / "mask.png"),
+                  "-o", str(out)])
+    assert "--image" in capsys.readouterr().err
