@@ -33,6 +33,39 @@ def cmd_data_emoji(args: argparse.Namespace) -> None:
     print(f"wrote {sum(summary['images'].values())} images to {args.out}")
 
 
+def cmd_show_masks(args: argparse.Namespace) -> None:
+    """A grid of sampled training masks over real images: what the inpainting fine-tune will see."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from core.data.dataset import ImageCaptionDataset, load_image_caption_dataset
+    from core.images import make_grid, tensor_to_pil
+    from recipes.inpainting import InpaintTrainConfig
+
+    settings = InpaintTrainConfig()
+    if args.config is not None:
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        for key, value in loaded.items():
+            if key.startswith("mask_") and hasattr(settings, key):
+                setattr(settings, key, float(value))
+    data = ImageCaptionDataset(load_image_caption_dataset(args.data, args.split), args.size)
+    masks = settings.mask_generator(args.size)
+    rng = np.random.default_rng(args.seed)
+    tiles = []
+    for index in rng.permutation(len(data))[:args.num_images].tolist():
+        row = data[index]
+        if row is None:
+            continue
+        image = tensor_to_pil(row["pixel_values"][None])[0]
+        mask = Image.fromarray((masks(rng) * 255).astype(np.uint8))
+        tiles.append(Image.composite(Image.new("RGB", image.size, (255, 0, 255)), image, mask))
+    out = Path(args.out)
+    make_grid(tiles, columns=min(8, len(tiles))).save(out)
+    print(f"wrote {out}: {len(tiles)} images, masked part in magenta (weights {masks.weights}, full mask "
+          f"probability {masks.full_probability})")
+
+
 def _output_path(args: argparse.Namespace) -> Path:
     out = Path(args.output or f"{_slug(args.prompt)}.png")
     if out.suffix.lower() != ".png":
@@ -85,6 +118,8 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
     pipe = InpaintPipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle)
     _write_images(pipe.generate(image=image, mask_image=mask, strength=args.strength, method=args.method,
+                                repaint_jump_length=args.repaint_jump_length,
+                                repaint_jump_n_sample=args.repaint_jump_n_sample,
                                 paste_back=not args.no_paste_back, feather=args.feather, **_sampling_kwargs(args)),
                   out)
 
@@ -182,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="add styles from npm packages when npm is present (default auto)")
     emoji.add_argument("--limit", type=int, default=None, help="only the first N names (quick builds, tests)")
     emoji.set_defaults(func=cmd_data_emoji)
+    show = data.add_parser("show-masks", help="PNG grid of inpainting training masks over real images")
+    show.add_argument("--data", required=True, help="imagefolder (e.g. data/emoji)")
+    show.add_argument("--out", required=True, help="PNG to write")
+    show.add_argument("--config", default=None, help="inpainting config whose mask_* keys to use (default: defaults)")
+    show.add_argument("--split", default="train")
+    show.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    show.add_argument("--num-images", "-n", type=int, default=32)
+    show.add_argument("--seed", type=int, default=0)
+    show.set_defaults(func=cmd_show_masks)
 
     evaluate = commands.add_parser("eval", help="evaluate a trained stage").add_subparsers(dest="stage",
                                                                                          required=True)
@@ -242,8 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="mask image: white (>= 50%% grey) = repaint; resized to the image's size")
     inpaint.add_argument("--strength", type=float, default=1.0,
                          help="1 = start from noise, < 1 = from the noised image (default 1)")
-    inpaint.add_argument("--method", choices=("unet", "blend"), default=None,
-                         help="default: unet for an inpainting model, blend (latent blending) for text-to-image")
+    inpaint.add_argument("--method", choices=("unet", "blend", "repaint"), default=None,
+                         help="default: unet for an inpainting model, blend (latent blending) for text-to-image; "
+                              "repaint: RePaint resampling (text-to-image models; about jump-n-sample x the cost)")
+    inpaint.add_argument("--repaint-jump-length", type=int, default=10, help="RePaint's j (default 10)")
+    inpaint.add_argument("--repaint-jump-n-sample", type=int, default=10, help="RePaint's r (default 10)")
     inpaint.add_argument("--no-paste-back", action="store_true",
                          help="keep the decoded pixels outside the mask (default: paste the original back)")
     inpaint.add_argument("--feather", type=float, default=0.0, help="paste-back edge blur in pixels (default 0)")

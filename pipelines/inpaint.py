@@ -1,10 +1,14 @@
 """Inpainting: `InpaintPipeline("a cat", image=..., mask=...).generate()` fills the white part of the mask.
 
-Two methods, one per kind of U-Net:
+Three methods:
 - `unet`: a fine-tuned inpainting U-Net (9 input channels: noisy latents, mask, masked-image latents; the layout of
   Stable Diffusion's inpainting checkpoints and of `recipes/inpainting.py`);
-- `blend`: a text-to-image U-Net used as is; after each step the known region is replaced by the original latents
-  noised to the next timestep (diffusers' 4-channel path of `StableDiffusionInpaintPipeline`).
+- `blend`, for a text-to-image U-Net used as is: after each step the known region is replaced by the original
+  latents noised to the next timestep (diffusers' 4-channel path of `StableDiffusionInpaintPipeline`);
+- `repaint`, for a text-to-image U-Net: RePaint's resampling (Lugmayr et al. 2022) with diffusers' RePaintScheduler
+  in latent space: known region from the noised original at each step, and every `repaint_jump_length` steps the
+  sample is re-noised that far and denoised again, `repaint_jump_n_sample` times (about that many times the U-Net
+  calls of `blend`).
 
 Inputs, random draws and steps follow diffusers' `StableDiffusionInpaintPipeline`, so with paste-back off both give
 the same pixels for the same folder, seed and settings. Paste-back (on by default) puts the original pixels back
@@ -18,10 +22,12 @@ import logging
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import RePaintScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageFilter
+from tqdm.auto import tqdm
 
 from core.data.dataset import to_rgb
 from core.errors import UserError
@@ -31,7 +37,7 @@ from pipelines.text_to_image import Pipeline, images_to_pil
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("unet", "blend")
+METHODS = ("unet", "blend", "repaint")
 
 
 class InpaintPipeline(Pipeline):
@@ -62,7 +68,8 @@ class InpaintPipeline(Pipeline):
     @torch.inference_mode()
     def generate(self, prompt: str | list[str] | None = None, image=None, mask_image=None, *, mask=None,
                  strength: float = 1.0, masked_image_latents: torch.Tensor | None = None, method: str | None = None,
-                 paste_back: bool = True, feather: float = 0.0, negative_prompt: str | list[str] | None = None,
+                 repaint_jump_length: int = 10, repaint_jump_n_sample: int = 10, paste_back: bool = True,
+                 feather: float = 0.0, negative_prompt: str | list[str] | None = None,
                  num_images: int = 1, num_inference_steps: int = NUM_INFERENCE_STEPS,
                  guidance_scale: float = GUIDANCE_SCALE, height: int | None = None, width: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
@@ -79,6 +86,11 @@ class InpaintPipeline(Pipeline):
         method = self.check_method(method)
         if not 0 < strength <= 1:
             raise UserError(f"strength must be in (0, 1], got {strength}")
+        if method == "repaint" and (strength != 1 or scheduler is not None):
+            raise UserError("method='repaint' samples with its own scheduler (RePaint's) from noise: leave scheduler "
+                            "and strength out")
+        if method == "repaint" and min(repaint_jump_length, repaint_jump_n_sample) < 1:
+            raise UserError("repaint_jump_length and repaint_jump_n_sample must be at least 1")
         if height is None or width is None:
             image_height, image_width = _image_size(image)
             factor = self.vae_scale_factor
@@ -98,7 +110,7 @@ class InpaintPipeline(Pipeline):
 
         cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
         sampler, timesteps = self.prepare_inpaint_scheduler(scheduler, num_inference_steps, strength)
-        need_image_latents = method == "blend" or (latents is None and strength < 1)
+        need_image_latents = method != "unet" or (latents is None and strength < 1)
         latents, noise, image_latents = self.prepare_inpaint_latents(batch, height, width, generator, latents,
                                                                      sampler, init_image, timesteps, strength,
                                                                      need_image_latents)
@@ -108,6 +120,10 @@ class InpaintPipeline(Pipeline):
             guided = ClassifierFreeGuidance(self.inpaint_denoiser(mask_latents, masked_latents), cond, uncond,
                                             guidance_scale)
             latents = self.denoise(latents, guided, sampler, generator, progress, timesteps)
+        elif method == "repaint":
+            guided = ClassifierFreeGuidance(self.denoiser, cond, uncond, guidance_scale)
+            latents = self.repaint(latents, guided, image_latents, mask_latents, num_inference_steps,
+                                   repaint_jump_length, repaint_jump_n_sample, generator, progress)
         else:
             def blend(i: int, x: torch.Tensor) -> torch.Tensor:
                 known = image_latents
@@ -131,8 +147,9 @@ class InpaintPipeline(Pipeline):
             raise UserError(f"unknown inpainting method '{method}'; valid: {', '.join(METHODS)}")
         if (method == "unet") != self.is_inpainting_unet:
             kind = "an inpainting" if self.is_inpainting_unet else "a text-to-image"
-            raise UserError(f"method='{method}' does not fit this model's U-Net ({kind} U-Net); use "
-                            f"method='{'unet' if self.is_inpainting_unet else 'blend'}' or leave it out")
+            fits = "'unet'" if self.is_inpainting_unet else "'blend' or 'repaint'"
+            raise UserError(f"method='{method}' does not fit this model's U-Net ({kind} U-Net); use method={fits} "
+                            "or leave it out")
         return method
 
     def prepare_image_and_mask(self, image, mask_image, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +228,26 @@ class InpaintPipeline(Pipeline):
             return self.denoiser(torch.cat([x, extra.repeat(copies, 1, 1, 1)], dim=1), t, context)
 
         return denoiser
+
+    def repaint(self, latents: torch.Tensor, guided: ClassifierFreeGuidance, image_latents: torch.Tensor,
+                mask_latents: torch.Tensor, num_inference_steps: int, jump_length: int, jump_n_sample: int,
+                generator: torch.Generator | None, progress: bool) -> torch.Tensor:
+        """RePaint's loop (as diffusers' RePaintPipeline runs it): a step where the timestep goes down, an undo
+        (forward noising) where it jumps back up."""
+        config = self.scheduler.config
+        if config.get("prediction_type", "epsilon") != "epsilon" or config.get("rescale_betas_zero_snr", False):
+            raise UserError("method='repaint' needs an epsilon-prediction model without zero terminal SNR")
+        sampler = RePaintScheduler.from_config(config)
+        sampler.set_timesteps(num_inference_steps, jump_length, jump_n_sample, device=self.device)
+        known = 1 - mask_latents
+        last = sampler.timesteps[0] + 1
+        for t in tqdm(sampler.timesteps, desc="RePaint", disable=not progress, leave=False):
+            if t < last:
+                latents = sampler.step(guided(latents, t), t, latents, image_latents, known, generator).prev_sample
+            else:
+                latents = sampler.undo_step(latents, last, generator)
+            last = t
+        return latents
 
     @staticmethod
     def decode_output(images: torch.Tensor, output_type: str):

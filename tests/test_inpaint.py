@@ -120,6 +120,30 @@ def tmp_model_dir_factory(tmp_path):
     return lambda components: Pipeline(**components).save_pretrained(tmp_path / "t2i")
 
 
+def test_repaint_ends_with_the_known_region_equal_to_the_image_latents(tiny_components):
+    image, mask = _image_and_mask()
+    pipe = InpaintPipeline("a cat", image=image, mask=mask, **tiny_components)
+    calls = {"n": 0}
+    real = pipe.denoiser
+
+    def counting(x, t, context):
+        calls["n"] += 1
+        return real(x, t, context)
+
+    pipe.denoiser = counting
+    latents = pipe.generate(method="repaint", num_inference_steps=6, repaint_jump_length=2,
+                            repaint_jump_n_sample=3, seed=4, output_type="latent", progress=False)
+    generator = torch.Generator().manual_seed(4)
+    init = pipe.image_processor.preprocess(image)
+    expected = pipe.vae.encode(init).latent_dist.sample(generator) * pipe.vae.config.scaling_factor
+    known = torch.nn.functional.interpolate(pipe.mask_processor.preprocess(mask), size=(16, 16)) < 0.5
+    known = known.expand_as(latents)
+    torch.testing.assert_close(latents[known], expected[known])
+    assert calls["n"] == 6 + 2 * 2 * 2  # 6 steps, then 2 jumps of 2 steps, re-run twice more each
+    with pytest.raises(UserError, match="own scheduler"):
+        pipe.generate(method="repaint", scheduler="ddim")
+
+
 def test_paste_back_keeps_known_pixels_and_feather_softens_the_edge(inpaint_components):
     image, mask = _image_and_mask()
     pipe = InpaintPipeline("a cat", image=image, mask=mask, **inpaint_components)
@@ -217,3 +241,17 @@ def test_ldm_inpaint_command_with_the_default_model(tmp_path, capsys):
         ldm_main(["inpaint", "a cat", "--image", str(tmp_path / "bad.png"), "--mask", str(tmp_path / "mask.png"),
                   "-o", str(out)])
     assert "--image" in capsys.readouterr().err
+
+
+def test_show_masks_writes_a_grid(emoji_dir, tmp_path, capsys):
+    from cli.main import main as ldm_main
+
+    config = tmp_path / "inpaint.yaml"
+    config.write_text("mask_boxes_weight: 0.0\nmask_strokes_weight: 1.0\nmask_full_probability: 0.0\n")
+    ldm_main(["data", "show-masks", "--data", str(emoji_dir), "--out", str(tmp_path / "m.png"), "--size", "32",
+              "-n", "8", "--config", str(config)])
+    assert "8 images" in capsys.readouterr().out
+    grid = np.asarray(Image.open(tmp_path / "m.png"))
+    assert grid.shape == (32, 8 * 32, 3)
+    magenta = (grid == [255, 0, 255]).all(-1).mean()
+    assert 0.01 < magenta < 0.95
