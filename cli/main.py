@@ -191,6 +191,24 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> None:
     print(f"wrote {out}/metrics.json and {out}/examples.png")
 
 
+def cmd_eval_vlb(args: argparse.Namespace) -> None:
+    import yaml
+
+    from pipelines import Pipeline
+    from pipelines.evaluate_vlb import evaluate_vlb, format_table
+    from pipelines.loading import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    config_file = path / "config.yaml"
+    training_config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+    out = args.out or "eval-vlb"
+    metrics = evaluate_vlb(Pipeline(model=args.model), args.data, out, split=args.split,
+                           num_images=args.num_images, timestep_stride=args.timestep_stride,
+                           training_config=training_config, seed=args.seed)
+    print(format_table(metrics))
+    print(f"wrote {out}/metrics.json and {out}/vlb.png")
+
+
 def swap_decoder(vae, path: str):
     """The autoencoder at `path` in place of `vae`, allowed only if it encodes identically (e.g. a decoder-only
     fine-tune): the U-Net was trained on `vae`'s latents."""
@@ -303,6 +321,17 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint_eval.add_argument("--seed", type=int, default=0)
     inpaint_eval.add_argument("--out", default=None, help="results folder (default eval-inpaint)")
     inpaint_eval.set_defaults(func=cmd_eval_inpaint)
+
+    vlb = evaluate.add_parser("vlb", help="variational bound on held-out latents, per term and timestep (bits/dim)")
+    vlb.add_argument("--model", default=None, help="text-to-image model folder (default: the embedded default)")
+    vlb.add_argument("--data", required=True, help="imagefolder with a held-out split")
+    vlb.add_argument("--split", default="validation")
+    vlb.add_argument("--num-images", type=int, default=100, help="N held-out images (default 100)")
+    vlb.add_argument("--timestep-stride", type=int, default=1,
+                     help="compute every S-th KL term and scale their sum by S (default 1: all, exact)")
+    vlb.add_argument("--seed", type=int, default=0)
+    vlb.add_argument("--out", default=None, help="results folder (default eval-vlb)")
+    vlb.set_defaults(func=cmd_eval_vlb)
 
     export = commands.add_parser("export", help="a slim model folder (the embedded default's layout)")
     export.add_argument("--model", required=True, help="model folder (train_ldm.py's final/)")

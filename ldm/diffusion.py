@@ -1,4 +1,5 @@
-"""The diffusion math, all of it, in small functions: noise schedule, forward noising, targets, loss weighting.
+"""The diffusion math, all of it, in small functions: noise schedule, forward noising, targets, loss weighting, and
+the variational bound (DDPM eq. 5) term by term.
 
 Conventions follow DDPM (Ho et al. 2020) and match diffusers' schedulers exactly (`to_scheduler_config`), so a U-Net
 trained here samples correctly with any diffusers scheduler built from that config.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -59,6 +61,7 @@ class NoiseSchedule:
         betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
         if self.zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
+        self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
 
     def _alpha_bar(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -76,6 +79,33 @@ class NoiseSchedule:
             return noise
         alpha_bar = self._alpha_bar(timesteps, x0)
         return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
+
+    def predicted_x0(self, xt: torch.Tensor, timesteps: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        """x_0 implied by the network's eps or v prediction at x_t."""
+        alpha_bar = self._alpha_bar(timesteps, xt)
+        if self.prediction_type == "epsilon":
+            return (xt - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
+        return alpha_bar.sqrt() * xt - (1 - alpha_bar).sqrt() * model_output
+
+    def posterior(self, x0: torch.Tensor, xt: torch.Tensor, timesteps: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of q(x_{t-1} | x_t, x_0) (DDPM eqs. 6-7); timesteps >= 1 in diffusers' 0-based
+        indexing, where x_0 of the data precedes timestep 0."""
+        alpha_bar = self._alpha_bar(timesteps, xt)
+        alpha_bar_prev = self._alpha_bar(timesteps - 1, xt)
+        beta = self.betas.to(xt.device)[timesteps].to(xt.dtype).view_as(alpha_bar)
+        mean = (beta * alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev) * (1 - beta).sqrt() * xt) / (1 - alpha_bar)
+        return mean, beta * (1 - alpha_bar_prev) / (1 - alpha_bar)
+
+    def model_variance(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The fixed reverse-process variance: the posterior's (diffusers' "fixed_small"), at timestep 0 clipped to
+        timestep 1's as improved DDPM does (it is 0 there)."""
+        betas = self.betas.to(like.device, torch.float64)
+        alphas_cumprod = self.alphas_cumprod.to(like.device, torch.float64)
+        prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])
+        variance = betas * (1 - prev) / (1 - alphas_cumprod)
+        variance[0] = variance[1]
+        return variance[timesteps].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         alpha_bar = self.alphas_cumprod.to(timesteps.device)[timesteps]
@@ -110,6 +140,50 @@ def sample_noise(latents: torch.Tensor, offset_noise: float = 0.0) -> torch.Tens
         noise = noise + offset_noise * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device,
                                                    dtype=latents.dtype)
     return noise
+
+
+def gaussian_kl(mean_q: torch.Tensor, var_q: torch.Tensor, mean_p: torch.Tensor, var_p: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean_q, var_q) || N(mean_p, var_p)) per element, in nats."""
+    return 0.5 * (torch.log(var_p / var_q) + (var_q + (mean_q - mean_p) ** 2) / var_p - 1)
+
+
+def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """-log N(x; mean, var) per element, in nats (a density: the latents are continuous)."""
+    return 0.5 * (torch.log(2 * math.pi * var) + (x - mean) ** 2 / var)
+
+
+def variational_bound(schedule: NoiseSchedule, x0: torch.Tensor,
+                      predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      timesteps: torch.Tensor | None = None,
+                      variance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The terms of L_VLB = L_T + sum_t L_{t-1} + L_0 (DDPM eq. 5) for each x_0, in nats summed over dimensions.
+
+    Returns (prior L_T per sample, (B, len(timesteps)) terms): at timestep 0 the decoder term -log p(x_0 | x at
+    timestep 0), elsewhere KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)); one fresh noise draw per term (an unbiased
+    estimate of each expectation). `predict(x_t, t)` returns the network's eps / v output; `variance(x_t, t)` the
+    reverse-process variance (default: the fixed `model_variance`); all timesteps by default. Computed in float64.
+    """
+    x0 = x0.double()
+    timesteps = torch.arange(schedule.num_train_timesteps) if timesteps is None else timesteps
+    batch, flat = x0.shape[0], (lambda v: v.flatten(1).sum(1))
+    last = torch.full((batch,), schedule.num_train_timesteps - 1)
+    alpha_bar_last = schedule._alpha_bar(last, x0)
+    prior = flat(gaussian_kl(alpha_bar_last.sqrt() * x0, (1 - alpha_bar_last).expand_as(x0), torch.zeros_like(x0),
+                             torch.ones_like(x0)))
+    terms = []
+    for t in timesteps.tolist():
+        step = torch.full((batch,), t)
+        xt = schedule.add_noise(x0, torch.randn(x0.shape, dtype=x0.dtype), step)
+        x0_hat = schedule.predicted_x0(xt, step, predict(xt, step).double())
+        var_p = (schedule.model_variance(step, x0) if variance is None else variance(xt, step).double()).expand_as(x0)
+        if t == 0:
+            terms.append(flat(gaussian_nll(x0, x0_hat, var_p)))
+            continue
+        mean_q, var_q = schedule.posterior(x0, xt, step)
+        mean_p, _ = schedule.posterior(x0_hat, xt, step)
+        terms.append(flat(gaussian_kl(mean_q, var_q.expand_as(x0), mean_p, var_p)))
+    return prior, torch.stack(terms, dim=1)
 
 
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
