@@ -54,6 +54,7 @@ class NoiseSchedule:
     beta_end: float = 0.012
     prediction_type: str = "epsilon"
     zero_terminal_snr: bool = False
+    learned_variance: bool = False  # the network also outputs the reverse variance (diffusers' "learned_range")
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -107,6 +108,14 @@ class NoiseSchedule:
         variance[0] = variance[1]
         return variance[timesteps].to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
+    def learned_variance_from(self, output: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The reverse variance from the network's variance channels v in [-1, 1] (improved DDPM eq. 15, diffusers'
+        "learned_range"): exp(frac log beta_t + (1 - frac) log beta~_t), frac = (v + 1) / 2."""
+        min_log = self.model_variance(timesteps, output).log()
+        max_log = self.betas.to(output.device, output.dtype)[timesteps].log().view_as(min_log)
+        frac = (output + 1) / 2
+        return torch.exp(frac * max_log + (1 - frac) * min_log)
+
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         alpha_bar = self.alphas_cumprod.to(timesteps.device)[timesteps]
         return alpha_bar / (1 - alpha_bar)
@@ -121,10 +130,11 @@ class NoiseSchedule:
 
     def to_scheduler_config(self) -> dict:
         """Keyword arguments for diffusers' `DDPMScheduler` (and every scheduler `from_config` builds from it)."""
-        return {"num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
-                "beta_start": self.beta_start, "beta_end": self.beta_end, "prediction_type": self.prediction_type,
-                "rescale_betas_zero_snr": self.zero_terminal_snr, "clip_sample": False,
-                "steps_offset": 1, "timestep_spacing": "leading"}
+        config = {"num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
+                  "beta_start": self.beta_start, "beta_end": self.beta_end, "prediction_type": self.prediction_type,
+                  "rescale_betas_zero_snr": self.zero_terminal_snr, "clip_sample": False,
+                  "steps_offset": 1, "timestep_spacing": "leading"}
+        return {**config, "variance_type": "learned_range"} if self.learned_variance else config
 
 
 def sample_timesteps(batch: int, num_train_timesteps: int, device: torch.device | str) -> torch.Tensor:
@@ -152,37 +162,50 @@ def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torc
     return 0.5 * (torch.log(2 * math.pi * var) + (x - mean) ** 2 / var)
 
 
-def variational_bound(schedule: NoiseSchedule, x0: torch.Tensor,
-                      predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def vlb_term(schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor, timesteps: torch.Tensor,
+             x0_hat: torch.Tensor, variance: torch.Tensor) -> torch.Tensor:
+    """One term of the bound per sample, in nats summed over dimensions: KL(q(x_{t-1} | x_t, x_0) || N(mean from
+    x0_hat, variance)) for t > 0, the decoder term -log N(x_0; x0_hat, variance) at t = 0."""
+    later = timesteps.clamp(min=1)
+    mean_q, var_q = schedule.posterior(x0, xt, later)
+    mean_p, _ = schedule.posterior(x0_hat, xt, later)
+    kl = gaussian_kl(mean_q, var_q.expand_as(x0), mean_p, variance)
+    decoder = gaussian_nll(x0, x0_hat, variance)
+    first = (timesteps == 0).view(-1, *([1] * (x0.ndim - 1)))
+    return torch.where(first, decoder, kl).flatten(1).sum(1)
+
+
+def variational_bound(schedule: NoiseSchedule, x0: torch.Tensor, predict: Callable,
                       timesteps: torch.Tensor | None = None,
                       variance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """The terms of L_VLB = L_T + sum_t L_{t-1} + L_0 (DDPM eq. 5) for each x_0, in nats summed over dimensions.
 
-    Returns (prior L_T per sample, (B, len(timesteps)) terms): at timestep 0 the decoder term -log p(x_0 | x at
-    timestep 0), elsewhere KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)); one fresh noise draw per term (an unbiased
-    estimate of each expectation). `predict(x_t, t)` returns the network's eps / v output; `variance(x_t, t)` the
-    reverse-process variance (default: the fixed `model_variance`); all timesteps by default. Computed in float64.
+    Returns (prior L_T per sample, (B, len(timesteps)) terms from `vlb_term`), one fresh noise draw per term (an
+    unbiased estimate of each expectation). `predict(x_t, t)` returns the network's eps / v output, or (output,
+    variance) for a learned-variance model; `variance(x_t, t)` gives the reverse variance otherwise (default: the
+    fixed `model_variance`); all timesteps by default. Computed in float64.
     """
     x0 = x0.double()
     timesteps = torch.arange(schedule.num_train_timesteps) if timesteps is None else timesteps
-    batch, flat = x0.shape[0], (lambda v: v.flatten(1).sum(1))
+    batch = x0.shape[0]
     last = torch.full((batch,), schedule.num_train_timesteps - 1)
     alpha_bar_last = schedule._alpha_bar(last, x0)
-    prior = flat(gaussian_kl(alpha_bar_last.sqrt() * x0, (1 - alpha_bar_last).expand_as(x0), torch.zeros_like(x0),
-                             torch.ones_like(x0)))
+    prior = gaussian_kl(alpha_bar_last.sqrt() * x0, (1 - alpha_bar_last).expand_as(x0), torch.zeros_like(x0),
+                        torch.ones_like(x0)).flatten(1).sum(1)
     terms = []
     for t in timesteps.tolist():
         step = torch.full((batch,), t)
         xt = schedule.add_noise(x0, torch.randn(x0.shape, dtype=x0.dtype), step)
-        x0_hat = schedule.predicted_x0(xt, step, predict(xt, step).double())
-        var_p = (schedule.model_variance(step, x0) if variance is None else variance(xt, step).double()).expand_as(x0)
-        if t == 0:
-            terms.append(flat(gaussian_nll(x0, x0_hat, var_p)))
-            continue
-        mean_q, var_q = schedule.posterior(x0, xt, step)
-        mean_p, _ = schedule.posterior(x0_hat, xt, step)
-        terms.append(flat(gaussian_kl(mean_q, var_q.expand_as(x0), mean_p, var_p)))
+        output = predict(xt, step)
+        if isinstance(output, tuple):
+            output, var_p = output
+        elif variance is not None:
+            var_p = variance(xt, step)
+        else:
+            var_p = schedule.model_variance(step, x0)
+        x0_hat = schedule.predicted_x0(xt, step, output.double())
+        terms.append(vlb_term(schedule, x0, xt, step, x0_hat, var_p.double().expand_as(x0)))
     return prior, torch.stack(terms, dim=1)
 
 

@@ -40,11 +40,14 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_unet(preset: str, latent_size: int, latent_channels: int, cross_attention_dim: int) -> UNet2DConditionModel:
-    """A freshly initialised conditional U-Net for latents of `latent_size` x `latent_size` x `latent_channels`."""
+def build_unet(preset: str, latent_size: int, latent_channels: int, cross_attention_dim: int,
+               learned_variance: bool = False) -> UNet2DConditionModel:
+    """A freshly initialised conditional U-Net for latents of `latent_size` x `latent_size` x `latent_channels`;
+    with `learned_variance` it outputs twice the channels (the prediction, then the variance interpolation)."""
     if preset not in PRESETS:
         raise UserError(f"unknown U-Net preset '{preset}'; valid: {', '.join(PRESETS)}")
-    return UNet2DConditionModel(sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
+    out_channels = 2 * latent_channels if learned_variance else latent_channels
+    return UNet2DConditionModel(sample_size=latent_size, in_channels=latent_channels, out_channels=out_channels,
                                 cross_attention_dim=cross_attention_dim, **PRESETS[preset])
 
 

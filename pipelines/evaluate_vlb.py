@@ -27,7 +27,8 @@ def model_schedule(pipe, training_config: dict | None) -> NoiseSchedule:
     """The noise schedule of the model's scheduler config, checked against its training config when there is one."""
     config = pipe.scheduler.config
     schedule = NoiseSchedule(**{ours: config.get(theirs, NoiseSchedule.__dataclass_fields__[ours].default)
-                                for ours, theirs in SCHEDULE_KEYS.items()})
+                                for ours, theirs in SCHEDULE_KEYS.items()},
+                             learned_variance=pipe.predicts_variance)
     for key in SCHEDULE_KEYS:
         if training_config is not None and key in training_config and training_config[key] != getattr(schedule, key):
             raise UserError(f"the model's scheduler config says {key}={getattr(schedule, key)!r} but its training "
@@ -62,8 +63,12 @@ def evaluate_vlb(pipe, data: str, out: str | Path, split: str = "validation", nu
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
         context = pipe.text_embeddings([variants[0] for variants in batch["captions"]]).to(pipe.unet.dtype)
 
-        def predict(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return pipe.denoiser(xt.to(pipe.unet.dtype), t.to(pipe.device), context)
+        def predict(xt: torch.Tensor, t: torch.Tensor):
+            output = pipe.denoiser(xt.to(pipe.unet.dtype), t.to(pipe.device), context).cpu().double()
+            if not pipe.predicts_variance:
+                return output
+            prediction, variance = output.split(xt.shape[1], dim=1)
+            return prediction, schedule.learned_variance_from(variance, t)
 
         prior, batch_terms = variational_bound(schedule, latents.cpu(), predict, timesteps)
         priors.append(prior)

@@ -10,10 +10,15 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class ClassifierFreeGuidance:
-    """guided = uncond + scale * (cond - uncond), both branches in one batched call; scale <= 1: cond only."""
+    """guided = uncond + scale * (cond - uncond), both branches in one batched call; scale <= 1: cond only.
 
-    def __init__(self, denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float) -> None:
-        self.denoiser, self.cond, self.scale = denoiser, cond, scale
+    With `guided_channels` k, only the first k output channels are guided and the rest (a learned variance) come
+    from the conditional branch, as diffusers' DeepFloyd IF pipeline does.
+    """
+
+    def __init__(self, denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float,
+                 guided_channels: int | None = None) -> None:
+        self.denoiser, self.cond, self.scale, self.guided_channels = denoiser, cond, scale, guided_channels
         self.uncond = uncond if self.needs_unconditional(scale) else None
         self.context = torch.cat([uncond, cond]) if self.uncond is not None else cond
 
@@ -30,4 +35,6 @@ class ClassifierFreeGuidance:
         if not self.active:
             return self.denoiser(x, t, self.cond)
         uncond, cond = self.denoiser(torch.cat([x, x]), t, self.context).chunk(2)
-        return uncond + self.scale * (cond - uncond)
+        k = self.guided_channels or cond.shape[1]
+        guided = uncond[:, :k] + self.scale * (cond[:, :k] - uncond[:, :k])
+        return torch.cat([guided, cond[:, k:]], dim=1) if k < cond.shape[1] else guided

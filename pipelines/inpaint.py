@@ -64,6 +64,7 @@ class InpaintPipeline(Pipeline):
         if self.unet.config.in_channels not in (latent, 2 * latent + 1):
             raise UserError(f"the U-Net takes {self.unet.config.in_channels} input channels; inpainting needs "
                             f"{2 * latent + 1} (an inpainting fine-tune) or {latent} (text-to-image, method='blend')")
+        self.check_output_channels()
 
     @torch.inference_mode()
     def generate(self, prompt: str | list[str] | None = None, image=None, mask_image=None, *, mask=None,
@@ -117,11 +118,10 @@ class InpaintPipeline(Pipeline):
         mask_latents, masked_latents = self.prepare_mask_latents(mask_condition, init_image, masked_image_latents,
                                                                  batch, generator)
         if method == "unet":
-            guided = ClassifierFreeGuidance(self.inpaint_denoiser(mask_latents, masked_latents), cond, uncond,
-                                            guidance_scale)
+            guided = self.guidance(self.inpaint_denoiser(mask_latents, masked_latents), cond, uncond, guidance_scale)
             latents = self.denoise(latents, guided, sampler, generator, progress, timesteps)
         elif method == "repaint":
-            guided = ClassifierFreeGuidance(self.denoiser, cond, uncond, guidance_scale)
+            guided = self.guidance(self.denoiser, cond, uncond, guidance_scale)
             latents = self.repaint(latents, guided, image_latents, mask_latents, num_inference_steps,
                                    repaint_jump_length, repaint_jump_n_sample, generator, progress)
         else:
@@ -131,7 +131,7 @@ class InpaintPipeline(Pipeline):
                     known = sampler.add_noise(image_latents, noise, torch.tensor([timesteps[i + 1]]))
                 return (1 - mask_latents) * known + mask_latents * x
 
-            guided = ClassifierFreeGuidance(self.denoiser, cond, uncond, guidance_scale)
+            guided = self.guidance(self.denoiser, cond, uncond, guidance_scale)
             latents = self.denoise(latents, guided, sampler, generator, progress, timesteps, after_step=blend)
         if output_type == "latent":
             return latents
@@ -243,7 +243,8 @@ class InpaintPipeline(Pipeline):
         last = sampler.timesteps[0] + 1
         for t in tqdm(sampler.timesteps, desc="RePaint", disable=not progress, leave=False):
             if t < last:
-                latents = sampler.step(guided(latents, t), t, latents, image_latents, known, generator).prev_sample
+                output = guided(latents, t)[:, :latents.shape[1]]  # RePaint's step uses no learned variance
+                latents = sampler.step(output, t, latents, image_latents, known, generator).prev_sample
             else:
                 latents = sampler.undo_step(latents, last, generator)
             last = t

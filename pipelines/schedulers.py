@@ -29,14 +29,28 @@ assert tuple(SCHEDULERS) == SCHEDULER_NAMES
 
 
 def make_scheduler(name: str | SchedulerMixin | None, default: SchedulerMixin) -> SchedulerMixin:
-    """A fresh scheduler: by name from `default`'s config, `default`'s own class for None, or a user's instance."""
+    """A fresh scheduler: by name from `default`'s config, `default`'s own class for None, or a user's instance.
+
+    A learned variance is used by DDPM only; other samplers get the config without it (the pipeline gives them the
+    prediction channels alone; DPM-Solver would otherwise cut the output to 3 channels, its pixel-model case).
+    """
     if name is None:
-        return type(default).from_config(default.config)
-    if not isinstance(name, str):
+        cls = type(default)
+    elif not isinstance(name, str):
         return name
-    if name not in SCHEDULERS:
+    elif name not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{name}'; valid: {', '.join(SCHEDULERS)}")
-    return SCHEDULERS[name].from_config(default.config)
+    else:
+        cls = SCHEDULERS[name]
+    config = dict(default.config)
+    if cls is not DDPMScheduler and config.get("variance_type") in ("learned", "learned_range"):
+        config["variance_type"] = None
+    return cls.from_config(config)
+
+
+def uses_learned_variance(scheduler: SchedulerMixin) -> bool:
+    """Whether the sampler's step takes the variance channels of a learned-variance model."""
+    return isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type in ("learned", "learned_range")
 
 
 def scheduler_name(scheduler: SchedulerMixin) -> str:

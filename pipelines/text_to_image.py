@@ -25,7 +25,7 @@ from ldm.text_encoders import load_text_encoder
 from pipelines.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
 from pipelines.guidance import ClassifierFreeGuidance
 from pipelines.loading import check_model_folder, resolve_model_path, text_encoder_spec
-from pipelines.schedulers import load_scheduler, make_scheduler
+from pipelines.schedulers import load_scheduler, make_scheduler, uses_learned_variance
 
 OUTPUT_TYPES = ("pil", "numpy", "torch", "latent")
 
@@ -67,6 +67,18 @@ class Pipeline:
         if self.unet.config.in_channels != self.vae.config.latent_channels:
             raise UserError(f"this model's U-Net takes {self.unet.config.in_channels} input channels, an inpainting "
                             "model: use `from pipelines import InpaintPipeline` (or `ldm inpaint`)")
+        self.check_output_channels()
+
+    def check_output_channels(self) -> None:
+        latent = self.vae.config.latent_channels
+        if self.unet.config.out_channels not in (latent, 2 * latent):
+            raise UserError(f"the U-Net outputs {self.unet.config.out_channels} channels; a model for this autoencoder "
+                            f"outputs {latent} (a prediction) or {2 * latent} (prediction and learned variance)")
+
+    @property
+    def predicts_variance(self) -> bool:
+        """A learned-variance U-Net (improved DDPM): the prediction channels, then the variance interpolation."""
+        return self.unet.config.out_channels == 2 * self.vae.config.latent_channels
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, allow_pickle: bool = False) -> "Pipeline":
@@ -138,7 +150,7 @@ class Pipeline:
         cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
         sampler = self.prepare_scheduler(scheduler, num_inference_steps)
         latents = self.prepare_latents(len(prompts) * num_images, height, width, generator, latents, sampler)
-        latents = self.denoise(latents, ClassifierFreeGuidance(self.denoiser, cond, uncond, guidance_scale), sampler,
+        latents = self.denoise(latents, self.guidance(self.denoiser, cond, uncond, guidance_scale), sampler,
                                generator, progress)
         return self.decode(latents, output_type)
 
@@ -196,6 +208,12 @@ class Pipeline:
             raise UserError(f"latents have shape {tuple(latents.shape)}; expected {shape} for these settings")
         return latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
 
+    def guidance(self, denoiser, cond: torch.Tensor, uncond: torch.Tensor | None,
+                 guidance_scale: float) -> ClassifierFreeGuidance:
+        """Classifier-free guidance of the prediction channels (a learned variance is taken from the cond branch)."""
+        channels = self.latent_channels if self.predicts_variance else None
+        return ClassifierFreeGuidance(denoiser, cond, uncond, guidance_scale, guided_channels=channels)
+
     def denoiser(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The U-Net as a denoiser callable (x_t, t, context) -> its prediction."""
         return self._unet_forward(x, t, encoder_hidden_states=context).sample
@@ -207,8 +225,11 @@ class Pipeline:
         `timesteps`); `after_step(i, latents)` may replace the latents after step i (inpainting's blending)."""
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
         timesteps = sampler.timesteps if timesteps is None else timesteps
+        keep_variance = uses_learned_variance(sampler)
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
             model_output = guided(sampler.scale_model_input(latents, t), t)
+            if not keep_variance:
+                model_output = model_output[:, :latents.shape[1]]
             latents = sampler.step(model_output, t, latents, **step_kwargs).prev_sample
             if after_step is not None:
                 latents = after_step(i, latents)

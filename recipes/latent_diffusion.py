@@ -8,6 +8,7 @@ guidance. The loop is core/trainer.py; this file says what the stage builds, its
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar, Optional
@@ -22,7 +23,8 @@ from core.errors import UserError
 from core.images import make_grid
 from core.trainer import TrainConfig, Trainer
 from ldm.cache import load_or_build_cache
-from ldm.diffusion import BETA_SCHEDULES, NoiseSchedule, diffusion_loss, sample_noise, sample_timesteps
+from ldm.diffusion import (BETA_SCHEDULES, NoiseSchedule, diffusion_loss, sample_noise, sample_timesteps,
+                           vlb_term)
 from ldm.text_encoders import DEFAULT_TEXT_ENCODER, load_text_encoder
 from ldm.unet import PRESETS, build_unet, enable_xformers
 from pipelines import Pipeline
@@ -52,6 +54,8 @@ class LDMTrainConfig(TrainConfig):
     beta_end: float = 0.012
     prediction_type: str = "epsilon"
     zero_terminal_snr: bool = False
+    learned_variance: bool = False  # also learn the reverse variance: L_simple + vlb_weight * L_vlb (improved DDPM)
+    vlb_weight: float = 0.001  # lambda of the hybrid objective; the bound's gradient reaches only the variance
     min_snr_gamma: Optional[float] = None  # None = uniform L_simple
     offset_noise: float = 0.0
     cond_drop_prob: float = 0.1
@@ -72,6 +76,8 @@ class LDMTrainConfig(TrainConfig):
         for key in ("sample_num_inference_steps", "text_max_length", "num_train_timesteps"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if self.vlb_weight < 0:
+            raise UserError(f"vlb_weight must be >= 0, got {self.vlb_weight}")
         if not 0 <= self.cond_drop_prob < 1:
             raise UserError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         if self.beta_schedule not in BETA_SCHEDULES:
@@ -85,7 +91,7 @@ class LDMTrainConfig(TrainConfig):
     def noise_schedule(self) -> NoiseSchedule:
         try:
             return NoiseSchedule(self.num_train_timesteps, self.beta_schedule, self.beta_start, self.beta_end,
-                                 self.prediction_type, self.zero_terminal_snr)
+                                 self.prediction_type, self.zero_terminal_snr, self.learned_variance)
         except ValueError as err:
             raise UserError(str(err)) from err
 
@@ -123,7 +129,7 @@ class LDMTrainer(Trainer):
     def build_model(self) -> nn.Module:
         config = self.config
         unet = build_unet(config.unet_preset, self.resolution // downsampling_factor(self.vae),
-                          self.vae.config.latent_channels, self.text_encoder.hidden_size)
+                          self.vae.config.latent_channels, self.text_encoder.hidden_size, config.learned_variance)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if config.attention == "xformers":
@@ -174,13 +180,25 @@ class LDMTrainer(Trainer):
         noisy = self.schedule.add_noise(latents, noise, timesteps)
         model_input = noisy if extra is None else torch.cat([noisy, extra], dim=1)
         prediction = self.unet_forward(model_input, timesteps, encoder_hidden_states=context).sample
-        loss = diffusion_loss(prediction, self.schedule.target(latents, noise, timesteps),
-                              self.schedule.loss_weights(timesteps, self.config.min_snr_gamma))
-        return {"loss": loss}
+        target = self.schedule.target(latents, noise, timesteps)
+        weights = self.schedule.loss_weights(timesteps, self.config.min_snr_gamma)
+        if not self.config.learned_variance:
+            return {"loss": diffusion_loss(prediction, target, weights)}
+        mean_output, variance_output = prediction.split(latents.shape[1], dim=1)
+        simple = diffusion_loss(mean_output, target, weights)
+        # improved DDPM's hybrid objective: the bound's term at the sampled t, with the mean detached so that
+        # L_vlb trains only the variance; T * L_t estimates the whole bound, in bits per latent dimension
+        x0_hat = self.schedule.predicted_x0(noisy, timesteps, mean_output.detach())
+        variance = self.schedule.learned_variance_from(variance_output, timesteps)
+        vlb = vlb_term(self.schedule, latents, noisy, timesteps, x0_hat.float(), variance.float())
+        vlb = (vlb / (latents[0].numel() * math.log(2))).mean() * self.schedule.num_train_timesteps
+        return {"loss": simple + self.config.vlb_weight * vlb, "simple": simple.detach(), "vlb": vlb.detach()}
 
     def inference_pipeline(self) -> Pipeline:
         """The EMA U-Net with the frozen stages and the default sampler on the training noise schedule."""
-        scheduler = SCHEDULERS[DEFAULT_SCHEDULER].from_config(self.schedule.to_scheduler_config())
+        # a learned-variance model saves the sampler that uses its variance (DDPM), so diffusers picks it too
+        name = "ddpm" if self.config.learned_variance else DEFAULT_SCHEDULER
+        scheduler = SCHEDULERS[name].from_config(self.schedule.to_scheduler_config())
         return Pipeline(vae=self.vae, text_encoder=self.text_encoder, unet=self.inference_model(), scheduler=scheduler)
 
     def make_samples(self) -> tuple[str, Image.Image]:
