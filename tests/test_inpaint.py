@@ -221,6 +221,12 @@ def test_inpainting_fine_tune_through_accelerate_launch_resumes_and_exports(emoj
     assert out[0].size == (32, 32)
     refused = run(LAUNCH + common + [f"output_dir={tmp_path / 'again'}", f"init_from={final}"], check=False)
     assert "is not a text-to-image model folder" in refused.stderr
+    two_ranks = [LAUNCH[0], "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+    ddp = run(two_ranks + common + [f"output_dir={tmp_path / 'ddp'}", "max_steps=2", "sample_every=1000"],
+              env={"ACCELERATE_USE_CPU": "1"})
+    assert "differ across ranks" not in ddp.stderr  # weights and EMA identical on both ranks at export
+    assert (tmp_path / "ddp" / "checkpoints" / "step-00000002" / "random_states_1.pkl").is_file()
 
 
 def test_ldm_inpaint_command_with_the_default_model(tmp_path, capsys):
