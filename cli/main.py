@@ -97,7 +97,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     out = _output_path(args)
     pipe = Pipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle)
-    _write_images(pipe.generate(**_sampling_kwargs(args)), out)
+    classifier = {} if args.classifier is None else {"classifier": args.classifier, "class_label": args.class_label,
+                                                     "classifier_scale": args.classifier_scale}
+    _write_images(pipe.generate(**_sampling_kwargs(args), **classifier), out)
 
 
 def _open_image(path: str, what: str):
@@ -344,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="text-to-image with a trained model")
     _add_sampling_args(generate, "model folder (default: the embedded default model)")
+    generate.add_argument("--classifier", default=None, help="classifier guidance: a train_classifier.py output")
+    generate.add_argument("--class-label", default=None, help="the class to guide toward (e.g. 'Animals & Nature')")
+    generate.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale (default 1)")
     generate.set_defaults(func=cmd_generate)
 
     inpaint = commands.add_parser("inpaint", help="fill the white part of a mask from a prompt")

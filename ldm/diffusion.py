@@ -209,6 +209,13 @@ def variational_bound(schedule: NoiseSchedule, x0: torch.Tensor, predict: Callab
     return prior, torch.stack(terms, dim=1)
 
 
+def classifier_guided_epsilon(epsilon: torch.Tensor, grad_log_prob: torch.Tensor, alpha_bar: torch.Tensor,
+                              scale: float) -> torch.Tensor:
+    """eps - s sqrt(1 - alpha_bar_t) grad_x log p(y | x_t): classifier guidance in the form every epsilon sampler can
+    use (Dhariwal & Nichol 2021, eq. 14 / algorithm 2)."""
+    return epsilon - scale * (1 - alpha_bar).sqrt() * grad_log_prob
+
+
 def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted MSE, mean over latent cells per sample, then over the batch; computed in fp32."""
     per_sample = (prediction.float() - target.float()).square().flatten(1).mean(1)

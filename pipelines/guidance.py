@@ -1,10 +1,13 @@
-"""Classifier-free guidance as one small wrapper around a denoiser (Ho & Salimans 2022, eq. 6)."""
+"""Guidance as small wrappers around a denoiser: classifier-free (Ho & Salimans 2022, eq. 6) and classifier guidance
+(Dhariwal & Nichol 2021), which can wrap the first."""
 
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
+from ldm.diffusion import classifier_guided_epsilon
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,3 +41,27 @@ class ClassifierFreeGuidance:
         k = self.guided_channels or cond.shape[1]
         guided = uncond[:, :k] + self.scale * (cond[:, :k] - uncond[:, :k])
         return torch.cat([guided, cond[:, k:]], dim=1) if k < cond.shape[1] else guided
+
+
+class ClassifierGuidance:
+    """Adds s sqrt(1 - alpha_bar_t) grad log p(y | x_t) to the (possibly classifier-free guided) eps prediction; the
+    gradient goes through the classifier only. Any extra output channels (a learned variance) pass unchanged."""
+
+    def __init__(self, guided: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], classifier: torch.nn.Module,
+                 label: int, scale: float, alphas_cumprod: torch.Tensor, channels: int) -> None:
+        self.guided, self.classifier, self.label, self.scale = guided, classifier, label, scale
+        self.alphas_cumprod, self.channels = alphas_cumprod, channels
+
+    def grad_log_prob(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(False), torch.enable_grad():  # generate runs in inference mode
+            x = x.detach().clone().requires_grad_(True)
+            timesteps = torch.as_tensor(t, device=x.device).clone()
+            log_prob = torch.log_softmax(self.classifier(x, timesteps).float(), dim=-1)[:, self.label].sum()
+            return torch.autograd.grad(log_prob, x)[0]
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        output = self.guided(x, t)
+        alpha_bar = self.alphas_cumprod.to(x.device)[int(t)].to(x.dtype)
+        epsilon = classifier_guided_epsilon(output[:, :self.channels], self.grad_log_prob(x, t), alpha_bar,
+                                            self.scale)
+        return torch.cat([epsilon, output[:, self.channels:]], dim=1)

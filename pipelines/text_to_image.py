@@ -20,10 +20,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from autoencoder.model import downsampling_factor
-from core.errors import UserError
+from core.errors import MissingFileError, UserError
 from ldm.text_encoders import load_text_encoder
 from pipelines.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
-from pipelines.guidance import ClassifierFreeGuidance
+from pipelines.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from pipelines.loading import check_model_folder, resolve_model_path, text_encoder_spec
 from pipelines.schedulers import load_scheduler, make_scheduler, uses_learned_variance
 
@@ -138,10 +138,13 @@ class Pipeline:
                  guidance_scale: float = GUIDANCE_SCALE, height: int | None = None, width: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
-                 output_type: str = "pil", progress: bool = True):
+                 output_type: str = "pil", progress: bool = True, classifier=None, class_label: str | None = None,
+                 classifier_scale: float = 1.0):
         """Sample images for `prompt` ("" = unconditional). Returns PIL images, an array, a tensor or latents.
 
         `scheduler`: a name from pipelines/schedulers.py, a diffusers scheduler, or None for the model's own.
+        `classifier` (a folder from train_classifier.py, or the model), `class_label`, `classifier_scale`: classifier
+        guidance, alone (prompt "") or on top of classifier-free guidance.
         """
         prompts, negative, height, width = self.check_inputs(prompt, negative_prompt, num_images, num_inference_steps,
                                                              guidance_scale, height, width, output_type)
@@ -150,8 +153,10 @@ class Pipeline:
         cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
         sampler = self.prepare_scheduler(scheduler, num_inference_steps)
         latents = self.prepare_latents(len(prompts) * num_images, height, width, generator, latents, sampler)
-        latents = self.denoise(latents, self.guidance(self.denoiser, cond, uncond, guidance_scale), sampler,
-                               generator, progress)
+        guided = self.guidance(self.denoiser, cond, uncond, guidance_scale)
+        if classifier is not None:
+            guided = self.classifier_guidance(guided, classifier, class_label, classifier_scale, sampler, height)
+        latents = self.denoise(latents, guided, sampler, generator, progress)
         return self.decode(latents, output_type)
 
     def check_inputs(self, prompt, negative_prompt, num_images: int, num_inference_steps: int,
@@ -214,6 +219,39 @@ class Pipeline:
         channels = self.latent_channels if self.predicts_variance else None
         return ClassifierFreeGuidance(denoiser, cond, uncond, guidance_scale, guided_channels=channels)
 
+    def classifier_guidance(self, guided, classifier, class_label: str | None, scale: float, sampler: SchedulerMixin,
+                            height: int) -> ClassifierGuidance:
+        """Wrap `guided` with a noisy-latent classifier's gradient, after checking the classifier fits this model."""
+        from ldm.classifier import NoisyLatentClassifier, same_latent_space
+
+        if not isinstance(classifier, NoisyLatentClassifier):
+            with torch.inference_mode(False):  # weights made in inference mode could not take part in autograd
+                classifier = load_classifier(classifier)
+        config = classifier.config
+        if class_label is None:
+            raise UserError(f"classifier guidance needs class_label=...; valid: {', '.join(config.labels)}")
+        label = classifier.label_index(class_label)
+        if not isinstance(scale, (int, float)) or math.isnan(scale) or scale < 0:
+            raise UserError(f"classifier_scale must be a number >= 0, got {scale}")
+        latent_size = height // self.vae_scale_factor
+        if (config.latent_channels, config.latent_size) != (self.latent_channels, latent_size):
+            raise UserError(f"the classifier was trained on {config.latent_channels}x{config.latent_size}x"
+                            f"{config.latent_size} latents; this model samples {self.latent_channels}x{latent_size}x"
+                            f"{latent_size}")
+        if not same_latent_space(config.latent_probe, self.vae, height):
+            raise UserError("the classifier was trained on another autoencoder's latents (its latent probe differs)")
+        schedule = {k: self.scheduler.config.get(k) for k in ("num_train_timesteps", "beta_schedule", "beta_start",
+                                                              "beta_end")}
+        if any(config.noise_schedule.get(k) != v for k, v in schedule.items()):
+            raise UserError(f"the classifier was trained with noise schedule {config.noise_schedule}, the model "
+                            f"uses {schedule}")
+        if sampler.init_noise_sigma != 1 or self.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+            raise UserError("classifier guidance needs an epsilon-prediction model and a sampler whose input is x_t "
+                            "itself: ddpm, ddim, dpm++ or unipc")
+        with torch.inference_mode(False):
+            classifier = classifier.to(self.device).eval().requires_grad_(False)
+        return ClassifierGuidance(guided, classifier, label, scale, sampler.alphas_cumprod, self.latent_channels)
+
     def denoiser(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The U-Net as a denoiser callable (x_t, t, context) -> its prediction."""
         return self._unet_forward(x, t, encoder_hidden_states=context).sample
@@ -244,6 +282,19 @@ class Pipeline:
             return images
         array = images.permute(0, 2, 3, 1).cpu().numpy()
         return array if output_type == "numpy" else images_to_pil(array)
+
+
+def load_classifier(path):
+    """A classifier folder written by train_classifier.py (its output_dir or final/)."""
+    from ldm.classifier import NoisyLatentClassifier
+
+    folder = Path(path).expanduser()
+    if (folder / "final" / "config.json").is_file():
+        folder = folder / "final"
+    if not (folder / "config.json").is_file():
+        raise MissingFileError(f"classifier {path} is not a classifier folder (no config.json); pass the output_dir "
+                               "of train_classifier.py")
+    return NoisyLatentClassifier.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
 
 
 def images_to_pil(images: np.ndarray) -> list[Image.Image]:

@@ -1,0 +1,99 @@
+"""Classifier guidance: the gradient term, a classifier trained through `accelerate launch train_classifier.py`
+that pulls samples toward its label, and the checks that refuse a classifier that does not fit the model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from core.errors import UserError
+from ldm.diffusion import classifier_guided_epsilon
+from pipelines import Pipeline
+from pipelines.guidance import ClassifierGuidance
+
+from helpers import LAUNCH, run
+
+
+def test_the_guidance_term_is_the_scaled_gradient_of_log_p():
+    class Linear(torch.nn.Module):  # log p(y | x) of a 2-class logistic model on the mean of channel 0
+        def forward(self, x, t):
+            m = x[:, 0].mean(dim=(1, 2))
+            return torch.stack([3 * m, -3 * m], dim=1)
+
+    alphas_cumprod = torch.linspace(0.99, 0.01, 1000)
+    x = torch.randn(2, 4, 8, 8)
+    eps = torch.randn(2, 4, 8, 8)
+    guidance = ClassifierGuidance(lambda x, t: eps, Linear(), label=0, scale=2.0, alphas_cumprod=alphas_cumprod,
+                                  channels=4)
+    out = guidance(x, torch.tensor(400))
+    m = x[:, 0].mean(dim=(1, 2))
+    p_up = torch.sigmoid(6 * m)  # softmax of (3m, -3m)
+    grad = torch.zeros_like(x)
+    grad[:, 0] = (6 * (1 - p_up) / 64).view(2, 1, 1)
+    torch.testing.assert_close(out, classifier_guided_epsilon(eps, grad, alphas_cumprod[400], 2.0))
+    torch.testing.assert_close(out[:, 1:], eps[:, 1:])
+    assert (out[:, 0] < eps[:, 0]).all()  # lower eps = a step toward larger channel-0 mean (class 0)
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(emoji_dir, autoencoder_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("classifier") / "run"
+    run(LAUNCH + ["train_classifier.py", "--config", "configs/classifier/tiny.yaml", f"data={emoji_dir}",
+                  f"autoencoder={autoencoder_dir}", f"output_dir={out}", "max_steps=300", "sample_every=300",
+                  "checkpoint_every=300"])
+    return out
+
+
+@pytest.fixture()
+def pipe(tiny_components, autoencoder_dir):
+    from autoencoder.model import load_autoencoder
+
+    return Pipeline(**{**tiny_components, "vae": load_autoencoder(autoencoder_dir)})
+
+
+def test_a_trained_classifier_pulls_samples_toward_its_label(classifier_dir, pipe):
+    from pipelines.text_to_image import load_classifier
+
+    classifier = load_classifier(classifier_dir)
+    assert (classifier_dir / "samples" / "step-00000300.png").is_file()
+    labels = list(classifier.config.labels)
+    assert labels == ["openmoji", "twemoji"]
+
+    def probability(scale: float, label: str) -> float:
+        latents = pipe.generate([""] * 8, num_inference_steps=8, guidance_scale=1.0, seed=0, scheduler="ddim",
+                                classifier=classifier, class_label=label, classifier_scale=scale,
+                                output_type="latent", progress=False)
+        with torch.no_grad():
+            logits = classifier(latents, torch.zeros(len(latents), dtype=torch.long))
+        return float(torch.softmax(logits, -1)[:, labels.index(label)].mean())
+
+    for label in labels:
+        assert probability(100.0, label) > probability(0.0, label) + 0.05
+
+
+def test_a_classifier_that_does_not_fit_is_refused(classifier_dir, pipe, tiny_components):
+    kwargs = dict(num_inference_steps=2, seed=0, progress=False, classifier=classifier_dir)
+    with pytest.raises(UserError, match="unknown class label 'emoji'.*valid: openmoji, twemoji"):
+        pipe.generate("", class_label="emoji", **kwargs)
+    with pytest.raises(UserError, match="needs class_label"):
+        pipe.generate("", **kwargs)
+    with pytest.raises(UserError, match="classifier_scale must be a number >= 0"):
+        pipe.generate("", class_label="twemoji", classifier_scale=math.nan, **kwargs)
+    with pytest.raises(UserError, match="another autoencoder"):
+        Pipeline(**tiny_components).generate("", class_label="twemoji", **kwargs)
+    with pytest.raises(UserError, match="ddpm, ddim, dpm\\+\\+ or unipc"):
+        pipe.generate("", class_label="twemoji", scheduler="euler", **kwargs)
+    with pytest.raises(UserError, match="not a classifier folder"):
+        pipe.generate("", class_label="twemoji", **{**kwargs, "classifier": classifier_dir / "logs"})
+
+
+def test_ldm_generate_with_a_classifier(classifier_dir, pipe, tmp_path, capsys):
+    from cli.main import main as ldm_main
+
+    model = pipe.save_pretrained(tmp_path / "model")
+    out = tmp_path / "guided.png"
+    ldm_main(["generate", "", "--model", str(model), "-o", str(out), "--num-inference-steps", "3", "--scheduler",
+              "ddim", "--classifier", str(classifier_dir), "--class-label", "twemoji", "--classifier-scale", "5"])
+    assert f"wrote {out}" in capsys.readouterr().out
