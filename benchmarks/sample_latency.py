@@ -6,6 +6,12 @@ their outputs, and the peak RSS each call needed above its start. Without `--mod
 of the default recipe's shape (kl-f4 autoencoder, emoji-l U-Net, MiniLM) is used: speed does not depend on weights.
 
     python benchmarks/sample_latency.py [--model DIR] [--steps 20 50] [--batch 1 4] [--repeats 5] [--compile]
+        [--levers] [--threads N]
+
+`--levers` times the CPU inference levers on our Pipeline, each row with its max abs pixel difference from diffusers'
+output (equal images within one 8-bit level is the condition) and the seconds of its first call (compilation):
+channels_last memory format for the U-Net and VAE; torch.compile (inductor); torch.compile with inductor freezing
+(weights folded in as constants, oneDNN convolutions prepacked). `--threads` sets torch's intra-op threads.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ def child(side: str, model: Path, steps: int, batch: int, guidance: float) -> No
 
     if side == "ours":
         Pipeline.from_pretrained(model).generate("a cat", num_images=batch, num_inference_steps=steps, seed=0,
-                                                 guidance_scale=guidance, progress=False)
+                                                 guidance_scale=guidance, scheduler="ddim", progress=False)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -56,6 +62,59 @@ def child(side: str, model: Path, steps: int, batch: int, guidance: float) -> No
         pipe("a cat", num_images_per_prompt=batch, num_inference_steps=steps, guidance_scale=guidance,
              generator=torch.Generator().manual_seed(0))
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def levers(args) -> None:
+    """One row per (steps, batch, variant): ms/image, ratio to diffusers, max abs diff to diffusers, first call."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    from pipelines import Pipeline
+
+    diffusers_logging.set_verbosity_error()
+    model = Path(args.model) if args.model else random_default_shaped_model(Path(tempfile.mkdtemp()) / "model")
+    theirs = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    theirs.scheduler = DDIMScheduler.from_config(theirs.scheduler.config)
+    theirs.set_progress_bar_config(disable=True)
+    eager = Pipeline.from_pretrained(model)
+    channels_last = Pipeline.from_pretrained(model)
+    for module in (channels_last.unet, channels_last.vae):
+        module.to(memory_format=torch.channels_last)
+    variants = {"ours": (eager, {}), "ours + channels_last": (channels_last, {}),
+                "ours + compile": (Pipeline.from_pretrained(model).compile(), {}),
+                "ours + compile + freezing": (Pipeline.from_pretrained(model).compile(), {"freezing": True})}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model or 'random emoji-l'}; "
+          f"DDIM, guidance {args.guidance}, median of {args.repeats}")
+    print("| steps | batch | variant | ms/img | vs diffusers | max abs diff vs diffusers | first call s |")
+    print("|---|---|---|---|---|---|---|")
+    import torch._inductor.config as inductor_config
+
+    for steps in args.steps:
+        for batch in args.batch:
+            def run_theirs():
+                return theirs("a cat", num_images_per_prompt=batch, num_inference_steps=steps,
+                              guidance_scale=args.guidance, generator=torch.Generator().manual_seed(0),
+                              output_type="np").images
+
+            reference_seconds, reference = timed(run_theirs)
+            times = {"diffusers": [timed(run_theirs)[0] for _ in range(args.repeats)]}
+            first, outputs = {"diffusers": reference_seconds}, {}
+            for name, (pipe, patch) in variants.items():
+                def call(pipe=pipe):
+                    return pipe.generate("a cat", num_images=batch, num_inference_steps=steps, seed=0,
+                                         scheduler="ddim", guidance_scale=args.guidance, output_type="numpy",
+                                         progress=False)
+
+                with inductor_config.patch(patch):  # freezing is read when the graph compiles, at the first call
+                    first[name], outputs[name] = timed(call)
+                times[name] = [timed(call)[0] for _ in range(args.repeats)]
+            base = statistics.median(times["diffusers"]) * 1000 / batch
+            print(f"| {steps} | {batch} | diffusers | {base:.0f} | 1.00 | 0 | {first['diffusers']:.1f} |")
+            for name in variants:
+                ms = statistics.median(times[name]) * 1000 / batch
+                diff = float(np.abs(outputs[name] - reference).max())
+                print(f"| {steps} | {batch} | {name} | {ms:.0f} | {ms / base:.2f} | {diff:.1e} | "
+                      f"{first[name]:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -66,10 +125,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--compile", action="store_true", help="also time our Pipeline after .compile()")
+    parser.add_argument("--levers", action="store_true", help="time the inference levers instead (see above)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--child", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args.child, Path(args.model), args.steps[0], args.batch[0], args.guidance)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.levers:
+        return levers(args)
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -95,8 +160,8 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {args.model or 'random emoji-l'}; "
           f"DDIM, guidance {args.guidance}, median of {args.repeats}")
-    header = "| steps | batch | diffusers ms/img | ours ms/img | ours/diffusers | max abs diff | diffusers peak RSS MB " \
-             "| ours peak RSS MB |"
+    header = ("| steps | batch | diffusers ms/img | ours ms/img | ours/diffusers | max abs diff "
+              "| diffusers peak RSS MB | ours peak RSS MB |")
     if compiled is not None:
         header += " ours+compile ms/img | compile/diffusers |"
     print(header)

@@ -88,8 +88,8 @@ class TrainConfig:
 class NonFiniteGuard:
     """Counts NaN / inf losses in a row; the step is skipped, and after `max_in_row` the run stops clearly."""
 
-    def __init__(self, max_in_row: int, total: int = 0) -> None:
-        self.max_in_row, self.in_row, self.total = max_in_row, 0, total
+    def __init__(self, max_in_row: int) -> None:
+        self.max_in_row, self.in_row, self.total = max_in_row, 0, 0  # total is restored on resume
 
     def check(self, finite: bool, step: int) -> bool:
         """Pass through `finite` (train on the step) after counting; raises after too many bad steps in a row."""
