@@ -1,0 +1,237 @@
+"""What each `ldm` subcommand does (cli/main.py parses the arguments): heavy imports happen inside each command, so
+`ldm --help` and argument mistakes stay fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from core.errors import MissingFileError, UserError
+
+
+def _slug(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "unconditional"
+
+
+def cmd_data_emoji(args: argparse.Namespace) -> None:
+    from core.data.emoji import build_emoji_dataset
+
+    summary = build_emoji_dataset(args.out, size=args.size, val_fraction=args.val_fraction, use_npm=args.npm,
+                                  limit=args.limit)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {sum(summary['images'].values())} images to {args.out}")
+
+
+def cmd_show_masks(args: argparse.Namespace) -> None:
+    """A grid of sampled training masks over real images: what the inpainting fine-tune will see."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from core.data.dataset import ImageCaptionDataset, load_image_caption_dataset
+    from core.images import make_grid, tensor_to_pil
+    from recipes.inpainting import InpaintTrainConfig
+
+    settings = InpaintTrainConfig()
+    if args.config is not None:
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        for key, value in loaded.items():
+            if key.startswith("mask_") and hasattr(settings, key):
+                setattr(settings, key, float(value))
+    data = ImageCaptionDataset(load_image_caption_dataset(args.data, args.split), args.size)
+    masks = settings.mask_generator(args.size)
+    rng = np.random.default_rng(args.seed)
+    tiles = []
+    for index in rng.permutation(len(data))[:args.num_images].tolist():
+        row = data[index]
+        if row is None:
+            continue
+        image = tensor_to_pil(row["pixel_values"][None])[0]
+        mask = Image.fromarray((masks(rng) * 255).astype(np.uint8))
+        tiles.append(Image.composite(Image.new("RGB", image.size, (255, 0, 255)), image, mask))
+    out = Path(args.out)
+    make_grid(tiles, columns=min(8, len(tiles))).save(out)
+    print(f"wrote {out}: {len(tiles)} images, masked part in magenta (weights {masks.weights}, full mask "
+          f"probability {masks.full_probability})")
+
+
+def _output_path(args: argparse.Namespace) -> Path:
+    out = Path(args.output or f"{_slug(args.prompt)}.png")
+    if out.suffix.lower() != ".png":
+        raise UserError(f"output file {out} must end in .png")
+    if not out.parent.exists():
+        raise UserError(f"output folder {out.parent} does not exist")
+    return out
+
+
+def _write_images(images: list, out: Path) -> None:
+    """One PNG (a grid for several images), written atomically."""
+    from core.images import make_grid
+
+    image = images[0] if len(images) == 1 else make_grid(images)
+    tmp = out.with_name(f".{out.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, out)
+    print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {image.width}x{image.height})")
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(negative_prompt=args.negative_prompt, num_images=args.num_images,
+                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from pipelines import Pipeline
+
+    out = _output_path(args)
+    pipe = Pipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle)
+    classifier = {} if args.classifier is None else {"classifier": args.classifier, "class_label": args.class_label,
+                                                     "classifier_scale": args.classifier_scale}
+    _write_images(pipe.generate(**_sampling_kwargs(args), **classifier), out)
+
+
+def _open_image(path: str, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return Image.open(path)
+    except FileNotFoundError as err:
+        raise MissingFileError(f"{what} {path} does not exist") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"{what} {path} is not an image PIL can read ({err})") from err
+
+
+def cmd_inpaint(args: argparse.Namespace) -> None:
+    from pipelines import InpaintPipeline
+
+    out = _output_path(args)
+    image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
+    pipe = InpaintPipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle)
+    _write_images(pipe.generate(image=image, mask_image=mask, strength=args.strength, method=args.method,
+                                repaint_jump_length=args.repaint_jump_length,
+                                repaint_jump_n_sample=args.repaint_jump_n_sample,
+                                paste_back=not args.no_paste_back, feather=args.feather, **_sampling_kwargs(args)),
+                  out)
+
+
+def cmd_eval_autoencoder(args: argparse.Namespace) -> None:
+    from autoencoder.evaluate import evaluate_autoencoder, format_table
+
+    out = args.out or str(Path(args.model) / "eval")
+    metrics = evaluate_autoencoder(args.model, args.data, out, split=args.split, num_images=args.num_images,
+                                   batch_size=args.batch_size, resolution=args.resolution, fid=not args.no_fid)
+    print(format_table(metrics))
+    print(f"wrote {out}/metrics.json and {out}/reconstructions.png")
+
+
+def _sampler_list(text: str) -> tuple[tuple[str, int], ...]:
+    """"ddim:50,dpm++:20" -> (("ddim", 50), ("dpm++", 20)); "none" -> ()."""
+    if text == "none":
+        return ()
+    try:
+        return tuple((name, int(steps)) for name, steps in (item.rsplit(":", 1) for item in text.split(",")))
+    except ValueError as err:
+        raise UserError(f"--samplers takes NAME:STEPS,... (e.g. ddim:50,dpm++:20) or none, got '{text}'") from err
+
+
+def _scale_list(text: str) -> tuple[float, ...]:
+    if text == "none":
+        return ()
+    try:
+        return tuple(float(value) for value in text.split(","))
+    except ValueError as err:
+        raise UserError(f"--guidance-scales takes numbers separated by commas (e.g. 1,3,5) or none, got '{text}'") \
+            from err
+
+
+def cmd_eval_generate(args: argparse.Namespace) -> None:
+    from pipelines import Pipeline
+    from pipelines.evaluate import evaluate_generation, format_tables
+
+    pipe = Pipeline(model=args.model)
+    out = args.out or (str(Path(args.model) / "eval") if args.model else "eval-default-model")
+    metrics = evaluate_generation(
+        pipe, args.data, out, num_images=args.num_images, sweep_images=args.sweep_images, scheduler=args.scheduler,
+        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        heldout_split=None if args.heldout_split == "none" else args.heldout_split,
+        samplers=_sampler_list(args.samplers), guidance_scales=_scale_list(args.guidance_scales), seed=args.seed,
+        batch_size=args.batch_size, cache_dir=args.cache_dir)
+    print(format_tables(metrics))
+    print(f"wrote {out}/metrics.json and its plots")
+
+
+def cmd_eval_inpaint(args: argparse.Namespace) -> None:
+    from pipelines import InpaintPipeline
+    from pipelines.evaluate_inpaint import evaluate_inpainting, format_table
+
+    pipes = {}
+    for model in args.model or [None]:
+        pipe = InpaintPipeline(model=model)
+        label = Path(model).name if model else "default"
+        methods = ["unet"] if pipe.is_inpainting_unet else [m for m in args.baselines.split(",") if m]
+        for method in methods:
+            pipes[f"{label} {method}"] = (pipe, method)
+    if not pipes:
+        raise UserError("nothing to evaluate: give an inpainting --model, or --baselines for a text-to-image one")
+    out = args.out or "eval-inpaint"
+    metrics = evaluate_inpainting(pipes, args.data, out, split=args.split, num_images=args.num_images,
+                                  num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                                  seed=args.seed, kinds=tuple(args.masks.split(",")))
+    print(format_table(metrics))
+    print(f"wrote {out}/metrics.json and {out}/examples.png")
+
+
+def cmd_eval_vlb(args: argparse.Namespace) -> None:
+    import yaml
+
+    from pipelines import Pipeline
+    from pipelines.evaluate_vlb import evaluate_vlb, format_table
+    from pipelines.loading import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    config_file = path / "config.yaml"
+    training_config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+    out = args.out or "eval-vlb"
+    metrics = evaluate_vlb(Pipeline(model=args.model), args.data, out, split=args.split,
+                           num_images=args.num_images, timestep_stride=args.timestep_stride,
+                           training_config=training_config, seed=args.seed)
+    print(format_table(metrics))
+    print(f"wrote {out}/metrics.json and {out}/vlb.png")
+
+
+def swap_decoder(vae, path: str):
+    """The autoencoder at `path` in place of `vae`, allowed only if it encodes identically (e.g. a decoder-only
+    fine-tune): the U-Net was trained on `vae`'s latents."""
+    from autoencoder.model import encodes_identically, load_autoencoder
+
+    tuned = load_autoencoder(path)
+    if not encodes_identically(vae, tuned):
+        raise UserError(f"--vae {path} does not encode like the model's autoencoder (encoder weights or scaling "
+                        "factor differ); only a decoder-only fine-tune of the same autoencoder can replace it")
+    return tuned.eval().requires_grad_(False)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+    import yaml
+
+    from pipelines import Pipeline
+    from pipelines.loading import save_slim_model_folder
+
+    pipe = Pipeline(model=args.model)
+    if args.vae is not None:
+        pipe.vae = swap_decoder(pipe.vae, args.vae)
+    config_file = Path(args.model) / "config.yaml"
+    if args.text_encoder is None and not config_file.is_file():
+        raise UserError(f"{args.model} has no config.yaml naming its text encoder; pass --text-encoder NAME")
+    name = args.text_encoder or yaml.safe_load(config_file.read_text())["text_encoder"]
+    folder = save_slim_model_folder(args.out, pipe.vae, pipe.unet, pipe.scheduler, name,
+                                    pipe.text_encoder.max_length, getattr(torch, args.dtype))
+    if config_file.is_file():
+        shutil.copy(config_file, folder / "config.yaml")
+    print(f"wrote {folder} (U-Net and autoencoder in {args.dtype}; text encoder '{name}' from its package)")
