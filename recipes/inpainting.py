@@ -92,7 +92,11 @@ class InpaintTrainer(LDMTrainer):
         if unet.config.sample_size != latent_size:
             raise UserError(f"init_from's U-Net was trained on {unet.config.sample_size}x{unet.config.sample_size} "
                             f"latents; resolution {self.resolution} gives {latent_size}x{latent_size}")
-        return inpainting_unet_from(unet, self.vae.config.latent_channels)
+        latent = self.vae.config.latent_channels
+        if unet.config.out_channels != (2 * latent if self.config.learned_variance else latent):
+            raise UserError(f"init_from's U-Net outputs {unet.config.out_channels} channels: set learned_variance="
+                            f"{'true' if unet.config.out_channels == 2 * latent else 'false'} to match it")
+        return inpainting_unet_from(unet, latent)
 
     def draw_masks(self, count: int) -> torch.Tensor:
         """(count, 1, H, W) masks, one seed per image drawn from torch's RNG (so resume replays them)."""
