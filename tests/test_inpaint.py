@@ -285,3 +285,19 @@ def test_eval_inpaint_rows_per_method_and_mask_kind(tiny_components, inpaint_com
     torch.testing.assert_close(eval_masks("boxes", 3, 32, 0), eval_masks("boxes", 3, 32, 0))
     assert not torch.equal(eval_masks("boxes", 3, 32, 0), eval_masks("narrow strokes", 3, 32, 0))
     assert set(EVAL_MASKS) == {"narrow strokes", "wide strokes", "boxes", "outpaint"}
+
+
+def test_the_emoji_inpainting_config_resolves_its_stages_from_the_default(tmp_path, monkeypatch):
+    from core.config import load_config
+    from helpers import ROOT
+    from recipes.inpainting import InpaintTrainConfig
+
+    monkeypatch.chdir(ROOT)  # the config's paths are relative to the repository root, as in the README
+
+    config = load_config(InpaintTrainConfig, "configs/ldm/emoji-64-inpaint.yaml",
+                         [f"output_dir={tmp_path / 'x'}", f"data={tmp_path}"])
+    assert config.autoencoder.endswith("default_model/vae") and config.text_encoder == "minilm"
+    assert config.text_max_length == 32 and config.cache_latents is False
+    with pytest.raises(UserError, match="cache_latents=true cannot be used for inpainting"):
+        load_config(InpaintTrainConfig, "configs/ldm/emoji-64-inpaint.yaml",
+                    [f"output_dir={tmp_path / 'x'}", f"data={tmp_path}", "cache_latents=true"])
