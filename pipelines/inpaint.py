@@ -105,6 +105,9 @@ class InpaintPipeline(Pipeline):
         batch = len(prompts) * num_images
         if not mask_condition.any():
             logger.warning("the mask is empty (no pixel >= 0.5): returning the image unchanged")
+            if output_type == "latent":  # the image's latents (posterior mean)
+                latents = self.vae.encode(init_image.to(self.unet.dtype)).latent_dist.mean
+                return (latents * self.vae.config.scaling_factor).repeat(batch, 1, 1, 1)
             return self.decode_output(((init_image + 1) / 2).repeat(batch, 1, 1, 1), output_type)
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
@@ -252,8 +255,8 @@ class InpaintPipeline(Pipeline):
 
     @staticmethod
     def decode_output(images: torch.Tensor, output_type: str):
-        """[0, 1] images (B, 3, H, W) as `output_type`."""
-        if output_type in ("torch", "latent"):
+        """[0, 1] images (B, 3, H, W) as `output_type` ("pil", "numpy" or "torch")."""
+        if output_type == "torch":
             return images
         array = images.permute(0, 2, 3, 1).float().cpu().numpy()
         return array if output_type == "numpy" else images_to_pil(array)
