@@ -128,6 +128,16 @@ class NoiseSchedule:
         clipped = torch.clamp(snr, max=min_snr_gamma)
         return clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
 
+    @classmethod
+    def from_scheduler_config(cls, config: dict) -> "NoiseSchedule":
+        """The inverse of `to_scheduler_config`: the schedule a diffusers scheduler config describes (keys it leaves
+        out take this class's defaults)."""
+        keys = {"num_train_timesteps": "num_train_timesteps", "beta_schedule": "beta_schedule",
+                "beta_start": "beta_start", "beta_end": "beta_end", "prediction_type": "prediction_type",
+                "zero_terminal_snr": "rescale_betas_zero_snr"}
+        given = {ours: config[theirs] for ours, theirs in keys.items() if config.get(theirs) is not None}
+        return cls(**given, learned_variance=config.get("variance_type") in ("learned", "learned_range"))
+
     def to_scheduler_config(self) -> dict:
         """Keyword arguments for diffusers' `DDPMScheduler` (and every scheduler `from_config` builds from it)."""
         config = {"num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,

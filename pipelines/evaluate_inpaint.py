@@ -40,16 +40,22 @@ def eval_masks(kind: str, count: int, size: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.stack([EVAL_MASKS[kind](rng, size) for _ in range(count)]))[:, None]
 
 
-def masked_psnr_ssim(a: torch.Tensor, b: torch.Tensor, region: torch.Tensor) -> tuple[float, float]:
-    """PSNR (dB) and SSIM of [0, 1] images over the pixels where `region` is 1 (SSIM map averaged there)."""
+def psnr_ssim_inside_outside(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """PSNR (dB) and SSIM of [0, 1] images over the pixels inside the mask and outside it (one SSIM map, averaged
+    over each region; NaN for an empty region)."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    region = region.expand_as(a).bool()
-    if not region.any():
-        return float("nan"), float("nan")
-    mse = ((a - b)[region] ** 2).mean().clamp_min(1e-12)
     _, ssim_map = structural_similarity_index_measure(a, b, data_range=1.0, return_full_image=True)
-    return float(10 * torch.log10(1 / mse)), float(ssim_map[region].mean())
+    result = {}
+    for name, region in (("inside", mask), ("outside", 1 - mask)):
+        region = region.expand_as(a).bool()
+        if not region.any():
+            result[f"psnr_{name}"], result[f"ssim_{name}"] = float("nan"), float("nan")
+            continue
+        mse = ((a - b)[region] ** 2).mean().clamp_min(1e-12)
+        result[f"psnr_{name}"], result[f"ssim_{name}"] = float(10 * torch.log10(1 / mse)), float(
+            ssim_map[region].mean())
+    return result
 
 
 def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, split: str = "validation",
@@ -94,12 +100,12 @@ def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, sp
             seconds = (time.perf_counter() - started) / len(originals)
             raw = torch.cat(raw)
             composited = target * (1 - masks) + raw * masks
-            inside = masked_psnr_ssim(raw, target, masks)
-            outside = masked_psnr_ssim(raw, target, 1 - masks)
+            scores = psnr_ssim_inside_outside(raw, target, masks)
             fid = frechet_distance(real_features, inception_features(network, composited * 2 - 1))
             metrics["rows"].append({"row": name, "method": method, "masks": kind, "fid": fid,
-                                    "psnr_inside": inside[0], "ssim_inside": inside[1],
-                                    "psnr_outside_before_paste": outside[0], "ssim_outside_before_paste": outside[1],
+                                    "psnr_inside": scores["psnr_inside"], "ssim_inside": scores["ssim_inside"],
+                                    "psnr_outside_before_paste": scores["psnr_outside"],
+                                    "ssim_outside_before_paste": scores["ssim_outside"],
                                     "coverage": float(masks.mean()), "seconds_per_image": seconds})
             examples.append(tensor_to_pil(composited[:1] * 2 - 1)[0])
     make_grid(examples, columns=1 + len(pipes)).save(out / "examples.png")

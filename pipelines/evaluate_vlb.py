@@ -7,6 +7,7 @@ per latent dimension in bits; the per-timestep curve shows which noise levels ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,18 +19,13 @@ from core.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_c
 from core.errors import UserError
 from ldm.diffusion import NoiseSchedule, variational_bound
 
-SCHEDULE_KEYS = {"num_train_timesteps": "num_train_timesteps", "beta_schedule": "beta_schedule",
-                 "beta_start": "beta_start", "beta_end": "beta_end", "prediction_type": "prediction_type",
-                 "zero_terminal_snr": "rescale_betas_zero_snr"}
-
-
 def model_schedule(pipe, training_config: dict | None) -> NoiseSchedule:
     """The noise schedule of the model's scheduler config, checked against its training config when there is one."""
-    config = pipe.scheduler.config
-    schedule = NoiseSchedule(**{ours: config.get(theirs, NoiseSchedule.__dataclass_fields__[ours].default)
-                                for ours, theirs in SCHEDULE_KEYS.items()},
-                             learned_variance=pipe.predicts_variance)
-    for key in SCHEDULE_KEYS:
+    # a U-Net with variance outputs uses them, whichever sampler its folder saved
+    schedule = dataclasses.replace(NoiseSchedule.from_scheduler_config(pipe.scheduler.config),
+                                   learned_variance=pipe.predicts_variance)
+    for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
+                "zero_terminal_snr"):
         if training_config is not None and key in training_config and training_config[key] != getattr(schedule, key):
             raise UserError(f"the model's scheduler config says {key}={getattr(schedule, key)!r} but its training "
                             f"config.yaml says {training_config[key]!r}: the bound would use the wrong schedule")

@@ -26,10 +26,8 @@ from core.errors import UserError
 from core.images import make_grid, tensor_to_pil
 from ldm.masks import MaskGenerator
 from ldm.unet import inpainting_unet_from
-from pipelines.defaults import DEFAULT_SCHEDULER
 from pipelines.inpaint import InpaintPipeline
 from pipelines.loading import check_model_folder, read_model_index, resolve_model_path, text_encoder_spec
-from pipelines.schedulers import SCHEDULERS
 from recipes.latent_diffusion import LDMTrainConfig, LDMTrainer
 
 
@@ -77,6 +75,7 @@ class InpaintTrainer(LDMTrainer):
     """The inpainting hooks on the latent diffusion recipe: the widened U-Net and its extra inputs."""
 
     name = "inpaint"
+    pipeline_class = InpaintPipeline
 
     def build_data(self) -> tuple[torch.utils.data.Dataset, Callable]:
         dataset, collate = super().build_data()
@@ -110,11 +109,6 @@ class InpaintTrainer(LDMTrainer):
         masks = self.draw_masks(len(pixels)).to(pixels.device)
         masked = self.vae.encode(pixels * (masks < 0.5)).latent_dist.sample() * self.vae.config.scaling_factor
         return torch.cat([F.interpolate(masks, size=latents.shape[-2:]), masked], dim=1)
-
-    def inference_pipeline(self) -> InpaintPipeline:
-        scheduler = SCHEDULERS[DEFAULT_SCHEDULER].from_config(self.schedule.to_scheduler_config())
-        return InpaintPipeline(vae=self.vae, text_encoder=self.text_encoder, unet=self.inference_model(),
-                               scheduler=scheduler)
 
     def make_samples(self) -> tuple[str, Image.Image]:
         """Per sample prompt, a training image with a fixed mask: masked input (grey hole) above the output."""

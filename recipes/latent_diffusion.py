@@ -100,6 +100,7 @@ class LDMTrainer(Trainer):
     """The latent diffusion stage's hooks on the one loop (core/trainer.py)."""
 
     name = "ldm"
+    pipeline_class = Pipeline  # what samples and exports the trained U-Net
 
     def build_data(self) -> tuple[torch.utils.data.Dataset, Callable]:
         config = self.config
@@ -199,7 +200,8 @@ class LDMTrainer(Trainer):
         # a learned-variance model saves the sampler that uses its variance (DDPM), so diffusers picks it too
         name = "ddpm" if self.config.learned_variance else DEFAULT_SCHEDULER
         scheduler = SCHEDULERS[name].from_config(self.schedule.to_scheduler_config())
-        return Pipeline(vae=self.vae, text_encoder=self.text_encoder, unet=self.inference_model(), scheduler=scheduler)
+        return self.pipeline_class(vae=self.vae, text_encoder=self.text_encoder, unet=self.inference_model(),
+                                   scheduler=scheduler)
 
     def make_samples(self) -> tuple[str, Image.Image]:
         """Fixed prompts and seed, EMA weights: one row per sampling step."""
