@@ -10,7 +10,7 @@ import re
 import shutil
 from pathlib import Path
 
-from core.errors import MissingFileError, UserError
+from core.errors import UserError
 
 
 def _slug(prompt: str) -> str:
@@ -95,28 +95,24 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _write_images(pipe.generate(**_sampling_kwargs(args), **classifier), out)
 
 
-def _open_image(path: str, what: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        return Image.open(path)
-    except FileNotFoundError as err:
-        raise MissingFileError(f"{what} {path} does not exist") from err
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"{what} {path} is not an image PIL can read ({err})") from err
-
-
 def cmd_inpaint(args: argparse.Namespace) -> None:
+    from core.images import open_image
     from pipelines import InpaintPipeline
 
     out = _output_path(args)
-    image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
+    image, mask = open_image(args.image, "--image"), open_image(args.mask, "--mask")
     pipe = InpaintPipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle)
     _write_images(pipe.generate(image=image, mask_image=mask, strength=args.strength, method=args.method,
                                 repaint_jump_length=args.repaint_jump_length,
                                 repaint_jump_n_sample=args.repaint_jump_n_sample,
                                 paste_back=not args.no_paste_back, feather=args.feather, **_sampling_kwargs(args)),
                   out)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from web.app import serve
+
+    serve(args.model, args.inpaint_model, args.host, args.port)
 
 
 def cmd_eval_autoencoder(args: argparse.Namespace) -> None:

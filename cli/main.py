@@ -139,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="keep the decoded pixels outside the mask (default: paste the original back)")
     inpaint.add_argument("--feather", type=float, default=0.0, help="paste-back edge blur in pixels (default 0)")
     inpaint.set_defaults(func=commands.cmd_inpaint)
+
+    serve = subcommands.add_parser("serve", help="web page for generating and inpainting (Gradio)")
+    serve.add_argument("--model", default=None, help="text-to-image model folder (default: the embedded default)")
+    serve.add_argument("--inpaint-model", default=None,
+                       help="inpainting or text-to-image model folder (default: the embedded default)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.set_defaults(func=commands.cmd_serve)
     return parser
 
 

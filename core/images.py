@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from core.errors import MissingFileError, UserError
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -55,3 +58,15 @@ def captioned_grid(images: torch.Tensor | list[Image.Image], captions: list[str]
 def pil_to_uint8_array(image: Image.Image) -> np.ndarray:
     """(H, W, 3) uint8, the layout TensorBoard's `add_image(..., dataformats="HWC")` takes."""
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+def open_image(path: str | Path, what: str) -> Image.Image:
+    """A user's image file, or a clear error naming `what` (e.g. "--image") when it is missing or not an image."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError as err:
+        raise MissingFileError(f"{what} {path} does not exist") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"{what} {path} is not an image PIL can read ({err})") from err
+    return image

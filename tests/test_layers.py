@@ -1,4 +1,4 @@
-"""The layering the folder tree shows: core <- stages (autoencoder, ldm) <- pipelines <- recipes <- cli <- root
+"""The layering the folder tree shows: core <- stages (autoencoder, ldm) <- pipelines <- recipes, web <- cli <- root
 scripts. A package imports only its own modules and lower layers (function-level imports included)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = {"core": 0, "autoencoder": 1, "ldm": 1, "pipelines": 2, "recipes": 3, "cli": 4}
+LAYERS = {"core": 0, "autoencoder": 1, "ldm": 1, "pipelines": 2, "recipes": 3, "web": 3, "cli": 4}
 
 
 def project_imports(path: Path) -> set[str]:

@@ -1,0 +1,243 @@
+"""The web page (`ldm serve`): request checks without a browser, then the real page in headless Chromium.
+
+The browser tests start `ldm serve` on a free loopback port with the embedded default models and drive the page with
+Playwright and the system's Chromium (`apt-get install chromium`; nothing is downloaded). They skip when either is
+missing; `.ci/run` installs both.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.errors import UserError
+from web.browser import CHROMIUM_ARGS, chromium_path, running_server
+from web.requests import MAX_SIDE, MAX_STEPS, check_settings, editor_image_and_mask, read_settings, with_settings
+
+
+def _settings(**overrides):
+    args = dict(prompt="a cat", negative_prompt="", sampler="dpm++", steps=20, guidance_scale=4.0, seed=3,
+                random_seed=False, num_images=2, size=64, factor=4, model="m")
+    args.update(overrides)
+    return check_settings(**args)
+
+
+def test_settings_refuse_huge_requests_naming_the_limit():
+    with pytest.raises(UserError, match=f"from 4 to {MAX_SIDE}"):
+        _settings(size=100_000)
+    with pytest.raises(UserError, match=f"from 1 to {MAX_STEPS}"):
+        _settings(steps=10**6)
+    with pytest.raises(UserError, match="multiple of 4"):
+        _settings(size=66)
+    with pytest.raises(UserError, match="whole number"):
+        _settings(steps=float("nan"))
+    with pytest.raises(UserError, match="guidance"):
+        _settings(guidance_scale=-1.0)
+    empty = _settings(prompt=None)  # an empty prompt is allowed (unconditional)
+    assert empty.prompt == "" and empty.pipeline_kwargs()["seed"] == 3
+
+
+def test_random_seed_is_drawn_and_recorded_in_the_png(tmp_path):
+    settings = _settings(random_seed=True, seed=None)
+    assert 0 <= settings.seed < 2**32
+    image = with_settings(Image.new("RGB", (8, 8)), settings, index=1)
+    image.save(tmp_path / "a.png", pnginfo=_png_text(image))
+    saved = read_settings(tmp_path / "a.png")
+    assert saved["seed"] == settings.seed and saved["prompt"] == "a cat" and saved["index"] == 1
+
+
+def _png_text(image):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", image.info["parameters"])
+    return info
+
+
+def test_editor_mask_from_drawn_layer_or_upload_resized(tmp_path):
+    Image.new("RGB", (16, 16), "yellow").save(tmp_path / "bg.png")
+    layer = np.zeros((16, 16, 4), np.uint8)
+    layer[4:8, 2:10] = (255, 51, 153, 255)
+    Image.fromarray(layer).save(tmp_path / "layer.png")
+    editor = {"background": str(tmp_path / "bg.png"), "layers": [str(tmp_path / "layer.png")], "composite": None}
+    image, mask = editor_image_and_mask(editor, None)
+    assert image.size == (16, 16) and np.array_equal(np.asarray(mask) > 0, layer[..., 3] > 0)
+
+    upload = np.zeros((32, 32), np.uint8)
+    upload[:, :16] = 255  # a mask of another size is resized to the image (nearest): the left half
+    Image.fromarray(upload).save(tmp_path / "mask.png")
+    _, mask = editor_image_and_mask(editor, str(tmp_path / "mask.png"))
+    assert mask.size == (16, 16) and (np.asarray(mask)[:, :8] == 255).all() and (np.asarray(mask)[:, 8:] == 0).all()
+
+
+def test_editor_refuses_missing_image_blank_mask_and_non_images(tmp_path):
+    Image.new("RGB", (16, 16)).save(tmp_path / "bg.png")
+    Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(tmp_path / "blank.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(UserError, match="upload an image"):
+        editor_image_and_mask(None, None)
+    with pytest.raises(UserError, match="draw the mask"):
+        editor_image_and_mask({"background": str(tmp_path / "bg.png"), "layers": [str(tmp_path / "blank.png")]}, None)
+    with pytest.raises(UserError, match="not an image"):
+        editor_image_and_mask({"background": str(tmp_path / "notes.png"), "layers": []}, None)
+    with pytest.raises(UserError, match="not an image"):
+        editor_image_and_mask({"background": str(tmp_path / "bg.png")}, str(tmp_path / "notes.png"))
+
+
+# ---- the real page in a real browser ----
+
+def browser(test):
+    """A test in the real browser: marked `browser` (deselect with -m "not browser"), skipped without one."""
+    needs = pytest.mark.skipif(chromium_path() is None, reason="needs playwright and Chromium (apt-get install "
+                                                                "chromium)")
+    return pytest.mark.browser(needs(test))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`ldm serve` with the embedded defaults on a free loopback port."""
+    with running_server(tmp_path_factory.mktemp("serve") / "serve.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def _open(chromium, url: str):
+    page = chromium.new_page(viewport={"width": 1280, "height": 1150})
+    page.goto(url, wait_until="load")
+    page.locator("#prompt textarea").wait_for(timeout=60_000)
+    return page
+
+
+def _wait_for(page, selector: str, timeout_s: float = 120) -> None:
+    """Wait for `selector`, failing at once with the page's message if the server answered with an error."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if page.locator(selector).count() and page.locator(selector).first.is_visible():
+            return
+        toast = page.locator('[data-testid="toast-body"]')
+        if toast.count():
+            pytest.fail(f"the page shows an error: {toast.first.inner_text()}")
+        time.sleep(0.25)
+    pytest.fail(f"{selector} did not appear in {timeout_s} s")
+
+
+def _wait_until_canvas_shows(canvas, colour: tuple[int, int, int], what: str, timeout_s: float = 60,
+                             fail: bool = True) -> bool:
+    """Wait until the editor's canvas draws `colour` somewhere (the editor is ready only once it shows the image)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if canvas.count():
+            pixels = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")).astype(int)
+            if (np.abs(pixels - colour).sum(-1) < 30).sum() > 50:
+                return True
+        time.sleep(0.5)
+    if fail:
+        pytest.fail(f"the editor did not show {what} in {timeout_s} s")
+    return False
+
+
+def _fetch_png(page, selector: str) -> Image.Image:
+    """The image an <img> shows, as the server sent it (a PNG with its settings)."""
+    response = page.request.get(page.locator(selector).get_attribute("src"))
+    assert response.ok
+    image = Image.open(io.BytesIO(response.body()))
+    image.load()
+    return image
+
+
+def _shot(page, name: str) -> None:
+    """README screenshots: LDM_SCREENSHOTS=docs python -m pytest tests/test_web.py."""
+    if os.environ.get("LDM_SCREENSHOTS"):
+        page.screenshot(path=str(Path(os.environ["LDM_SCREENSHOTS"]) / name), full_page=True)
+
+
+@browser
+def test_generate_tab_in_a_browser(server, chromium):
+    page = _open(chromium, server)
+    page.locator("#prompt textarea").fill("cat face")
+    page.locator("#gen-num input").fill("2")
+    page.locator("#gen-seed input").fill("7")
+    page.locator("#generate").click()
+    _wait_for(page, "#gallery img >> nth=1")
+    assert page.locator("#gallery img").count() == 2
+    image = _fetch_png(page, "#gallery img >> nth=0")
+    assert image.format == "PNG" and image.size == (64, 64)
+    settings = json.loads(image.text["parameters"])
+    assert settings["prompt"] == "cat face" and settings["seed"] == 7 and settings["num_images"] == 2
+    assert np.asarray(image.convert("RGB")).std() > 5  # a picture, not a flat fill
+    _shot(page, "web-generate.png")
+
+    # a refused request shows its limit on the page, and the server keeps serving
+    page.locator("#gen-steps input").fill("100000")
+    page.locator("#generate").click()
+    page.get_by_text(f"from 1 to {MAX_STEPS}").first.wait_for(timeout=60_000)
+    page.locator("#gen-steps input").fill("10")
+    page.locator("#gen-num input").fill("1")
+    page.locator("#generate").click()
+    page.locator('[data-testid="toast-close"]').first.click()
+    page.locator('[data-testid="toast-body"]').first.wait_for(state="detached")
+    _wait_for(page, "#gallery img >> nth=2")  # newest first, the two earlier kept
+    assert page.locator("#gallery img").count() == 3
+
+
+@browser
+def test_two_pages_at_once_are_queued_and_both_answered(server, chromium):
+    pages = [_open(chromium, server) for _ in range(2)]
+    for page, prompt in zip(pages, ("rocket", "red apple")):
+        page.locator("#prompt textarea").fill(prompt)
+        page.locator("#gen-num input").fill("1")
+    for page in pages:
+        page.locator("#generate").click()
+    for page, prompt in zip(pages, ("rocket", "red apple")):
+        _wait_for(page, "#gallery img")
+        assert json.loads(_fetch_png(page, "#gallery img >> nth=0").text["parameters"])["prompt"] == prompt
+        page.close()
+
+
+@browser
+def test_inpaint_tab_changes_only_the_painted_region(server, chromium, tmp_path):
+    source = np.full((64, 64, 3), 255, np.uint8)
+    source[16:48, 16:48] = (250, 200, 40)  # a yellow square on white, like an emoji
+    Image.fromarray(source).save(tmp_path / "in.png")
+    page = _open(chromium, server)
+    page.get_by_role("tab", name="Inpaint").click()
+    page.locator("#editor").wait_for()
+    canvas = page.locator("#editor canvas").first
+    for attempt in range(3):  # a file set while the tab is still being drawn is sometimes dropped: upload again
+        page.locator("#editor input[type=file]").first.set_input_files(str(tmp_path / "in.png"))
+        if _wait_until_canvas_shows(canvas, (250, 200, 40), "the uploaded image", timeout_s=15, fail=attempt == 2):
+            break
+    box = canvas.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 50, y - 10)
+    page.mouse.down()
+    for k in range(21):
+        page.mouse.move(x - 50 + 5 * k, y - 10 + k, steps=2)
+    page.mouse.up()
+    _wait_until_canvas_shows(canvas, (255, 51, 153), "the brush stroke")  # the brush colour, #ff3399
+    page.locator("#in-prompt textarea").fill("cat face")
+    page.locator("#inpaint").click()
+    _wait_for(page, "#result img")
+    _wait_for(page, "#used-mask img")
+    result = np.asarray(_fetch_png(page, "#result img").convert("RGB")).astype(int)
+    mask = np.asarray(_fetch_png(page, "#used-mask img").convert("L")) >= 128
+    assert result.shape == source.shape and 20 < mask.sum() < 64 * 64 // 2  # the stroke, not the whole image
+    assert np.array_equal(result[~mask], source[~mask])  # paste-back: untouched outside the painted region
+    assert np.abs(result[mask] - source[mask]).mean() > 1  # and filled inside it
+    _shot(page, "web-inpaint.png")

@@ -1,0 +1,1 @@
+"""The web page (`ldm serve`): Gradio UI over the pipelines."""

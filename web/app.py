@@ -1,0 +1,174 @@
+"""`ldm serve`: a Gradio page with a Generate tab and an Inpaint tab over the project's pipelines.
+
+Gradio because it is what these users know (diffusers' and Stability's demos use it). Each model runs one request
+at a time (a Gradio concurrency group per model); others wait in a bounded queue. A bad setting shows its message on
+the page (gr.Error) and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+from core.errors import UserError
+from pipelines.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SCHEDULER_NAMES
+from web.requests import (
+    INPAINT_METHODS,
+    MAX_GUIDANCE,
+    MAX_IMAGES,
+    MAX_SIDE,
+    MAX_STEPS,
+    MODEL_SCHEDULER,
+    Settings,
+    check_settings,
+    editor_image_and_mask,
+    with_settings,
+)
+
+logger = logging.getLogger(__name__)
+QUEUE_SIZE = 16  # waiting requests per server; the next one is refused with "queue full" instead of piling up
+GALLERY_SIZE = 32  # results kept per browser tab
+
+# system fonts only: the default theme's web fonts would be fetched from the internet at every page load
+FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+# 64 px results drawn large and sharp
+CSS = """#result img, #used-mask img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}
+#gallery img {object-fit: contain !important; image-rendering: pixelated}"""
+
+
+def _gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline machine
+    try:
+        import gradio as gr
+    except ImportError as err:
+        raise UserError("`ldm serve` needs Gradio: pip install 'latent-diffusion-lab[serve]'") from err
+    return gr
+
+
+def build_app(model: str | None = None, inpaint_model: str | None = None):
+    """The page as a `gr.Blocks` (launch it, or mount it in a FastAPI app). Models load once, here."""
+    gr = _gradio()
+    from pipelines import InpaintPipeline, Pipeline
+
+    pipe = Pipeline(model=model)
+    inpaint_pipe = InpaintPipeline(model=inpaint_model)
+    names = {"generate": model or "embedded default", "inpaint": inpaint_model or "embedded default"}
+    factor, default_size = pipe.vae_scale_factor, pipe.default_size()
+
+    def page_errors(fn):
+        """Our clear errors as messages on the page; anything else is logged and shown as an internal error."""
+        @functools.wraps(fn)  # keeps the signature: Gradio finds the gr.Progress argument through it
+        def wrapped(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except UserError as err:
+                raise gr.Error(str(err)) from err
+            except Exception as err:
+                logger.exception("request failed")
+                raise gr.Error(f"internal error: {type(err).__name__}: {err}") from err
+        return wrapped
+
+    @page_errors
+    def generate(prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, num_images, size, history,
+                 progress=gr.Progress(track_tqdm=True)):
+        settings = check_settings(prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, num_images,
+                                  size, factor, names["generate"])
+        images = pipe.generate(settings.prompt, **settings.pipeline_kwargs())
+        new = [(with_settings(image, settings, i), _caption(settings, i)) for i, image in enumerate(images)]
+        history = (new + (history or []))[:GALLERY_SIZE]
+        return history, history, settings.seed
+
+    @page_errors
+    def inpaint(editor, mask_upload, prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, size,
+                strength, method, paste_back, feather, progress=gr.Progress(track_tqdm=True)):
+        image, mask = editor_image_and_mask(editor, mask_upload)
+        if not 0 < (strength or 0) <= 1:
+            raise UserError(f"strength must be in (0, 1], got {strength}")
+        settings = check_settings(prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, 1, size,
+                                  factor, names["inpaint"], strength=float(strength), method=method,
+                                  paste_back=bool(paste_back), feather=float(feather or 0))
+        kwargs = settings.pipeline_kwargs()
+        if method == "repaint":  # RePaint samples with its own scheduler
+            kwargs["scheduler"] = None
+        result = inpaint_pipe.generate(settings.prompt, image=image, mask_image=mask, strength=settings.strength,
+                                       method=None if method == "auto" else method, paste_back=settings.paste_back,
+                                       feather=settings.feather, **kwargs)[0]
+        used_mask = mask.resize((settings.size, settings.size))
+        return with_settings(result, settings, 0), used_mask, settings.seed
+
+    with gr.Blocks(title="latent-diffusion-lab") as app:
+        gr.Markdown(f"## latent-diffusion-lab\nGenerate: **{names['generate']}** · Inpaint: **{names['inpaint']}** "
+                    f"(limits: size ≤ {MAX_SIDE}, steps ≤ {MAX_STEPS}, images ≤ {MAX_IMAGES})")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column():
+                    prompt = gr.Textbox(label="Prompt", value="a cat", elem_id="prompt")
+                    negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+                    sampling = _sampling_controls(gr, default_size, "gen")
+                    num_images = gr.Number(label="Number of images", value=4, precision=0, elem_id="gen-num")
+                    button = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Column():
+                    gallery = gr.Gallery(label="Results (newest first; PNGs carry their settings)", format="png",
+                                         columns=4, object_fit="contain", height=480, elem_id="gallery")
+            history = gr.State([])
+            button.click(generate, [prompt, negative, *sampling[:-1], num_images, sampling[-1], history],
+                         [gallery, history, sampling[3]], concurrency_limit=1, concurrency_id="generate")
+        with gr.Tab("Inpaint"):
+            with gr.Row():
+                with gr.Column():
+                    editor = gr.ImageEditor(label="Image: paint the region to fill with the brush",
+                                            type="filepath", sources=["upload", "clipboard"], layers=False,
+                                            brush=gr.Brush(default_size=6, colors=["#ff3399"], color_mode="fixed"),
+                                            elem_id="editor")
+                    with gr.Accordion("…or upload a mask instead", open=False):
+                        mask_upload = gr.Image(label="Mask (white = repaint; resized to the image's size)",
+                                               type="filepath", sources=["upload"], elem_id="mask-upload")
+                    in_prompt = gr.Textbox(label="Prompt", value="a cat", elem_id="in-prompt")
+                    in_negative = gr.Textbox(label="Negative prompt", elem_id="in-negative")
+                    in_sampling = _sampling_controls(gr, default_size, "in")
+                    strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength (1 = from noise)")
+                    method = gr.Dropdown(list(INPAINT_METHODS), value="auto", label="Method (auto: the U-Net of an "
+                                         "inpainting model, latent blending otherwise)")
+                    paste_back = gr.Checkbox(True, label="Paste the original pixels back outside the mask")
+                    feather = gr.Slider(0, 8, value=0, step=0.5, label="Paste-back feather (px)")
+                    in_button = gr.Button("Inpaint", variant="primary", elem_id="inpaint")
+                with gr.Column():
+                    result = gr.Image(label="Result (PNG carries its settings)", format="png", type="pil", height=360,
+                                      elem_id="result")
+                    used_mask = gr.Image(label="Mask used", format="png", type="pil", height=180, elem_id="used-mask")
+            in_button.click(inpaint, [editor, mask_upload, in_prompt, in_negative, *in_sampling, strength, method,
+                                      paste_back, feather], [result, used_mask, in_sampling[3]],
+                            concurrency_limit=1, concurrency_id="inpaint")
+    return app.queue(max_size=QUEUE_SIZE)
+
+
+def _sampling_controls(gr, default_size: int, prefix: str) -> list:
+    """sampler, steps, guidance, seed, random seed, size (in that order: the handlers' arguments)."""
+    with gr.Row():
+        sampler = gr.Dropdown([MODEL_SCHEDULER, *SCHEDULER_NAMES], value=MODEL_SCHEDULER, label="Sampler")
+        steps = gr.Number(label=f"Steps (≤ {MAX_STEPS})", value=NUM_INFERENCE_STEPS, precision=0,
+                          elem_id=f"{prefix}-steps")
+        guidance = gr.Slider(0, MAX_GUIDANCE, value=GUIDANCE_SCALE, step=0.5, label="Guidance")
+    with gr.Row():
+        seed = gr.Number(label="Seed", value=0, precision=0, elem_id=f"{prefix}-seed")
+        random_seed = gr.Checkbox(False, label="Random seed")
+        size = gr.Number(label=f"Size (px, ≤ {MAX_SIDE})", value=default_size, precision=0, elem_id=f"{prefix}-size")
+    return [sampler, steps, guidance, seed, random_seed, size]
+
+
+def _caption(settings: Settings, index: int) -> str:
+    return f"seed {settings.seed} #{index} · {settings.sampler} {settings.steps} steps · guidance " \
+           f"{settings.guidance_scale:g}"
+
+
+def serve(model: str | None = None, inpaint_model: str | None = None, host: str = "127.0.0.1",
+          port: int = 7860) -> None:
+    """Build the page and serve it until interrupted (loopback only unless `host` says otherwise)."""
+    gr = _gradio()
+    app = build_app(model, inpaint_model)
+    try:
+        app.launch(server_name=host, server_port=port, theme=gr.themes.Default(**FONTS), css=CSS, show_error=True,
+                   share=False, inbrowser=False)
+    except OSError as err:  # Gradio's "Cannot find empty port"
+        raise UserError(f"cannot listen on {host}:{port} ({err}); is another server using it? pass --port") from err

@@ -1,0 +1,111 @@
+"""What the web page sends, checked and turned into pipeline arguments; no Gradio here (tested without a browser).
+
+Limits keep one request's cost bounded on a shared server; each refusal names its limit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from core.errors import UserError
+from core.images import open_image
+
+MAX_SIDE = 512  # pixels; 8x the emoji default's 64, already ~1 min per image on a CPU
+MAX_STEPS = 250
+MAX_IMAGES = 8
+MAX_GUIDANCE = 30.0
+MAX_SEED = 2**32 - 1
+MODEL_SCHEDULER = "model's own"  # the sampler choice that leaves the model folder's scheduler in place
+INPAINT_METHODS = ("auto", "unet", "blend", "repaint")
+
+
+@dataclass
+class Settings:
+    """One request's settings, as saved in each PNG's metadata (key "parameters", JSON)."""
+
+    prompt: str
+    negative_prompt: str
+    sampler: str
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+    size: int
+    model: str
+    strength: float = 1.0
+    method: str = ""
+    paste_back: bool = True
+    feather: float = 0.0
+
+    def pipeline_kwargs(self) -> dict:
+        """Pipeline.generate's arguments shared by text-to-image and inpainting."""
+        return dict(negative_prompt=self.negative_prompt or None, num_images=self.num_images,
+                    num_inference_steps=self.steps, guidance_scale=self.guidance_scale, height=self.size,
+                    width=self.size, seed=self.seed, progress=True,
+                    scheduler=None if self.sampler == MODEL_SCHEDULER else self.sampler)
+
+
+def _whole(name: str, value, low: int, high: int) -> int:
+    """`value` as an int in [low, high], or a UserError naming the limit (the page sends floats or None)."""
+    if value is None or (isinstance(value, float) and (math.isnan(value) or value != int(value))):
+        raise UserError(f"{name} must be a whole number from {low} to {high}, got {value}")
+    if not low <= int(value) <= high:
+        raise UserError(f"{name} must be from {low} to {high} (the server's limit), got {int(value)}")
+    return int(value)
+
+
+def check_settings(prompt: str | None, negative_prompt: str | None, sampler: str, steps, guidance_scale, seed,
+                   random_seed: bool, num_images, size, factor: int, model: str, **inpaint) -> Settings:
+    """Every limit checked before any work; a random seed is drawn here so the PNG records the one used."""
+    steps = _whole("steps", steps, 1, MAX_STEPS)
+    num_images = _whole("number of images", num_images, 1, MAX_IMAGES)
+    size = _whole("size", size, factor, MAX_SIDE)
+    if size % factor:
+        raise UserError(f"size must be a multiple of {factor} (the autoencoder's downsampling factor), got {size}")
+    if guidance_scale is None or math.isnan(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE:
+        raise UserError(f"guidance must be from 0 to {MAX_GUIDANCE}, got {guidance_scale}")
+    seed = random.randint(0, MAX_SEED) if random_seed else _whole("seed", seed, 0, MAX_SEED)
+    return Settings(prompt=prompt or "", negative_prompt=negative_prompt or "", sampler=sampler, steps=steps,
+                    guidance_scale=float(guidance_scale), seed=seed, num_images=num_images, size=size, model=model,
+                    **inpaint)
+
+
+def with_settings(image: Image.Image, settings: Settings, index: int) -> Image.Image:
+    """`image` carrying its settings (and its index in the batch) as PNG text; Gradio keeps text chunks in PNGs."""
+    image.info["parameters"] = json.dumps({**asdict(settings), "index": index})
+    return image
+
+
+def read_settings(png: str | Path) -> dict:
+    """The settings a PNG from the page carries (the inverse of `with_settings`)."""
+    return json.loads(Image.open(png).text["parameters"])
+
+
+def editor_image_and_mask(editor: dict | None, mask_upload: str | None) -> tuple[Image.Image, Image.Image]:
+    """The image and mask from the inpaint tab: the editor's background, and either an uploaded mask (resized to
+    the image, white = repaint) or what was drawn on the editor's layers (any painted pixel = repaint)."""
+    if not editor or not editor.get("background"):
+        raise UserError("upload an image to inpaint first")
+    image = open_image(editor["background"], "the uploaded image")
+    if mask_upload:
+        mask = open_image(mask_upload, "the uploaded mask").convert("L")
+        if mask.size != image.size:
+            mask = mask.resize(image.size, Image.Resampling.NEAREST)
+        return image, mask
+    drawn = np.zeros((image.height, image.width), dtype=bool)
+    for layer in editor.get("layers") or []:
+        alpha = np.asarray(open_image(layer, "the drawn mask").convert("RGBA"))[..., 3]
+        if alpha.shape != drawn.shape:
+            raise UserError(f"the drawn mask is {alpha.shape[1]}x{alpha.shape[0]}, the image "
+                            f"{image.width}x{image.height}: clear the canvas and upload the image again")
+        drawn |= alpha > 0
+    if not drawn.any():
+        raise UserError("draw the mask on the image with the brush (white = repaint), or upload a mask image")
+    return image, Image.fromarray(drawn.astype(np.uint8) * 255)
