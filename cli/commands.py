@@ -216,10 +216,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     import torch
     import yaml
 
-    from pipelines import Pipeline
-    from pipelines.loading import save_slim_model_folder
+    from pipelines import InpaintPipeline, Pipeline
+    from pipelines.loading import read_model_index, resolve_model_path, save_slim_model_folder
 
-    pipe = Pipeline(model=args.model)
+    inpainting = read_model_index(resolve_model_path(args.model)).get("_class_name") == \
+        "StableDiffusionInpaintPipeline"
+    pipe = (InpaintPipeline if inpainting else Pipeline)(model=args.model)
     if args.vae is not None:
         pipe.vae = swap_decoder(pipe.vae, args.vae)
     config_file = Path(args.model) / "config.yaml"

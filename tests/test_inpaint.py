@@ -219,6 +219,13 @@ def test_inpainting_fine_tune_through_accelerate_launch_resumes_and_exports(emoj
     out = InpaintPipeline.from_pretrained(final).generate("a cat", image=image, mask=mask, num_inference_steps=3,
                                                           seed=0, progress=False)
     assert out[0].size == (32, 32)
+    from cli.main import main as ldm_main  # `ldm export` of an inpainting model: a slim folder, same pixels (fp32)
+
+    ldm_main(["export", "--model", str(final), "--out", str(tmp_path / "slim"), "--dtype", "float32"])
+    assert '"StableDiffusionInpaintPipeline"' in (tmp_path / "slim" / "model_index.json").read_text()
+    slim = InpaintPipeline.from_pretrained(tmp_path / "slim").generate("a cat", image=image, mask=mask,
+                                                                       num_inference_steps=3, seed=0, progress=False)
+    assert np.array_equal(np.asarray(slim[0]), np.asarray(out[0]))
     refused = run(LAUNCH + common + [f"output_dir={tmp_path / 'again'}", f"init_from={final}"], check=False)
     assert "is not a text-to-image model folder" in refused.stderr
     two_ranks = [LAUNCH[0], "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
