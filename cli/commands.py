@@ -219,14 +219,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     from pipelines import InpaintPipeline, Pipeline
     from pipelines.loading import read_model_index, resolve_model_path, save_slim_model_folder
 
-    inpainting = read_model_index(resolve_model_path(args.model)).get("_class_name") == \
-        "StableDiffusionInpaintPipeline"
-    pipe = (InpaintPipeline if inpainting else Pipeline)(model=args.model)
+    path = resolve_model_path(args.model)  # a model folder, or a training output_dir (its final/)
+    inpainting = read_model_index(path).get("_class_name") == "StableDiffusionInpaintPipeline"
+    pipe = (InpaintPipeline if inpainting else Pipeline)(model=path)
     if args.vae is not None:
         pipe.vae = swap_decoder(pipe.vae, args.vae)
-    config_file = Path(args.model) / "config.yaml"
+    config_file = path / "config.yaml"
     if args.text_encoder is None and not config_file.is_file():
-        raise UserError(f"{args.model} has no config.yaml naming its text encoder; pass --text-encoder NAME")
+        raise UserError(f"{path} has no config.yaml naming its text encoder; pass --text-encoder NAME")
     name = args.text_encoder or yaml.safe_load(config_file.read_text())["text_encoder"]
     folder = save_slim_model_folder(args.out, pipe.vae, pipe.unet, pipe.scheduler, name,
                                     pipe.text_encoder.max_length, getattr(torch, args.dtype))

@@ -221,7 +221,7 @@ def test_inpainting_fine_tune_through_accelerate_launch_resumes_and_exports(emoj
     assert out[0].size == (32, 32)
     from cli.main import main as ldm_main  # `ldm export` of an inpainting model: a slim folder, same pixels (fp32)
 
-    ldm_main(["export", "--model", str(final), "--out", str(tmp_path / "slim"), "--dtype", "float32"])
+    ldm_main(["export", "--model", str(tmp_path / "straight"), "--out", str(tmp_path / "slim"), "--dtype", "float32"])
     assert '"StableDiffusionInpaintPipeline"' in (tmp_path / "slim" / "model_index.json").read_text()
     slim = InpaintPipeline.from_pretrained(tmp_path / "slim").generate("a cat", image=image, mask=mask,
                                                                        num_inference_steps=3, seed=0, progress=False)

@@ -11,6 +11,9 @@ import functools
 import logging
 import os
 
+import numpy as np
+from PIL import Image
+
 from core.errors import UserError
 from pipelines.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SCHEDULER_NAMES
 from web.requests import (
@@ -88,13 +91,14 @@ def build_app(model: str | None = None, inpaint_model: str | None = None):
         settings = check_settings(prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, 1, size,
                                   factor, names["inpaint"], strength=float(strength), method=method,
                                   paste_back=bool(paste_back), feather=float(feather or 0))
-        kwargs = settings.pipeline_kwargs()
-        if method == "repaint":  # RePaint samples with its own scheduler
-            kwargs["scheduler"] = None
+        if method == "repaint":  # RePaint samples with its own scheduler; the PNG records that
+            settings.sampler = MODEL_SCHEDULER
         result = inpaint_pipe.generate(settings.prompt, image=image, mask_image=mask, strength=settings.strength,
                                        method=None if method == "auto" else method, paste_back=settings.paste_back,
-                                       feather=settings.feather, **kwargs)[0]
-        used_mask = mask.resize((settings.size, settings.size))
+                                       feather=settings.feather, **settings.pipeline_kwargs())[0]
+        # the mask as the pipeline used it: resized to the output and binarised at 0.5
+        used = inpaint_pipe.mask_processor.preprocess(mask, height=settings.size, width=settings.size)
+        used_mask = Image.fromarray((used[0, 0].numpy() * 255).astype(np.uint8))
         return with_settings(result, settings, 0), used_mask, settings.seed
 
     with gr.Blocks(title="latent-diffusion-lab") as app:
