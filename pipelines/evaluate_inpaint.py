@@ -114,7 +114,7 @@ def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, sp
 
 
 def format_table(metrics: dict) -> str:
-    lines = [f"N = {metrics['num_images']} held-out images ({metrics['split']}), {metrics['resolution']} px, "
+    lines = [f"N = {metrics['num_images']} images of split '{metrics['split']}', {metrics['resolution']} px, "
              f"{metrics['num_inference_steps']} steps, guidance {metrics['guidance_scale']:g}",
              "| masks (coverage) | row | FID | PSNR inside | SSIM inside | PSNR outside, before paste-back | "
              "s / image |", "|---|---|---|---|---|---|---|"]
