@@ -1,6 +1,7 @@
 """The web page's overhead: one generation through `ldm serve` in headless Chromium vs the same call in Python.
 
-Same model (the embedded default), prompt, seed, sampler, steps, guidance and image count. Page time = from the
+Same model (the embedded default), prompt, sampler, steps, guidance and image count (the page draws a random
+seed each call, so that each result is a new file; the cost does not depend on the seed). Page time = from the
 click on Generate until the result's <img> is visible (queue, upload of settings, PNG encode, download, render);
 API time = `Pipeline.generate` in this process. The two alternate; medians of `--repeats` after one warm-up each.
 The server is its own process on this machine, so on a busy machine both compete for the same cores.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from web.browser import CHROMIUM_ARGS, chromium_path, running_server  # noqa: E402
+from web.browser import chromium_path, launch_chromium, running_server  # noqa: E402
 
 
 def main() -> None:
@@ -45,20 +46,29 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp, running_server(Path(tmp) / "serve.log") as url, \
             sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        browser = launch_chromium(p)
         page = browser.new_page()
         page.goto(url, wait_until="load")
         page.locator("#prompt textarea").fill(args.prompt)
         page.locator("#gen-steps input").fill(str(args.steps))
         page.locator("#gen-num input").fill(str(args.num_images))
-        done = 0
+        page.get_by_label("Random seed").first.check()  # a new image each call (same seed = same file, same src)
+        newest = page.locator("#gallery img").first
+
+        def shown(before: str | None) -> bool:
+            """The gallery's first (newest) image is a new one, loaded and visible (counting images fails once the
+            gallery is full: it keeps the last 32)."""
+            return bool(newest.count() and newest.get_attribute("src") != before and newest.is_visible()
+                        and newest.evaluate("img => img.complete && img.naturalWidth > 0"))
 
         def page_call() -> float:
-            nonlocal done
+            before = newest.get_attribute("src") if newest.count() else None
             start = time.perf_counter()
             page.locator("#generate").click()
-            done += args.num_images
-            page.locator(f"#gallery img >> nth={min(done, 32) - 1}").wait_for(timeout=300_000)
+            while not shown(before):
+                if time.perf_counter() - start > 300:
+                    sys.exit("the page gave no image in 300 s")
+                time.sleep(0.01)
             return time.perf_counter() - start
 
         api(), page_call()  # warm-up: first-call costs on both sides

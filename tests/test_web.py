@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from core.errors import UserError
-from web.browser import CHROMIUM_ARGS, chromium_path, running_server
+from web.browser import chromium_path, launch_chromium, running_server
 from web.requests import MAX_SIDE, MAX_STEPS, check_settings, editor_image_and_mask, read_settings, with_settings
 
 
@@ -112,7 +112,7 @@ def chromium():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        browser = launch_chromium(p)
         yield browser
         browser.close()
 

@@ -7,7 +7,6 @@ nothing. The flags keep it from calling out: this machine's network is closed, a
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
@@ -31,6 +30,11 @@ def chromium_path() -> str | None:
     return path if Path(path).is_file() else None
 
 
+def launch_chromium(playwright):
+    """The system Chromium, headless, through a started Playwright (`sync_playwright()`), with the offline flags."""
+    return playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -41,10 +45,9 @@ def free_port() -> int:
 def running_server(log: str | Path, *args: str, timeout_s: float = 180) -> Iterator[str]:
     """`ldm serve ARGS` on a free loopback port, as a user starts it; yields its URL once it answers."""
     port = free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(log, "w") as out:
+    with open(log, "w") as out:  # `ldm serve` turns Gradio's analytics off itself
         proc = subprocess.Popen([sys.executable, "-m", "cli.main", "serve", "--port", str(port), *args], stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
+                                stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout_s
