@@ -105,13 +105,14 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
     return config
 
 
-def config_keys(path: str | Path | None, overrides: list[str] | None = None) -> set[str]:
-    """The keys a config file and overrides set (to choose a config class before loading, e.g. `init_from`)."""
-    keys = set(parse_overrides(overrides or []))
+def config_values(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The raw values a config file and its overrides set, overrides last (to choose a config class before loading,
+    e.g. by `inpainting`)."""
+    values: dict[str, Any] = {}
     if path is not None and Path(path).is_file():
         loaded = yaml.safe_load(Path(path).read_text()) or {}
-        keys |= set(loaded) if isinstance(loaded, dict) else set()
-    return keys
+        values |= loaded if isinstance(loaded, dict) else {}
+    return values | parse_overrides(overrides or [])
 
 
 def save_config(config: Any, path: str | Path) -> None:

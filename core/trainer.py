@@ -14,7 +14,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from accelerate.utils import set_seed
@@ -59,6 +59,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     ddp_timeout_minutes: int = 10  # a rank that stops answering fails the others after this long
     max_steps: int = 10000
+    # stop this invocation after this many minutes of training (checkpoint and export at the step reached;
+    # resume=auto goes on from there): a wall-clock budget for runs planned by time, e.g. on a lent GPU
+    max_minutes: Optional[float] = None
     seed: int = 0
     resume: str = "auto"  # auto | never | PATH of a checkpoint
     checkpoint_every: int = 1000
@@ -83,6 +86,8 @@ class TrainConfig:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise UserError(f"max_minutes must be positive (or null for no limit), got {self.max_minutes}")
 
 
 class NonFiniteGuard:
@@ -181,6 +186,8 @@ class Trainer:
             self.step, self.batches_seen = state["step"], state["batches_seen"]
             self.guard.total = state.get("nonfinite_steps", 0)
             self.skipped_images = state.get("skipped_images", 0)
+            if self.ema is not None:  # its state loads onto the CPU
+                self.ema.to(self.accelerator.device)
             logger.info("resumed from %s at step %d", resume_from, self.step)
         self.accelerator.init_trackers(self.name, config={k: v for k, v in dataclasses.asdict(config).items()
                                                           if isinstance(v, (int, float, str, bool))})
@@ -216,6 +223,7 @@ class Trainer:
                         disable=not self.accelerator.is_main_process)
         images_per_step = config.batch_size * config.gradient_accumulation_steps * self.accelerator.num_processes
         last_time, last_step, skipped_warned = time.perf_counter(), self.step, self.skipped_images
+        deadline = None if config.max_minutes is None else time.perf_counter() + 60 * config.max_minutes
         while self.step < config.max_steps:
             batch = next(batches)
             self.batches_seen += 1
@@ -241,10 +249,18 @@ class Trainer:
                                       "train/lr": self.lr_scheduler.get_last_lr()[0],
                                       "train/images_per_second": images_per_second}, step=self.step)
                 progress.set_postfix(loss=f"{logged['loss']:.4g}", img_s=f"{images_per_second:.1f}")
-            if self.step % config.sample_every == 0 or self.step == config.max_steps:
+            # every rank stops at the same step once any rank is past the deadline
+            out_of_time = deadline is not None and not all_ranks_true(self.accelerator,
+                                                                      time.perf_counter() < deadline)
+            last = self.step == config.max_steps or out_of_time
+            if self.step % config.sample_every == 0 or last:
                 self.save_samples()
-            if self.step % config.checkpoint_every == 0 or self.step == config.max_steps:
+            if self.step % config.checkpoint_every == 0 or last:
                 self.save_checkpoint()
+            if out_of_time:
+                logger.info("max_minutes=%g reached at step %d of %d: exporting this step (resume=auto goes on)",
+                            config.max_minutes, self.step, config.max_steps)
+                break
         progress.close()
 
     def inference_model(self) -> nn.Module:

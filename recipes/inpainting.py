@@ -17,17 +17,15 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 from PIL import Image
 from torch import nn
 
-from autoencoder.model import downsampling_factor
 from core.errors import UserError
 from core.images import make_grid, tensor_to_pil
 from ldm.masks import MaskGenerator
 from ldm.unet import inpainting_unet_from
 from pipelines.inpaint import InpaintPipeline
-from pipelines.loading import check_model_folder, read_model_index, resolve_model_path, text_encoder_spec
+from pipelines.loading import text_encoder_spec
 from recipes.latent_diffusion import LDMTrainConfig, LDMTrainer
 
 
@@ -36,6 +34,7 @@ class InpaintTrainConfig(LDMTrainConfig):
     """An inpainting fine-tune: the LDM settings plus where to start from and how masks are drawn."""
 
     init_from: str = ""  # a text-to-image model folder (train_ldm.py's final/, or an `ldm export` folder)
+    inpainting: bool = True  # what makes train_ldm.py run this recipe
     autoencoder: str = ""  # default: init_from's vae/
     text_encoder: str = ""  # default: init_from's text encoder
     text_max_length: Optional[int] = None  # default: init_from's
@@ -48,21 +47,17 @@ class InpaintTrainConfig(LDMTrainConfig):
 
     def validate(self) -> None:
         """Fill the frozen stages in from `init_from`, then the LDM checks."""
+        if not self.inpainting:
+            raise UserError("inpainting=false in an inpainting config: remove it, or train text-to-image with "
+                            "configs/ldm/<preset>.yaml")
         if not self.init_from:
             raise UserError("init_from is required: the text-to-image model folder to fine-tune (init_from=DIR)")
-        init = resolve_model_path(self.init_from)
-        check_model_folder(init)
-        if read_model_index(init).get("_class_name") != "StableDiffusionPipeline":
-            raise UserError(f"init_from {init} is not a text-to-image model folder (model_index.json names "
-                            f"{read_model_index(init).get('_class_name')})")
         if self.cache_latents:
             raise UserError("cache_latents=true cannot be used for inpainting: the masked image's latents change "
                             "with every step's mask (leave it false)")
-        name, length = text_encoder_spec(init)
-        self.autoencoder = self.autoencoder or str(init / "vae")
+        name, length = text_encoder_spec(self.resolve_init())
         self.text_encoder = self.text_encoder or name
         self.text_max_length = self.text_max_length or length
-        self.init_from = str(init)
         super().validate()
 
     def mask_generator(self, size: int) -> MaskGenerator:
@@ -85,17 +80,7 @@ class InpaintTrainer(LDMTrainer):
         return dataset, collate
 
     def build_model(self) -> nn.Module:
-        init = Path(self.config.init_from)
-        unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32, use_safetensors=True)
-        latent_size = self.resolution // downsampling_factor(self.vae)
-        if unet.config.sample_size != latent_size:
-            raise UserError(f"init_from's U-Net was trained on {unet.config.sample_size}x{unet.config.sample_size} "
-                            f"latents; resolution {self.resolution} gives {latent_size}x{latent_size}")
-        latent = self.vae.config.latent_channels
-        if unet.config.out_channels != (2 * latent if self.config.learned_variance else latent):
-            raise UserError(f"init_from's U-Net outputs {unet.config.out_channels} channels: set learned_variance="
-                            f"{'true' if unet.config.out_channels == 2 * latent else 'false'} to match it")
-        return inpainting_unet_from(unet, latent)
+        return inpainting_unet_from(self.load_init_unet(), self.vae.config.latent_channels)
 
     def draw_masks(self, count: int) -> torch.Tensor:
         """(count, 1, H, W) masks, one seed per image drawn from torch's RNG (so resume replays them)."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, ClassVar, Optional
 
 import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
 from torch import nn
 
@@ -29,7 +30,7 @@ from ldm.text_encoders import DEFAULT_TEXT_ENCODER, load_text_encoder
 from ldm.unet import PRESETS, build_unet, enable_xformers
 from pipelines import Pipeline
 from pipelines.defaults import DEFAULT_SCHEDULER
-from pipelines.loading import write_model_folder
+from pipelines.loading import check_model_folder, read_model_index, resolve_model_path, write_model_folder
 from pipelines.schedulers import SCHEDULERS
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,12 @@ class LDMTrainConfig(TrainConfig):
 
     # caption variants, one drawn per image and step; fields: caption, article ("a"/"an"), any text column
     caption_templates: list[str] = field(default_factory=lambda: ["{caption}"])
-    autoencoder: str = ""  # output_dir (or final/) of train_autoencoder.py, or any diffusers AutoencoderKL folder
+    # start the U-Net from a text-to-image model's weights (train_ldm.py's final/ or an `ldm export` folder; its
+    # optimiser state is not kept): a fine-tune on new data, or a run continued elsewhere. unet_preset is then unused
+    init_from: str = ""
+    inpainting: bool = False  # true: the inpainting fine-tune (recipes/inpainting.py; train_ldm.py dispatches on it)
+    autoencoder: str = ""  # output_dir (or final/) of train_autoencoder.py, or any diffusers AutoencoderKL folder;
+    # default with init_from: its vae/
     text_encoder: str = DEFAULT_TEXT_ENCODER
     text_max_length: int = 77
     resolution: Optional[int] = None  # pixels; defaults to the autoencoder's sample_size
@@ -69,7 +75,21 @@ class LDMTrainConfig(TrainConfig):
     sample_guidance_scale: float = 4.0
     sample_seed: int = 0
 
+    def resolve_init(self) -> Path:
+        """init_from as a checked text-to-image model folder."""
+        init = resolve_model_path(self.init_from)
+        check_model_folder(init)
+        if read_model_index(init).get("_class_name") != "StableDiffusionPipeline":
+            raise UserError(f"init_from {init} is not a text-to-image model folder (model_index.json names "
+                            f"{read_model_index(init).get('_class_name')})")
+        return init
+
     def validate(self) -> None:
+        if self.inpainting and type(self) is LDMTrainConfig:
+            raise UserError("inpainting=true is the inpainting recipe: run it through train_ldm.py")
+        if self.init_from:
+            init = self.resolve_init()
+            self.init_from, self.autoencoder = str(init), self.autoencoder or str(init / "vae")
         super().validate()
         if not self.autoencoder:
             raise UserError("autoencoder is required: add autoencoder=DIR (the output_dir of train_autoencoder.py)")
@@ -127,10 +147,30 @@ class LDMTrainer(Trainer):
                                          config.cache_dir or Path(config.output_dir) / "cache")
         return self.cache, torch.utils.data.default_collate
 
+    def load_init_unet(self) -> UNet2DConditionModel:
+        """init_from's U-Net in float32, checked against this run's latents, text encoder and variance setting."""
+        init = Path(self.config.init_from)
+        unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32, use_safetensors=True)
+        latent_size = self.resolution // downsampling_factor(self.vae)
+        if unet.config.sample_size != latent_size:
+            raise UserError(f"init_from's U-Net was trained on {unet.config.sample_size}x{unet.config.sample_size} "
+                            f"latents; resolution {self.resolution} gives {latent_size}x{latent_size}")
+        latent = self.vae.config.latent_channels
+        if unet.config.out_channels != (2 * latent if self.config.learned_variance else latent):
+            raise UserError(f"init_from's U-Net outputs {unet.config.out_channels} channels: set learned_variance="
+                            f"{'true' if unet.config.out_channels == 2 * latent else 'false'} to match it")
+        if unet.config.cross_attention_dim != self.text_encoder.hidden_size:
+            raise UserError(f"init_from's U-Net attends to {unet.config.cross_attention_dim}-d text states; text "
+                            f"encoder {self.config.text_encoder} gives {self.text_encoder.hidden_size}")
+        return unet
+
     def build_model(self) -> nn.Module:
         config = self.config
-        unet = build_unet(config.unet_preset, self.resolution // downsampling_factor(self.vae),
-                          self.vae.config.latent_channels, self.text_encoder.hidden_size, config.learned_variance)
+        if config.init_from:
+            unet = self.load_init_unet()
+        else:
+            unet = build_unet(config.unet_preset, self.resolution // downsampling_factor(self.vae),
+                              self.vae.config.latent_channels, self.text_encoder.hidden_size, config.learned_variance)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if config.attention == "xformers":
@@ -163,7 +203,8 @@ class LDMTrainer(Trainer):
         mean, logvar = batch["latent_mean"].to(device), batch["latent_logvar"].to(device)
         sample = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, device=device, dtype=mean.dtype)
         drop, variant = self.draw_captions(len(mean))
-        context = self.cache.caption_embeddings[batch["caption_ids"][torch.arange(len(mean)), variant]]
+        # the table stays on the CPU; the prepared loader may have put the ids on the accelerator
+        context = self.cache.caption_embeddings[batch["caption_ids"].cpu()[torch.arange(len(mean)), variant]]
         context[drop] = self.cache.empty_embedding
         return sample * self.vae.config.scaling_factor, context.to(device)
 

@@ -140,3 +140,43 @@ def test_nonfinite_losses_skip_then_stop_without_saving(emoji_dir, autoencoder_d
     for checkpoint in (tmp_path / "nan" / "checkpoints").iterdir():
         weights = load_file(checkpoint / "model.safetensors")
         assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_init_from_continues_a_model_and_max_minutes_stops_at_a_checkpoint_and_exports(emoji_dir, autoencoder_dir,
+                                                                                        tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    first = tmp_path / "first"
+    run(LAUNCH + _args(emoji_dir, autoencoder_dir, first, "max_steps=2"))
+    # in process: the U-Net starts as init_from's (EMA) weights, and the autoencoder defaults to init_from's vae/
+    trainer = _trainer(emoji_dir, autoencoder_dir, tmp_path / "check", f"init_from={first / 'final'}",
+                       "autoencoder=")
+    assert trainer.config.autoencoder == str(first / "final" / "vae")
+    init = UNet2DConditionModel.from_pretrained(first / "final" / "unet").state_dict()
+    started = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    assert init.keys() == started.keys() and all(torch.equal(init[k], started[k]) for k in init)
+    # through accelerate launch: a wall-clock budget far below one step stops after the first step, with a
+    # checkpoint and an export of that step; resume=auto then goes on from it
+    second = tmp_path / "second"
+    budget = _args(emoji_dir, autoencoder_dir, second, f"init_from={first / 'final'}", "max_steps=50",
+                   "checkpoint_every=1000")
+    stopped = run(LAUNCH + budget + ["max_minutes=0.00001"])
+    assert "max_minutes=1e-05 reached at step 1 of 50" in stopped.stderr
+    assert (second / "checkpoints" / "step-00000001").is_dir() and (second / "final" / "unet").is_dir()
+    resumed = run(LAUNCH + budget + ["max_steps=3"])
+    assert "at step 1" in resumed.stderr and (second / "checkpoints" / "step-00000003").is_dir()
+
+
+def test_bad_init_from_and_max_minutes(emoji_dir, autoencoder_dir, tmp_path):
+    import shutil
+
+    folder = shutil.copytree("pipelines/default_model", tmp_path / "inpainting")
+    index = folder / "model_index.json"
+    index.write_text(index.read_text().replace('"StableDiffusionPipeline"', '"StableDiffusionInpaintPipeline"'))
+    base = [f"data={emoji_dir}", f"autoencoder={autoencoder_dir}", f"output_dir={tmp_path / 'out'}"]
+    with pytest.raises(UserError, match="names StableDiffusionInpaintPipeline"):
+        load_config(LDMTrainConfig, "configs/ldm/tiny.yaml", base + [f"init_from={folder}"])
+    with pytest.raises(UserError, match="max_minutes must be positive"):
+        load_config(LDMTrainConfig, "configs/ldm/tiny.yaml", base + ["max_minutes=0"])
+    with pytest.raises(UserError, match="inpainting=true is the inpainting recipe"):
+        load_config(LDMTrainConfig, "configs/ldm/tiny.yaml", base + ["inpainting=true"])
