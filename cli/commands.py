@@ -135,14 +135,13 @@ def _sampler_list(text: str) -> tuple[tuple[str, int], ...]:
         raise UserError(f"--samplers takes NAME:STEPS,... (e.g. ddim:50,dpm++:20) or none, got '{text}'") from err
 
 
-def _scale_list(text: str) -> tuple[float, ...]:
+def _scale_list(text: str, flag: str = "--guidance-scales") -> tuple[float, ...]:
     if text == "none":
         return ()
     try:
         return tuple(float(value) for value in text.split(","))
     except ValueError as err:
-        raise UserError(f"--guidance-scales takes numbers separated by commas (e.g. 1,3,5) or none, got '{text}'") \
-            from err
+        raise UserError(f"{flag} takes numbers separated by commas (e.g. 1,3,5) or none, got '{text}'") from err
 
 
 def cmd_eval_generate(args: argparse.Namespace) -> None:
@@ -159,6 +158,21 @@ def cmd_eval_generate(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, cache_dir=args.cache_dir)
     print(format_tables(metrics))
     print(f"wrote {out}/metrics.json and its plots")
+
+
+def cmd_eval_classifier_guidance(args: argparse.Namespace) -> None:
+    from pipelines import Pipeline
+    from pipelines.evaluate_classifier import evaluate_classifier_guidance, format_table
+    from pipelines.text_to_image import load_classifier
+
+    pipe, classifier = Pipeline(model=args.model), load_classifier(args.classifier)
+    out = args.out or "eval-classifier-guidance"
+    metrics = evaluate_classifier_guidance(
+        pipe, classifier, args.data, out, scales=_scale_list(args.scales, "--scales"), num_images=args.num_images,
+        scheduler=args.scheduler, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        seed=args.seed, batch_size=args.batch_size, cache_dir=args.cache_dir)
+    print(format_table(metrics))
+    print(f"wrote {out}/metrics.json, classifier_guidance.png and samples.png")
 
 
 def cmd_eval_inpaint(args: argparse.Namespace) -> None:

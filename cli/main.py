@@ -96,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint_eval.add_argument("--out", default=None, help="results folder (default eval-inpaint)")
     inpaint_eval.set_defaults(func=commands.cmd_eval_inpaint)
 
+    cg_eval = evaluate.add_parser("classifier-guidance",
+                                  help="FID and label accuracy of classifier-guided samples as the scale grows")
+    cg_eval.add_argument("--classifier", required=True, help="train_classifier.py output_dir (or its final/)")
+    cg_eval.add_argument("--model", default=None, help="text-to-image model folder (default: the embedded default)")
+    cg_eval.add_argument("--data", required=True, help="imagefolder with the classifier's label column")
+    cg_eval.add_argument("--scales", default="0,1,2,5,10", help="classifier scales (default %(default)s)")
+    cg_eval.add_argument("--num-images", type=int, default=200, help="N per scale (default %(default)s)")
+    cg_eval.add_argument("--scheduler", default="ddim", help="ddpm, ddim, dpm++ or unipc (default %(default)s)")
+    cg_eval.add_argument("--num-inference-steps", type=int, default=50)
+    cg_eval.add_argument("--guidance-scale", type=float, default=1.0,
+                         help="classifier-free guidance on the empty prompt (default 1: none, one U-Net call a step)")
+    cg_eval.add_argument("--seed", type=int, default=0)
+    cg_eval.add_argument("--batch-size", type=int, default=50)
+    cg_eval.add_argument("--out", default=None, help="results folder (default eval-classifier-guidance)")
+    cg_eval.add_argument("--cache-dir", default=None, help="real-image feature cache (default OUT/cache)")
+    cg_eval.set_defaults(func=commands.cmd_eval_classifier_guidance)
+
     vlb = evaluate.add_parser("vlb", help="variational bound on held-out latents, per term and timestep (bits/dim)")
     vlb.add_argument("--model", default=None, help="text-to-image model folder (default: the embedded default)")
     vlb.add_argument("--data", required=True, help="imagefolder with a held-out split")

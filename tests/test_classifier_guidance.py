@@ -97,3 +97,29 @@ def test_ldm_generate_with_a_classifier(classifier_dir, pipe, tmp_path, capsys):
     ldm_main(["generate", "", "--model", str(model), "-o", str(out), "--num-inference-steps", "3", "--scheduler",
               "ddim", "--classifier", str(classifier_dir), "--class-label", "twemoji", "--classifier-scale", "5"])
     assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_eval_classifier_guidance_rows_files_and_seeds(classifier_dir, pipe, emoji_dir, tmp_path):
+    from pipelines.evaluate_classifier import evaluate_classifier_guidance, format_table, guided_samples
+    from pipelines.text_to_image import load_classifier
+
+    classifier = load_classifier(classifier_dir)
+    # scale 0 is plain sampling with the same seeds: only the scale changes between rows
+    latents, images = guided_samples(pipe, classifier, ["twemoji"] * 3, 0.0, "ddim", 3, 1.0, seed=7, batch_size=4)
+    plain = pipe.generate([""] * 3, num_inference_steps=3, guidance_scale=1.0, scheduler="ddim", seed=7,
+                          output_type="latent", progress=False)
+    torch.testing.assert_close(latents, plain)
+    assert images.shape == (3, 3, 32, 32) and images.min() >= -1 and images.max() <= 1
+    metrics = evaluate_classifier_guidance(pipe, classifier, str(emoji_dir), tmp_path / "out", scales=(0.0, 100.0),
+                                           num_images=12, num_inference_steps=4, batch_size=8)
+    assert [r["classifier_scale"] for r in metrics["rows"]] == [0.0, 100.0]
+    assert metrics["label_column"] == "style" and metrics["fid_real_vs_real"] > 0
+    for row in metrics["rows"]:
+        assert row["fid"] > 0 and 0 <= row["nearest_real_accuracy"] <= 1 and 0 < row["chance"] < 1
+    # the guiding classifier's own accuracy rises with its scale (it is what the gradient pushes)
+    assert metrics["rows"][1]["classifier_accuracy"] >= metrics["rows"][0]["classifier_accuracy"]
+    for name in ("metrics.json", "classifier_guidance.png", "samples.png"):
+        assert (tmp_path / "out" / name).is_file()
+    assert "| 100 |" in format_table(metrics)
+    with pytest.raises(UserError, match="scales must be numbers >= 0"):
+        evaluate_classifier_guidance(pipe, classifier, str(emoji_dir), tmp_path / "bad", scales=(-1.0,))
