@@ -86,7 +86,8 @@ class LDMTrainConfig(TrainConfig):
 
     def validate(self) -> None:
         if self.inpainting and type(self) is LDMTrainConfig:
-            raise UserError("inpainting=true is the inpainting recipe: run it through train_ldm.py")
+            raise UserError("inpainting=true selects the inpainting recipe (recipes/inpainting.py), which "
+                            "train_ldm.py picks from the config")
         if self.init_from:
             init = self.resolve_init()
             self.init_from, self.autoencoder = str(init), self.autoencoder or str(init / "vae")

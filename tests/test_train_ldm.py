@@ -178,5 +178,5 @@ def test_bad_init_from_and_max_minutes(emoji_dir, autoencoder_dir, tmp_path):
         load_config(LDMTrainConfig, "configs/ldm/tiny.yaml", base + [f"init_from={folder}"])
     with pytest.raises(UserError, match="max_minutes must be positive"):
         load_config(LDMTrainConfig, "configs/ldm/tiny.yaml", base + ["max_minutes=0"])
-    with pytest.raises(UserError, match="inpainting=true is the inpainting recipe"):
+    with pytest.raises(UserError, match="inpainting=true selects the inpainting recipe"):
         load_config(LDMTrainConfig, "configs/ldm/tiny.yaml", base + ["inpainting=true"])
