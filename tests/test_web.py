@@ -221,7 +221,8 @@ def test_inpaint_tab_changes_only_the_painted_region(server, chromium, tmp_path)
     canvas = page.locator("#editor canvas").first
     for attempt in range(3):  # a file set while the tab is still being drawn is sometimes dropped: upload again
         page.locator("#editor input[type=file]").first.set_input_files(str(tmp_path / "in.png"))
-        if _wait_until_canvas_shows(canvas, (250, 200, 40), "the uploaded image", timeout_s=15, fail=attempt == 2):
+        # 40 s: on two busy cores the editor can take that long to draw an upload (15 s failed beside a training run)
+        if _wait_until_canvas_shows(canvas, (250, 200, 40), "the uploaded image", timeout_s=40, fail=attempt == 2):
             break
     box = canvas.bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
