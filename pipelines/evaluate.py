@@ -70,6 +70,26 @@ def load_real_images(ds, split: str, indices: list[int], resolution: int, networ
     return RealImages(features, captions, names, categories)
 
 
+def training_real_sets(train, num_images: int, seed: int, size: int, network, cache: Path,
+                       notes: list[str]) -> tuple[RealImages, RealImages, list[int]]:
+    """Two disjoint seeded random sets of N training images (the first for prompts or labels, the second for the
+    real-vs-real FID), N capped at half the split with a note; also the seeded order of the split's rows."""
+    if 2 * num_images > len(train):
+        notes.append(f"N capped at {len(train) // 2}: the training split has {len(train)} images and two disjoint "
+                     f"sets of N are needed (N={num_images} asked)")
+        num_images = len(train) // 2
+    order = np.random.default_rng(seed).permutation(len(train)).tolist()
+    first = load_real_images(train, "train", order[:num_images], size, network, cache / f"train_a_{num_images}.npz")
+    second = load_real_images(train, "train", order[num_images:2 * num_images], size, network,
+                              cache / f"train_b_{num_images}.npz")
+    return first, second, order
+
+
+def squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) squared Euclidean distances between feature rows."""
+    return (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
+
+
 def features_with_progress(network, images: torch.Tensor, desc: str, batch_size: int = 32) -> np.ndarray:
     chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
     return np.concatenate([inception_features(network, chunk, batch_size) for chunk in tqdm(chunks, desc=desc,
@@ -91,8 +111,7 @@ def alignment(generated: np.ndarray, gallery: RealImages, top: int = 5) -> dict[
     """How often the nearest real images (Euclidean, Inception features) of sample i carry prompt i's name or
     category, and the chance of that when the neighbours are drawn at random from the gallery."""
     real, top = gallery.features, min(top, len(gallery.names))
-    distances = (generated**2).sum(1)[:, None] + (real**2).sum(1)[None, :] - 2 * generated @ real.T
-    nearest = np.argsort(distances, axis=1)[:, :top]
+    nearest = np.argsort(squared_distances(generated, real), axis=1)[:, :top]
     names, categories = np.array(gallery.names), np.array(gallery.categories)
     count = len(gallery.names)
 
@@ -142,16 +161,9 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
     network = inception_network()
     train = load_image_caption_dataset(data, "train")
     notes = []
-    if 2 * num_images > len(train):  # two disjoint real sets of N: one for the prompts, one for real-vs-real
-        notes.append(f"N capped at {len(train) // 2}: the training split has {len(train)} images and two disjoint "
-                     f"sets of N are needed (N={num_images} asked)")
-        num_images = len(train) // 2
-    order = np.random.default_rng(seed).permutation(len(train)).tolist()
     size = pipe.default_size()  # real images are resized (shorter side) and centre-cropped to the samples' size
-    prompts_set = load_real_images(train, "train", order[:num_images], size, network,
-                                   cache / f"train_a_{num_images}.npz")
-    reference = load_real_images(train, "train", order[num_images:2 * num_images], size, network,
-                                 cache / f"train_b_{num_images}.npz")
+    prompts_set, reference, _ = training_real_sets(train, num_images, seed, size, network, cache, notes)
+    num_images = len(prompts_set.captions)
 
     metrics: dict = {"data": str(data), "num_images": num_images, "resolution": size, "notes": notes, "seed": seed}
     main, images = evaluate_setting(pipe, network, prompts_set, scheduler, num_inference_steps, guidance_scale, seed,

@@ -11,6 +11,7 @@ asked label, with its chance level. Seeds are the same at every scale, so only t
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from core.data.dataset import load_image_caption_dataset
 from core.errors import UserError
 from core.fid import frechet_distance, inception_network
 from core.images import captioned_grid
-from pipelines.evaluate import features_with_progress, load_real_images
+from pipelines.evaluate import features_with_progress, squared_distances, training_real_sets
 
 DEFAULT_SCALES = (0.0, 1.0, 2.0, 5.0, 10.0)
 
@@ -29,19 +30,18 @@ DEFAULT_SCALES = (0.0, 1.0, 2.0, 5.0, 10.0)
 def guided_samples(pipe, classifier, labels: list[str], scale: float, scheduler: str, steps: int,
                    guidance_scale: float, seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, images in [-1, 1]) for prompt "" and each label, in the order of `labels`."""
-    latents, images = [], []
+    latents: list[torch.Tensor | None] = [None] * len(labels)
     for start in tqdm(range(0, len(labels), batch_size), desc=f"classifier scale {scale:g}", unit="batch"):
         batch = labels[start:start + batch_size]
         for label in dict.fromkeys(batch):  # one call per label (generate takes one class_label)
-            rows = [i for i, b in enumerate(batch) if b == label]
+            rows = [start + i for i, b in enumerate(batch) if b == label]
             z = pipe.generate([""] * len(rows), num_inference_steps=steps, guidance_scale=guidance_scale,
-                              scheduler=scheduler, seed=seed + start + rows[0], classifier=classifier,
+                              scheduler=scheduler, seed=seed + rows[0], classifier=classifier,
                               class_label=label, classifier_scale=scale, output_type="latent", progress=False)
-            latents.append((start, rows, z))
-    order = sorted(((start + r, z[k]) for start, rows, z in latents for k, r in enumerate(rows)), key=lambda p: p[0])
-    stacked = torch.stack([z for _, z in order])
-    for chunk in stacked.split(batch_size):
-        images.append(pipe.decode(chunk, "torch") * 2 - 1)
+            for row, latent in zip(rows, z):
+                latents[row] = latent
+    stacked = torch.stack(latents)
+    images = [pipe.decode(chunk, "torch") * 2 - 1 for chunk in stacked.split(batch_size)]
     return stacked, torch.cat(images)
 
 
@@ -57,8 +57,7 @@ def nearest_label_accuracy(features: np.ndarray, gallery: np.ndarray, gallery_la
                            labels: list[str]) -> tuple[float, float]:
     """How often the nearest gallery image (Euclidean, Inception features) has the asked label, and the chance of
     that for a random gallery image."""
-    distances = (features**2).sum(1)[:, None] + (gallery**2).sum(1)[None, :] - 2 * features @ gallery.T
-    nearest = np.asarray(gallery_labels)[distances.argmin(1)]
+    nearest = np.asarray(gallery_labels)[squared_distances(features, gallery).argmin(1)]
     values, counts = np.unique(gallery_labels, return_counts=True)
     share = dict(zip(values.tolist(), (counts / counts.sum()).tolist()))
     return float(np.mean(nearest == np.asarray(labels))), float(np.mean([share.get(y, 0.0) for y in labels]))
@@ -69,8 +68,6 @@ def evaluate_classifier_guidance(pipe, classifier, data: str, out: str | Path, s
                                  guidance_scale: float = 1.0, seed: int = 0, batch_size: int = 50,
                                  cache_dir: str | Path | None = None) -> dict:
     """A row per scale (FID, both accuracies, seconds per image); metrics.json, a plot and a sample grid in `out`."""
-    import time
-
     out = Path(out)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     out.mkdir(parents=True, exist_ok=True)
@@ -82,16 +79,10 @@ def evaluate_classifier_guidance(pipe, classifier, data: str, out: str | Path, s
     train = load_image_caption_dataset(data, "train")
     if column not in train.column_names:
         raise UserError(f"the classifier's label column '{column}' is not a column of {data}")
-    notes = []
-    if 2 * num_images > len(train):
-        notes.append(f"N capped at {len(train) // 2} (two disjoint real sets of N are needed)")
-        num_images = len(train) // 2
-    order = np.random.default_rng(seed).permutation(len(train)).tolist()
-    size = pipe.default_size()
+    notes: list[str] = []
     network = inception_network()
-    real = load_real_images(train, "train", order[:num_images], size, network, cache / f"train_a_{num_images}.npz")
-    reference = load_real_images(train, "train", order[num_images:2 * num_images], size, network,
-                                 cache / f"train_b_{num_images}.npz")
+    real, reference, order = training_real_sets(train, num_images, seed, pipe.default_size(), network, cache, notes)
+    num_images = len(real.captions)
     labels = list(train.select(order[:num_images])[column])
     unknown = sorted(set(labels) - set(classifier.config.labels))
     if unknown:

@@ -55,10 +55,14 @@ class InpaintTrainConfig(LDMTrainConfig):
         if self.cache_latents:
             raise UserError("cache_latents=true cannot be used for inpainting: the masked image's latents change "
                             "with every step's mask (leave it false)")
-        name, length = text_encoder_spec(self.resolve_init())
+        super().validate()
+
+    def fill_from_init(self, init: Path) -> None:
+        """The autoencoder, and the text encoder and its length, from init_from when not set."""
+        super().fill_from_init(init)
+        name, length = text_encoder_spec(init)
         self.text_encoder = self.text_encoder or name
         self.text_max_length = self.text_max_length or length
-        super().validate()
 
     def mask_generator(self, size: int) -> MaskGenerator:
         return MaskGenerator(size, {"strokes": self.mask_strokes_weight, "boxes": self.mask_boxes_weight,

@@ -84,13 +84,16 @@ class LDMTrainConfig(TrainConfig):
                             f"{read_model_index(init).get('_class_name')})")
         return init
 
+    def fill_from_init(self, init: Path) -> None:
+        """Settings left empty that init_from's folder decides: the autoencoder (its vae/)."""
+        self.init_from, self.autoencoder = str(init), self.autoencoder or str(init / "vae")
+
     def validate(self) -> None:
         if self.inpainting and type(self) is LDMTrainConfig:
             raise UserError("inpainting=true selects the inpainting recipe (recipes/inpainting.py), which "
                             "train_ldm.py picks from the config")
         if self.init_from:
-            init = self.resolve_init()
-            self.init_from, self.autoencoder = str(init), self.autoencoder or str(init / "vae")
+            self.fill_from_init(self.resolve_init())  # checked once: checksums hash every weight file
         super().validate()
         if not self.autoencoder:
             raise UserError("autoencoder is required: add autoencoder=DIR (the output_dir of train_autoencoder.py)")
