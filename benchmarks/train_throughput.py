@@ -10,12 +10,20 @@ timed steps after warm-up. FLOPs per image are counted with torch.utils.flop_cou
 (after the timed ones); "setup + warm-up" is the one-off cost: cache building, compilation, first steps.
 
     python benchmarks/train_throughput.py [--preset emoji-l] [--batch 32] [--steps 8] [--ours compile=true]
+
+`--levers` times our trainer alone under the CPU speed levers, each variant in its own child (alternating over
+`--repeats`), against fp32 at `--batch`: bf16 autocast (Accelerate's mixed_precision=bf16, fp32 master weights),
+channels_last U-Net and inputs, torch.compile (inductor), bf16 + compile, and half / double the batch. "loss, step 1"
+is the first step's loss on the same seeded batch (same numbers = same maths; bf16 moves it slightly).
+
+    python benchmarks/train_throughput.py --levers --preset emoji-s [--batch 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -74,9 +82,16 @@ def child_ours(args, data: Path, vae_dir: Path, out: Path) -> dict:
     trainer.setup()
     setup_seconds = time.perf_counter() - start
     batches = endless_batches(trainer.accelerator, trainer.loader, 0)
+    if args.channels_last:  # the U-Net's weights and its input batches in NHWC
+        trainer.model.to(memory_format=torch.channels_last)
+        encode = trainer.encode_batch
+        trainer.encode_batch = lambda batch: tuple(
+            t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in encode(batch))
+    losses = []
 
     def step():
-        trainer.train_step(next(batches))
+        result = trainer.train_step(next(batches))
+        losses.append(float(result["loss"]) if result else float("nan"))
 
     warmup = time.perf_counter()
     for _ in range(args.warmup):  # includes torch.compile's compilation when compile=true
@@ -84,7 +99,8 @@ def child_ours(args, data: Path, vae_dir: Path, out: Path) -> dict:
     warmup_seconds = time.perf_counter() - warmup
     times = timed_steps(step, args.steps)
     flops = step_flops(step) / args.batch
-    return {"seconds": times, "flops_per_image": flops, "setup_seconds": setup_seconds + warmup_seconds}
+    return {"seconds": times, "flops_per_image": flops, "setup_seconds": setup_seconds + warmup_seconds,
+            "first_loss": losses[0]}
 
 
 def child_reference(args, data: Path, vae_dir: Path, out: Path) -> dict:
@@ -153,15 +169,48 @@ def child_reference(args, data: Path, vae_dir: Path, out: Path) -> dict:
     return {"seconds": times, "flops_per_image": flops, "setup_seconds": warmup_seconds}
 
 
-def run_child(side: str, args, data: Path, vae_dir: Path, workdir: Path, attempt: int) -> dict:
-    out = workdir / f"{side}-{attempt}"
+def run_child(side: str, args, data: Path, vae_dir: Path, workdir: Path, attempt: int, batch: int | None = None,
+              ours: list[str] | None = None, channels_last: bool = False, env: dict | None = None) -> dict:
+    out = workdir / f"{side}-{attempt}-{len(list(workdir.iterdir()))}"
+    ours = args.ours if ours is None else ours
     command = [sys.executable, __file__, "--child", side, "--data", str(data), "--vae", str(vae_dir),
-               "--out", str(out), "--preset", args.preset, "--batch", str(args.batch), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), *sum((["--ours", o] for o in args.ours), [])]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+               "--out", str(out), "--preset", args.preset, "--batch", str(batch or args.batch),
+               "--steps", str(args.steps), "--warmup", str(args.warmup), *sum((["--ours", o] for o in ours), []),
+               *(["--channels-last"] if channels_last else [])]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     if result.returncode != 0:
         raise SystemExit(f"{side} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def levers(args, data: Path, vae_dir: Path, workdir: Path) -> None:
+    """Our trainer per speed lever, one child per variant and repeat: img/s against fp32 at the same batch."""
+    bf16 = {"ACCELERATE_MIXED_PRECISION": "bf16"}
+    variants = {  # name: (batch, config overrides, channels_last, environment)
+        "fp32": (args.batch, [], False, {}),
+        "bf16 autocast": (args.batch, [], False, bf16),
+        "channels_last": (args.batch, [], True, {}),
+        "compile": (args.batch, ["compile=true"], False, {}),
+        "bf16 + compile": (args.batch, ["compile=true"], False, bf16),
+        f"batch {args.batch // 2}": (args.batch // 2, [], False, {}),
+        f"batch {args.batch * 2}": (args.batch * 2, [], False, {}),
+    }
+    results: dict[str, list[dict]] = {name: [] for name in variants}
+    for attempt in range(args.repeats):
+        for name, (batch, ours, channels_last, env) in variants.items():
+            results[name].append(run_child("ours", args, data, vae_dir, workdir, attempt, batch, ours,
+                                           channels_last, env))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; our trainer, U-Net {args.preset}, "
+          f"64 px -> 16x16x4 (cached latents and text), AdamW, EMA; {args.repeats} x {args.steps} timed steps per "
+          "variant after warm-up")
+    print("| variant | batch | img/s | vs fp32 | loss, step 1 | peak RSS MB | setup + warm-up s |")
+    print("|---|---|---|---|---|---|---|")
+    rates = {name: variants[name][0] / statistics.median(s for r in runs for s in r["seconds"])
+             for name, runs in results.items()}
+    for name, runs in results.items():
+        print(f"| {name} | {variants[name][0]} | {rates[name]:.1f} | {rates[name] / rates['fp32']:.2f} | "
+              f"{runs[0]['first_loss']:.5f} | {max(r['peak_rss_mb'] for r in runs):.0f} | "
+              f"{statistics.median(r['setup_seconds'] for r in runs):.1f} |", flush=True)
 
 
 def main() -> None:
@@ -172,6 +221,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="children per side, alternating")
     parser.add_argument("--ours", action="append", default=[], metavar="key=value", help="trainer config override")
+    parser.add_argument("--levers", action="store_true", help="time our trainer under the CPU speed levers (above)")
+    parser.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--vae", help=argparse.SUPPRESS)
@@ -190,6 +241,8 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="train-throughput-"))
     data, vae_dir = prepare(workdir)
+    if args.levers:
+        return levers(args, data, vae_dir, workdir)
     results: dict[str, list[dict]] = {"reference": [], "ours": []}
     for attempt in range(args.repeats):
         for side in results:
