@@ -19,8 +19,8 @@ def main(fixed: str, learned: str) -> None:
     for label, path in (("fixed variance (posterior)", fixed), ("learned variance (hybrid objective)", learned)):
         metrics = json.loads(Path(path).read_text())
         terms = {int(t): v for t, v in metrics["per_timestep"].items() if int(t) > 0}
-        ax.plot(list(terms), list(terms.values()),
-                label=f"{label}: total {metrics['bits_per_dim']:.3f} bits/dim, L_0 {metrics['decoder_bits_per_dim']:.2f}")
+        totals = f"total {metrics['bits_per_dim']:.3f} bits/dim, L_0 {metrics['decoder_bits_per_dim']:.2f}"
+        ax.plot(list(terms), list(terms.values()), label=f"{label}: {totals}")
     ax.set(xscale="log", yscale="log", xlabel="timestep t", ylabel="KL term L_{t-1}, bits per latent dimension",
            title="the bound by timestep, equal training steps (2,400 of 32)")
     ax.legend(fontsize=8)
