@@ -52,14 +52,18 @@ def evaluate_vlb(pipe, data: str, out: str | Path, split: str = "validation", nu
                            torch.arange(timestep_stride, schedule.num_train_timesteps, timestep_stride)])
     torch.manual_seed(seed)
     priors, terms, dims = [], [], 0
-    for batch in tqdm(loader, desc="variational bound", unit="batch"):
+    # one U-Net pass per batch and timestep: 1,000 per batch at stride 1, so the bar counts passes, not batches
+    progress = tqdm(total=len(loader) * len(timesteps), desc="variational bound", unit="pass")
+    for batch in loader:
         if batch is None:
+            progress.update(len(timesteps))
             continue
         pixels = batch["pixel_values"].to(pipe.device, pipe.vae.dtype)
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
         context = pipe.text_embeddings([variants[0] for variants in batch["captions"]]).to(pipe.unet.dtype)
 
         def predict(xt: torch.Tensor, t: torch.Tensor):
+            progress.update(1)
             output = pipe.denoiser(xt.to(pipe.unet.dtype), t.to(pipe.device), context).cpu().double()
             if not pipe.predicts_variance:
                 return output
@@ -70,6 +74,7 @@ def evaluate_vlb(pipe, data: str, out: str | Path, split: str = "validation", nu
         priors.append(prior)
         terms.append(batch_terms)
         dims = latents[0].numel()
+    progress.close()
     prior, terms = torch.cat(priors), torch.cat(terms)
     bits = 1 / (dims * math.log(2))
     kl = terms[:, 1:].sum(1) * timestep_stride
