@@ -216,14 +216,18 @@ def test_inpaint_tab_changes_only_the_painted_region(server, chromium, tmp_path)
     source[16:48, 16:48] = (250, 200, 40)  # a yellow square on white, like an emoji
     Image.fromarray(source).save(tmp_path / "in.png")
     page = _open(chromium, server)
-    page.get_by_role("tab", name="Inpaint").click()
-    page.locator("#editor").wait_for()
-    canvas = page.locator("#editor canvas").first
-    for attempt in range(3):  # a file set while the tab is still being drawn is sometimes dropped: upload again
+    for attempt in range(3):  # a file set while the tab is still being drawn is sometimes dropped: a fresh page
+        if attempt:
+            page.reload()
+        page.get_by_role("tab", name="Inpaint").click()
+        page.locator("#editor").wait_for()
         page.locator("#editor input[type=file]").first.set_input_files(str(tmp_path / "in.png"))
-        # 40 s: on two busy cores the editor can take that long to draw an upload (15 s failed beside a training run)
-        if _wait_until_canvas_shows(canvas, (250, 200, 40), "the uploaded image", timeout_s=40, fail=attempt == 2):
+        # the whole editor, whichever of its canvases draws the image; 40 s: on two busy cores the editor can take that
+        # long to draw an upload (15 s failed beside a training run)
+        if _wait_until_canvas_shows(page.locator("#editor"), (250, 200, 40), "the uploaded image", timeout_s=40,
+                                    fail=attempt == 2):
             break
+    canvas = page.locator("#editor canvas").first
     box = canvas.bounding_box()
     x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     page.mouse.move(x - 50, y - 10)
