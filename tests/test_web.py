@@ -137,13 +137,14 @@ def _wait_for(page, selector: str, timeout_s: float = 120) -> None:
     pytest.fail(f"{selector} did not appear in {timeout_s} s")
 
 
-def _wait_until_canvas_shows(canvas, colour: tuple[int, int, int], what: str, timeout_s: float = 60,
-                             fail: bool = True) -> bool:
-    """Wait until the editor's canvas draws `colour` somewhere (the editor is ready only once it shows the image)."""
+def _wait_until_shows(element, colour: tuple[int, int, int], what: str, timeout_s: float = 60,
+                      fail: bool = True) -> bool:
+    """Wait until `element` (the editor, or one of its canvases) draws `colour` somewhere (the editor is ready only
+    once it shows the image)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        if canvas.count():
-            pixels = np.asarray(Image.open(io.BytesIO(canvas.screenshot())).convert("RGB")).astype(int)
+        if element.count():
+            pixels = np.asarray(Image.open(io.BytesIO(element.screenshot())).convert("RGB")).astype(int)
             if (np.abs(pixels - colour).sum(-1) < 30).sum() > 50:
                 return True
         time.sleep(0.5)
@@ -224,8 +225,8 @@ def test_inpaint_tab_changes_only_the_painted_region(server, chromium, tmp_path)
         page.locator("#editor input[type=file]").first.set_input_files(str(tmp_path / "in.png"))
         # the whole editor, whichever of its canvases draws the image; 40 s: on two busy cores the editor can take that
         # long to draw an upload (15 s failed beside a training run)
-        if _wait_until_canvas_shows(page.locator("#editor"), (250, 200, 40), "the uploaded image", timeout_s=40,
-                                    fail=attempt == 2):
+        if _wait_until_shows(page.locator("#editor"), (250, 200, 40), "the uploaded image", timeout_s=40,
+                             fail=attempt == 2):
             break
     canvas = page.locator("#editor canvas").first
     box = canvas.bounding_box()
@@ -235,7 +236,7 @@ def test_inpaint_tab_changes_only_the_painted_region(server, chromium, tmp_path)
     for k in range(21):
         page.mouse.move(x - 50 + 5 * k, y - 10 + k, steps=2)
     page.mouse.up()
-    _wait_until_canvas_shows(canvas, (255, 51, 153), "the brush stroke")  # the brush colour, #ff3399
+    _wait_until_shows(canvas, (255, 51, 153), "the brush stroke")  # the brush colour, #ff3399
     page.locator("#in-prompt textarea").fill("cat face")
     page.locator("#inpaint").click()
     _wait_for(page, "#result img")
