@@ -104,7 +104,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     pipe = InpaintPipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle)
     _write_images(pipe.generate(image=image, mask_image=mask, strength=args.strength, method=args.method,
                                 repaint_jump_length=args.repaint_jump_length,
-                                repaint_jump_n_sample=args.repaint_jump_n_sample,
+                                repaint_jump_n_sample=args.repaint_jump_n_sample, latent_mask=args.latent_mask,
                                 paste_back=not args.no_paste_back, feather=args.feather, **_sampling_kwargs(args)),
                   out)
 
@@ -178,11 +178,13 @@ def cmd_eval_classifier_guidance(args: argparse.Namespace) -> None:
 def cmd_eval_inpaint(args: argparse.Namespace) -> None:
     from pipelines import InpaintPipeline
     from pipelines.evaluate_inpaint import evaluate_inpainting, format_table
+    from pipelines.loading import DEFAULT_INPAINT_MODEL_DIR, DEFAULT_MODEL_DIR
 
     pipes = {}
-    for model in args.model or [None]:
+    # default: the design's claim, the inpainting fine-tune against the text-to-image model it started from
+    for model in args.model or [DEFAULT_INPAINT_MODEL_DIR, DEFAULT_MODEL_DIR]:
         pipe = InpaintPipeline(model=model)
-        label = Path(model).name if model else "default"
+        label = Path(model).name
         methods = ["unet"] if pipe.is_inpainting_unet else [m for m in args.baselines.split(",") if m]
         for method in methods:
             pipes[f"{label} {method}"] = (pipe, method)
@@ -191,7 +193,8 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> None:
     out = args.out or "eval-inpaint"
     metrics = evaluate_inpainting(pipes, args.data, out, split=args.split, num_images=args.num_images,
                                   num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                                  seed=args.seed, kinds=tuple(args.masks.split(",")))
+                                  seed=args.seed, kinds=tuple(args.masks.split(",")),
+                                  masked_input=not args.original_input)
     print(format_table(metrics))
     print(f"wrote {out}/metrics.json and {out}/examples.png")
 

@@ -82,17 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint_eval = evaluate.add_parser("inpaint", help="LaMa-protocol inpainting eval: FID, PSNR / SSIM in and out")
     inpaint_eval.add_argument("--model", action="append", default=None,
                               help="inpainting or text-to-image model folder; repeat for several (default: the "
-                                   "embedded default)")
+                                   "embedded inpainting default and the text-to-image default it was tuned from)")
     inpaint_eval.add_argument("--data", required=True, help="imagefolder with a held-out split")
     inpaint_eval.add_argument("--split", default="validation")
     inpaint_eval.add_argument("--baselines", default="blend,repaint",
-                              help="methods for text-to-image models (default blend,repaint)")
+                              help="methods for text-to-image models, each optionally with its latent mask after a "
+                                   "colon, e.g. blend:cover (default blend,repaint)")
     inpaint_eval.add_argument("--masks", default="narrow strokes,wide strokes,boxes,outpaint",
                               help="mask kinds (default: all four)")
     inpaint_eval.add_argument("--num-images", type=int, default=100, help="N held-out images (default 100)")
     inpaint_eval.add_argument("--num-inference-steps", type=int, default=D.EVAL_NUM_INFERENCE_STEPS)
     inpaint_eval.add_argument("--guidance-scale", type=float, default=D.EVAL_GUIDANCE_SCALE)
     inpaint_eval.add_argument("--seed", type=int, default=0)
+    inpaint_eval.add_argument("--original-input", action="store_true",
+                              help="give the methods the original image rather than the masked one (the older "
+                                   "protocol, which lets the 4-channel baselines copy pixels from under the mask)")
     inpaint_eval.add_argument("--out", default=None, help="results folder (default eval-inpaint)")
     inpaint_eval.set_defaults(func=commands.cmd_eval_inpaint)
 
@@ -141,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=commands.cmd_generate)
 
     inpaint = subcommands.add_parser("inpaint", help="fill the white part of a mask from a prompt")
-    _add_sampling_args(inpaint, "inpainting or text-to-image model folder (default: the embedded default)")
+    _add_sampling_args(inpaint, "inpainting or text-to-image model folder (default: the embedded inpainting "
+                                "default)")
     inpaint.add_argument("--image", required=True, help="image to edit (transparency is composited on white)")
     inpaint.add_argument("--mask", required=True,
                          help="mask image: white (>= 50%% grey) = repaint; resized to the image's size")
@@ -152,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "repaint: RePaint resampling (text-to-image models; about jump-n-sample x the cost)")
     inpaint.add_argument("--repaint-jump-length", type=int, default=10, help="RePaint's j (default 10)")
     inpaint.add_argument("--repaint-jump-n-sample", type=int, default=10, help="RePaint's r (default 10)")
+    inpaint.add_argument("--latent-mask", choices=("nearest", "cover"), default="nearest",
+                         help="blend / repaint: a latent cell is repainted if its sampled pixel is masked (nearest, "
+                              "diffusers') or if any of its pixels is (cover)")
     inpaint.add_argument("--no-paste-back", action="store_true",
                          help="keep the decoded pixels outside the mask (default: paste the original back)")
     inpaint.add_argument("--feather", type=float, default=0.0, help="paste-back edge blur in pixels (default 0)")
@@ -160,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = subcommands.add_parser("serve", help="web page for generating and inpainting (Gradio)")
     serve.add_argument("--model", default=None, help="text-to-image model folder (default: the embedded default)")
     serve.add_argument("--inpaint-model", default=None,
-                       help="inpainting or text-to-image model folder (default: the embedded default)")
+                       help="inpainting or text-to-image model folder (default: the embedded inpainting default)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=7860)
     serve.set_defaults(func=commands.cmd_serve)

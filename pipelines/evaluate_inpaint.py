@@ -1,11 +1,15 @@
 """`ldm eval inpaint`: inpainting measured with the LaMa protocol on held-out images, offline.
 
 A fixed, seeded mask set of four kinds (narrow strokes, wide strokes, boxes, outpainting borders) over N held-out
-images, each filled from its own caption. Per row (model x method) and mask kind: FID of the composited outputs
-(paste-back on) against the originals at N; PSNR / SSIM inside the mask (against the original: how close the fill
-is, not a goal in itself) and outside it before paste-back (how far the autoencoder round trip moves the known
-pixels); wall seconds per image. Writes `metrics.json` and `examples.png` (a line per mask kind: the first image
-masked, then each row's composited output).
+images, each filled from its own caption. Every method is given the masked image (the hole grey, 0 in [-1, 1]), as in
+LaMa: given the original, the 4-channel baselines would copy it from the latent cells that the nearest-downsampled
+mask calls known although some of their pixels are in the hole (22% of a narrow stroke at f = 4), and from the
+encoder's view across the hole's edge. `masked_input=False` keeps that older protocol for comparison. Per row
+(model x method) and mask kind: FID of the composited outputs (paste-back on) against the originals at N; PSNR /
+SSIM inside the mask (against the original: how close the fill is, not a goal in itself) and outside it before
+paste-back (how far the autoencoder round trip moves the known pixels); wall seconds per image. Writes
+`metrics.json` and `examples.png` (a line per mask kind: the first image masked, then each row's composited
+output).
 """
 
 from __future__ import annotations
@@ -60,8 +64,9 @@ def psnr_ssim_inside_outside(a: torch.Tensor, b: torch.Tensor, mask: torch.Tenso
 
 def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, split: str = "validation",
                         num_images: int = 100, num_inference_steps: int = 20, guidance_scale: float = 4.0,
-                        seed: int = 0, kinds: tuple[str, ...] = tuple(EVAL_MASKS)) -> dict:
-    """Every (row, mask kind) measurement; `pipes` maps a row name to (InpaintPipeline, method)."""
+                        seed: int = 0, kinds: tuple[str, ...] = tuple(EVAL_MASKS), masked_input: bool = True) -> dict:
+    """Every (row, mask kind) measurement; `pipes` maps a row name to (InpaintPipeline, method), the method
+    optionally with its latent mask after a colon ("blend:cover")."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     unknown = set(kinds) - set(EVAL_MASKS)
@@ -82,7 +87,7 @@ def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, sp
     real_features = inception_features(network, originals)
     metrics: dict = {"data": str(data), "split": split, "num_images": len(originals), "resolution": size,
                      "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
-                     "rows": []}
+                     "input": "masked" if masked_input else "original", "rows": []}
     target = (originals + 1) / 2
     examples = []
     for kind in kinds:
@@ -90,11 +95,14 @@ def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, sp
         first = tensor_to_pil(originals[:1])[0]
         examples.append(Image.composite(Image.new("RGB", (size, size), (128, 128, 128)), first,
                                         Image.fromarray((masks[0, 0].numpy() * 255).astype(np.uint8))))
+        given = target * (1 - masks) + 0.5 * masks if masked_input else target
         for name, (pipe, method) in pipes.items():
+            base, _, latent_mask = method.partition(":")
             raw, started = [], time.perf_counter()
             for i in tqdm(range(len(originals)), desc=f"{name}, {kind}", unit="image"):
-                raw.append(pipe.generate(captions[i], image=target[i:i + 1], mask_image=masks[i:i + 1],
-                                         method=method, num_inference_steps=num_inference_steps,
+                raw.append(pipe.generate(captions[i], image=given[i:i + 1], mask_image=masks[i:i + 1],
+                                         method=base, latent_mask=latent_mask or "nearest",
+                                         num_inference_steps=num_inference_steps,
                                          guidance_scale=guidance_scale, seed=seed + i, paste_back=False,
                                          output_type="torch", progress=False).cpu())
             seconds = (time.perf_counter() - started) / len(originals)
@@ -115,7 +123,8 @@ def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, sp
 
 def format_table(metrics: dict) -> str:
     lines = [f"N = {metrics['num_images']} images of split '{metrics['split']}', {metrics['resolution']} px, "
-             f"{metrics['num_inference_steps']} steps, guidance {metrics['guidance_scale']:g}",
+             f"{metrics['num_inference_steps']} steps, guidance {metrics['guidance_scale']:g}, "
+             f"{metrics.get('input', 'original')} image as input",
              "| masks (coverage) | row | FID | PSNR inside | SSIM inside | PSNR outside, before paste-back | "
              "s / image |", "|---|---|---|---|---|---|---|"]
     for r in metrics["rows"]:

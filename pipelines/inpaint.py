@@ -38,14 +38,18 @@ from pipelines.text_to_image import Pipeline, images_to_pil
 logger = logging.getLogger(__name__)
 
 METHODS = ("unet", "blend", "repaint")
+LATENT_MASKS = ("nearest", "cover")  # how blend / repaint take the pixel mask to latent cells
 
 
 class InpaintPipeline(Pipeline):
     """Inpainting with a trained latent diffusion model (an inpainting fine-tune, or a text-to-image model).
 
     `InpaintPipeline(prompt, image=..., mask_image=...)` (alias `mask=`): PIL, numpy or torch, as diffusers takes
-    them; white (>= 0.5) = repaint. No `model` = the embedded default text-to-image model with `blend`.
+    them; white (>= 0.5) = repaint. No `model` = the embedded inpainting default (fine-tuned from the text-to-image
+    default); `model=DIR` also takes a text-to-image model, used with `blend` or `repaint`.
     """
+
+    inpainting_default = True
 
     def __init__(self, prompt: str | list[str] | None = None, model=None, *, image=None, mask_image=None, mask=None,
                  **components) -> None:
@@ -69,16 +73,18 @@ class InpaintPipeline(Pipeline):
     @torch.inference_mode()
     def generate(self, prompt: str | list[str] | None = None, image=None, mask_image=None, *, mask=None,
                  strength: float = 1.0, masked_image_latents: torch.Tensor | None = None, method: str | None = None,
-                 repaint_jump_length: int = 10, repaint_jump_n_sample: int = 10, paste_back: bool = True,
-                 feather: float = 0.0, negative_prompt: str | list[str] | None = None,
+                 repaint_jump_length: int = 10, repaint_jump_n_sample: int = 10, latent_mask: str = "nearest",
+                 paste_back: bool = True, feather: float = 0.0, negative_prompt: str | list[str] | None = None,
                  num_images: int = 1, num_inference_steps: int = NUM_INFERENCE_STEPS,
                  guidance_scale: float = GUIDANCE_SCALE, height: int | None = None, width: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
                  output_type: str = "pil", progress: bool = True):
         """Fill the mask of `image` from `prompt`. `strength` < 1 starts from the noised image instead of noise;
-        `method`: None (= `unet` for an inpainting U-Net, `blend` otherwise); `feather`: paste-back edge blur in
-        pixels. Image and mask are resized to `height` x `width` (default: the image's size)."""
+        `method`: None (= `unet` for an inpainting U-Net, `blend` otherwise); `latent_mask`: how `blend` and
+        `repaint` take the mask to latent cells, "nearest" (diffusers': one pixel per cell decides) or "cover" (a
+        cell is repainted if any of its pixels is masked); `feather`: paste-back edge blur in pixels. Image and mask
+        are resized to `height` x `width` (default: the image's size)."""
         image = self.image if image is None else image
         mask_image = _one_mask(mask_image, mask)
         mask_image = self.mask_image if mask_image is None else mask_image
@@ -90,6 +96,11 @@ class InpaintPipeline(Pipeline):
         if method == "repaint" and (strength != 1 or scheduler is not None):
             raise UserError("method='repaint' samples with its own scheduler (RePaint's) from noise: leave scheduler "
                             "and strength out")
+        if latent_mask not in LATENT_MASKS:
+            raise UserError(f"unknown latent_mask '{latent_mask}'; valid: {', '.join(LATENT_MASKS)}")
+        if latent_mask != "nearest" and method == "unet":
+            raise UserError(f"latent_mask='{latent_mask}' is for method='blend' or 'repaint'; an inpainting U-Net "
+                            "takes the mask as it was trained on it (nearest)")
         if method == "repaint" and min(repaint_jump_length, repaint_jump_n_sample) < 1:
             raise UserError("repaint_jump_length and repaint_jump_n_sample must be at least 1")
         if height is None or width is None:
@@ -119,7 +130,7 @@ class InpaintPipeline(Pipeline):
                                                                      sampler, init_image, timesteps, strength,
                                                                      need_image_latents)
         mask_latents, masked_latents = self.prepare_mask_latents(mask_condition, init_image, masked_image_latents,
-                                                                 batch, generator)
+                                                                 batch, generator, cover=latent_mask == "cover")
         if method == "unet":
             guided = self.guidance(self.inpaint_denoiser(mask_latents, masked_latents), cond, uncond, guidance_scale)
             latents = self.denoise(latents, guided, sampler, generator, progress, timesteps)
@@ -208,11 +219,13 @@ class InpaintPipeline(Pipeline):
         return sampler.add_noise(image_latents, noise, timesteps[:1].repeat(batch)), noise, image_latents
 
     def prepare_mask_latents(self, mask_condition: torch.Tensor, init_image: torch.Tensor,
-                             masked_image_latents: torch.Tensor | None, batch: int,
-                             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mask at latent size (nearest) and the masked image's latents (the hole is 0 in [-1, 1] pixels)."""
+                             masked_image_latents: torch.Tensor | None, batch: int, generator: torch.Generator | None,
+                             cover: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask at latent size (nearest, or with `cover` the max over each cell) and the masked image's latents
+        (the hole is 0 in [-1, 1] pixels)."""
         size = (mask_condition.shape[-2] // self.vae_scale_factor, mask_condition.shape[-1] // self.vae_scale_factor)
-        mask_latents = F.interpolate(mask_condition, size=size).to(self.unet.dtype)
+        resize = F.adaptive_max_pool2d if cover else F.interpolate
+        mask_latents = resize(mask_condition, size).to(self.unet.dtype)
         if masked_image_latents is None:
             masked_latents = self.encode_image(init_image * (mask_condition < 0.5), generator)
         else:

@@ -18,6 +18,7 @@ from core.errors import MissingFileError, UserError
 from core.files import atomic_folder
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DEFAULT_INPAINT_MODEL_DIR = Path(__file__).parent / "default_inpaint_model"  # fine-tuned from the one above
 TEXT_ENCODER_REFERENCE = "text_encoder.json"
 CHECKSUMS = "checksums.json"
 COMPONENT_FILES = {
@@ -30,14 +31,16 @@ COMPONENT_FILES = {
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 
-def resolve_model_path(model: str | Path | None) -> Path:
-    """The model folder for `model`: None = the embedded default, a folder, or a training output_dir (its final/)."""
+def resolve_model_path(model: str | Path | None, inpainting: bool = False) -> Path:
+    """The model folder for `model`: None = the embedded default (the inpainting one if `inpainting`), a folder, or a
+    training output_dir (its final/)."""
     if model is None:
-        if not (DEFAULT_MODEL_DIR / "model_index.json").is_file():
-            raise MissingFileError(f"the embedded default model is missing ({DEFAULT_MODEL_DIR}/model_index.json); "
-                                   "restore it with `git checkout -- pipelines/default_model` (or reinstall the "
-                                   "package), or pass a model folder (--model)")
-        return DEFAULT_MODEL_DIR
+        default = DEFAULT_INPAINT_MODEL_DIR if inpainting else DEFAULT_MODEL_DIR
+        if not (default / "model_index.json").is_file():
+            raise MissingFileError(f"the embedded default model is missing ({default}/model_index.json); restore it "
+                                   f"with `git checkout -- pipelines/{default.name}` (or reinstall the package), or "
+                                   "pass a model folder (--model)")
+        return default
     path = Path(model).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file() and (path / "final" / "model_index.json").is_file():
@@ -83,8 +86,9 @@ def file_sha256(path: Path) -> str:
 
 def verify_checksums(path: Path) -> None:
     """Every file listed in checksums.json exists and has its SHA-256; the error names the file and the fix."""
-    restore = ("restore it with `git checkout -- pipelines/default_model` (or reinstall the package)"
-               if path.resolve() == DEFAULT_MODEL_DIR.resolve() else "re-export the model folder")
+    defaults = {folder.resolve(): folder.name for folder in (DEFAULT_MODEL_DIR, DEFAULT_INPAINT_MODEL_DIR)}
+    restore = (f"restore it with `git checkout -- pipelines/{defaults[path.resolve()]}` (or reinstall the package)"
+               if path.resolve() in defaults else "re-export the model folder")
     for name, expected in json.loads((path / CHECKSUMS).read_text()).items():
         file = path / name
         if not file.is_file():

@@ -37,6 +37,8 @@ class Pipeline:
     `Pipeline(vae=..., text_encoder=..., unet=..., scheduler=...)` wraps components already in memory.
     """
 
+    inpainting_default = False  # which embedded default `model=None` loads
+
     def __init__(self, prompt: str | list[str] | None = None, model: str | Path | None = None, *,
                  vae: AutoencoderKL | None = None, text_encoder=None, unet: UNet2DConditionModel | None = None,
                  scheduler: SchedulerMixin | None = None, allow_pickle: bool = False) -> None:
@@ -45,7 +47,7 @@ class Pipeline:
         if any(given) and not all(given):
             raise UserError("pass all four components (vae, text_encoder, unet, scheduler) or none")
         if not any(given):
-            path = resolve_model_path(model)
+            path = resolve_model_path(model, inpainting=self.inpainting_default)
             check_model_folder(path, allow_pickle)
             use_safetensors = None if allow_pickle else True
             # fp32 whatever the files hold (the embedded default is stored in fp16); `.to(dtype=...)` to change

@@ -44,7 +44,8 @@ def test_build_is_deterministic(emoji_dir, tmp_path):
     for split in ("train", "validation"):
         assert _rows(again, split) == _rows(emoji_dir, split)
         for row in _rows(again, split)[:10]:
-            assert (again / split / row["file_name"]).read_bytes() == (emoji_dir / split / row["file_name"]).read_bytes()
+            name = row["file_name"]
+            assert (again / split / name).read_bytes() == (emoji_dir / split / name).read_bytes()
 
 
 def test_held_out_names_are_stable_as_the_list_grows():

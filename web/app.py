@@ -56,7 +56,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None):
 
     pipe = Pipeline(model=model)
     inpaint_pipe = InpaintPipeline(model=inpaint_model)
-    names = {"generate": model or "embedded default", "inpaint": inpaint_model or "embedded default"}
+    names = {"generate": model or "embedded default", "inpaint": inpaint_model or "embedded inpainting default"}
     factor, default_size = pipe.vae_scale_factor, pipe.default_size()
 
     def page_errors(fn):
