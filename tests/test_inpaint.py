@@ -328,6 +328,16 @@ class _CopyThrough:
         return image.clone()
 
 
+def test_eval_inpaint_refuses_an_unknown_baseline_before_any_work(tiny_components, tmp_model_dir_factory, emoji_dir,
+                                                                   capsys):
+    from cli.main import main as ldm_main
+
+    folder = tmp_model_dir_factory(tiny_components)
+    with pytest.raises(SystemExit):
+        ldm_main(["eval", "inpaint", "--data", str(emoji_dir), "--model", str(folder), "--baselines", "blend:max"])
+    assert "unknown baseline 'blend:max'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("masked_input", [True, False])
 def test_eval_inpaint_shows_the_methods_only_the_masked_image(emoji_dir, tmp_path, masked_input):
     import importlib.util
