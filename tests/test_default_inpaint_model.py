@@ -14,7 +14,7 @@ from PIL import Image
 from pipelines import InpaintPipeline
 from pipelines.loading import DEFAULT_INPAINT_MODEL_DIR, DEFAULT_MODEL_DIR
 
-# measured when the inpainting default shipped (2026-11-26)
+# measured when the inpainting default shipped (2026-11-27)
 PINNED_MEAN, PINNED_STD = 0.53162, 0.37493
 
 
