@@ -178,7 +178,6 @@ def cmd_eval_classifier_guidance(args: argparse.Namespace) -> None:
 def cmd_eval_inpaint(args: argparse.Namespace) -> None:
     from pipelines import InpaintPipeline
     from pipelines.evaluate_inpaint import evaluate_inpainting, format_table
-    from pipelines.inpaint import LATENT_MASKS
     from pipelines.loading import DEFAULT_INPAINT_MODEL_DIR, DEFAULT_MODEL_DIR
 
     pipes = {}
@@ -188,10 +187,6 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> None:
         label = Path(model).name
         methods = ["unet"] if pipe.is_inpainting_unet else [m for m in args.baselines.split(",") if m]
         for method in methods:
-            base, _, latent_mask = method.partition(":")
-            if method != "unet" and (base not in ("blend", "repaint") or latent_mask not in ("", *LATENT_MASKS)):
-                raise UserError(f"unknown baseline '{method}'; valid: blend or repaint, optionally with "
-                                f":{' or :'.join(LATENT_MASKS)}")
             pipes[f"{label} {method}"] = (pipe, method)
     if not pipes:
         raise UserError("nothing to evaluate: give an inpainting --model, or --baselines for a text-to-image one")

@@ -28,6 +28,7 @@ from core.errors import UserError
 from core.fid import frechet_distance, inception_features, inception_network
 from core.images import make_grid, tensor_to_pil
 from ldm.masks import irregular_strokes, outpaint_border, random_boxes
+from pipelines.inpaint import LATENT_MASKS, METHODS
 
 # LaMa-style evaluation masks (widths at 256 px, scaled to the image): thin and thick strokes, boxes, borders
 EVAL_MASKS = {
@@ -42,6 +43,15 @@ def eval_masks(kind: str, count: int, size: int, seed: int) -> torch.Tensor:
     """(count, 1, size, size) masks of one kind, the same for every model and method (seeded per kind)."""
     rng = np.random.default_rng([seed, list(EVAL_MASKS).index(kind)])
     return torch.from_numpy(np.stack([EVAL_MASKS[kind](rng, size) for _ in range(count)]))[:, None]
+
+
+def parse_method(method: str) -> tuple[str, str]:
+    """A row's method and its latent mask: "blend:cover" -> ("blend", "cover"); without a colon, nearest."""
+    base, _, latent_mask = method.partition(":")
+    if base not in METHODS or latent_mask not in ("", *LATENT_MASKS):
+        raise UserError(f"unknown baseline '{method}'; valid: blend or repaint, optionally with "
+                        f":{' or :'.join(LATENT_MASKS)}")
+    return base, latent_mask or "nearest"
 
 
 def psnr_ssim_inside_outside(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -67,6 +77,7 @@ def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, sp
                         seed: int = 0, kinds: tuple[str, ...] = tuple(EVAL_MASKS), masked_input: bool = True) -> dict:
     """Every (row, mask kind) measurement; `pipes` maps a row name to (InpaintPipeline, method), the method
     optionally with its latent mask after a colon ("blend:cover")."""
+    methods = {name: parse_method(method) for name, (_, method) in pipes.items()}  # refused before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     unknown = set(kinds) - set(EVAL_MASKS)
@@ -97,11 +108,11 @@ def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, sp
                                         Image.fromarray((masks[0, 0].numpy() * 255).astype(np.uint8))))
         given = target * (1 - masks) + 0.5 * masks if masked_input else target
         for name, (pipe, method) in pipes.items():
-            base, _, latent_mask = method.partition(":")
+            base, latent_mask = methods[name]
             raw, started = [], time.perf_counter()
             for i in tqdm(range(len(originals)), desc=f"{name}, {kind}", unit="image"):
                 raw.append(pipe.generate(captions[i], image=given[i:i + 1], mask_image=masks[i:i + 1],
-                                         method=base, latent_mask=latent_mask or "nearest",
+                                         method=base, latent_mask=latent_mask,
                                          num_inference_steps=num_inference_steps,
                                          guidance_scale=guidance_scale, seed=seed + i, paste_back=False,
                                          output_type="torch", progress=False).cpu())
