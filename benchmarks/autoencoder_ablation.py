@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=1000, help="validation images scored, at most")
     args = parser.parse_args()
 
-    from autoencoder.evaluate import evaluate_autoencoder
+    from evaluation.autoencoder import evaluate_autoencoder
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

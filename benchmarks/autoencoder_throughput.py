@@ -34,7 +34,7 @@ def main() -> None:
     from autoencoder.model import build_autoencoder
     from recipes.autoencoder import AutoencoderTrainConfig, AutoencoderTrainer
     from core.config import load_config
-    from core.data.emoji import build_emoji_dataset
+    from dataprep.emoji import build_emoji_dataset
     from core.accelerator import endless_batches
 
     workdir = Path(tempfile.mkdtemp(prefix="ae-throughput-"))

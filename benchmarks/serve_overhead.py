@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from web.browser import chromium_path, launch_chromium, running_server  # noqa: E402
+from tools.browser import chromium_path, launch_chromium, running_server  # noqa: E402
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 def prepare(workdir: Path) -> tuple[Path, Path]:
     """A 64 px emoji set (300 names, PyPI styles) and a randomly initialised kl-f4 autoencoder folder."""
     from autoencoder.model import build_autoencoder
-    from core.data.emoji import build_emoji_dataset
+    from dataprep.emoji import build_emoji_dataset
 
     data, vae_dir = workdir / "emoji", workdir / "vae"
     build_emoji_dataset(data, size=64, use_npm="no", limit=300)

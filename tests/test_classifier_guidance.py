@@ -100,7 +100,7 @@ def test_ldm_generate_with_a_classifier(classifier_dir, pipe, tmp_path, capsys):
 
 
 def test_eval_classifier_guidance_rows_files_and_seeds(classifier_dir, pipe, emoji_dir, tmp_path):
-    from pipelines.evaluate_classifier import evaluate_classifier_guidance, format_table, guided_samples
+    from evaluation.classifier_guidance import evaluate_classifier_guidance, format_table, guided_samples
     from pipelines.text_to_image import load_classifier
 
     classifier = load_classifier(classifier_dir)

@@ -3,7 +3,7 @@ import json
 import datasets
 import pytest
 
-from core.data.emoji import build_emoji_dataset, held_out_names
+from dataprep.emoji import build_emoji_dataset, held_out_names
 from core.errors import UserError
 
 
@@ -63,7 +63,7 @@ def test_refuses_a_non_empty_output(tmp_path):
 
 
 def test_iconify_sets_are_found_by_codepoint_or_name_slug(tmp_path):
-    from core.data.emoji import _find_iconify, _render
+    from dataprep.emoji import _find_iconify, _render
 
     body = '<circle cx="8" cy="8" r="8" fill="#f00"/>'
     icons = {"prefix": "x", "width": 16, "height": 16,
@@ -81,7 +81,7 @@ def test_iconify_sets_are_found_by_codepoint_or_name_slug(tmp_path):
 
 
 def test_short_name_is_an_everyday_word_or_the_name():
-    from core.data.emoji import _short_name
+    from dataprep.emoji import _short_name
 
     assert _short_name("slice of pizza", ["pizza"]) == "pizza"
     assert _short_name("cat", ["cat2"]) == "cat"

@@ -10,7 +10,8 @@ import pytest
 
 from core.errors import UserError
 from pipelines import Pipeline
-from pipelines.evaluate import RealImages, alignment, evaluate_generation, format_tables
+from evaluation.generation import alignment, evaluate_generation, format_tables
+from evaluation.real_images import RealImages
 
 
 def test_alignment_counts_name_hits_and_chance():

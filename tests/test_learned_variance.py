@@ -118,7 +118,7 @@ def test_hybrid_loss_trains_the_variance_through_the_bound_and_exports_ddpm(emoj
     pipe = Pipeline.from_pretrained(final)
     assert type(pipe.scheduler) is DDPMScheduler and pipe.scheduler.config.variance_type == "learned_range"
     assert pipe.generate("a cat", num_inference_steps=3, seed=0, progress=False)[0].size == (32, 32)
-    from pipelines.evaluate_vlb import evaluate_vlb
+    from evaluation.vlb import evaluate_vlb
 
     metrics = evaluate_vlb(pipe, str(emoji_dir), tmp_path / "vlb", num_images=4, timestep_stride=250)
     assert np.isfinite(metrics["bits_per_dim"]) and metrics["kl_bits_per_dim"] > 0

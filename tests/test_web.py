@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from core.errors import UserError
-from web.browser import chromium_path, launch_chromium, running_server
+from tools.browser import chromium_path, launch_chromium, running_server
 from web.requests import MAX_SIDE, MAX_STEPS, check_settings, editor_image_and_mask, read_settings, with_settings
 
 

@@ -1,1 +1,1 @@
-"""Datasets: the offline emoji corpus builder and the image-caption loader used by both training stages."""
+"""Image-caption datasets: the loader and preprocessing used by training, evaluation and the cache."""

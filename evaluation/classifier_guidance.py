@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from core.data.dataset import load_image_caption_dataset
 from core.errors import UserError
-from core.fid import frechet_distance, inception_network
+from evaluation.fid import frechet_distance, inception_network
 from core.images import captioned_grid
-from pipelines.evaluate import features_with_progress, squared_distances, training_real_sets
+from evaluation.real_images import features_with_progress, squared_distances, training_real_sets
 
 DEFAULT_SCALES = (0.0, 1.0, 2.0, 5.0, 10.0)
 

