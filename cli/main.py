@@ -152,12 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="mask image: white (>= 50%% grey) = repaint; resized to the image's size")
     inpaint.add_argument("--strength", type=float, default=1.0,
                          help="1 = start from noise, < 1 = from the noised image (default 1)")
-    inpaint.add_argument("--method", choices=("unet", "blend", "repaint"), default=None,
+    inpaint.add_argument("--method", choices=D.INPAINT_METHODS, default=None,
                          help="default: unet for an inpainting model, blend (latent blending) for text-to-image; "
                               "repaint: RePaint resampling (text-to-image models; about jump-n-sample x the cost)")
     inpaint.add_argument("--repaint-jump-length", type=int, default=10, help="RePaint's j (default 10)")
     inpaint.add_argument("--repaint-jump-n-sample", type=int, default=10, help="RePaint's r (default 10)")
-    inpaint.add_argument("--latent-mask", choices=("nearest", "cover"), default="nearest",
+    inpaint.add_argument("--latent-mask", choices=D.LATENT_MASKS, default="nearest",
                          help="blend / repaint: a latent cell is repainted if its sampled pixel is masked (nearest, "
                               "diffusers') or if any of its pixels is (cover)")
     inpaint.add_argument("--no-paste-back", action="store_true",

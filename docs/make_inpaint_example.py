@@ -13,6 +13,7 @@ from PIL import Image
 
 from core.data.dataset import load_image_caption_dataset
 from core.images import captioned_grid
+from ldm.inpainting import grey_hole_image
 from pipelines import InpaintPipeline
 from evaluation.inpainting import EVAL_MASKS, eval_masks
 from pipelines.loading import DEFAULT_MODEL_DIR
@@ -30,7 +31,7 @@ def main() -> None:
         caption = data[row]["caption"]
         mask = eval_masks(kind, 1, 64, seed=row)[0, 0]
         mask_image = Image.fromarray((mask.numpy() * 255).astype(np.uint8))
-        shown = Image.composite(Image.new("RGB", (64, 64), (128, 128, 128)), image, mask_image)
+        shown = grey_hole_image(image, mask_image)
         outputs = [pipe.generate(caption, image=shown, mask_image=mask_image, method=method,
                                  num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=0, progress=False)[0]
                    for pipe, method in ((tuned, None), (t2i, "blend"), (t2i, "repaint"))]

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from core.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
@@ -28,7 +27,8 @@ from core.errors import UserError
 from evaluation.fid import frechet_distance, inception_features, inception_network
 from core.images import make_grid, tensor_to_pil
 from ldm.masks import irregular_strokes, outpaint_border, random_boxes
-from pipelines.inpaint import LATENT_MASKS, METHODS
+from ldm.inpainting import grey_hole
+from pipelines.defaults import INPAINT_METHODS, LATENT_MASKS
 
 # LaMa-style evaluation masks (widths at 256 px, scaled to the image): thin and thick strokes, boxes, borders
 EVAL_MASKS = {
@@ -48,7 +48,7 @@ def eval_masks(kind: str, count: int, size: int, seed: int) -> torch.Tensor:
 def parse_method(method: str) -> tuple[str, str]:
     """A row's method and its latent mask: "blend:cover" -> ("blend", "cover"); without a colon, nearest."""
     base, _, latent_mask = method.partition(":")
-    if base not in METHODS or latent_mask not in ("", *LATENT_MASKS):
+    if base not in INPAINT_METHODS or latent_mask not in ("", *LATENT_MASKS):
         raise UserError(f"unknown baseline '{method}'; valid: blend or repaint, optionally with "
                         f":{' or :'.join(LATENT_MASKS)}")
     return base, latent_mask or "nearest"
@@ -103,10 +103,9 @@ def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, sp
     examples = []
     for kind in kinds:
         masks = eval_masks(kind, len(originals), size, seed)
-        first = tensor_to_pil(originals[:1])[0]
-        examples.append(Image.composite(Image.new("RGB", (size, size), (128, 128, 128)), first,
-                                        Image.fromarray((masks[0, 0].numpy() * 255).astype(np.uint8))))
-        given = target * (1 - masks) + 0.5 * masks if masked_input else target
+        hidden = grey_hole(target, masks)
+        examples.append(tensor_to_pil(hidden[:1] * 2 - 1)[0])
+        given = hidden if masked_input else target
         for name, (pipe, method) in pipes.items():
             base, latent_mask = methods[name]
             raw, started = [], time.perf_counter()

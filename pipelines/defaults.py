@@ -21,3 +21,7 @@ EVAL_BATCH_SIZE = 50
 SAMPLER_SWEEP = (("ddpm", 1000), ("ddpm", 250), ("ddim", 50), ("dpm++", 20), ("dpm++", 10), ("euler", 30),
                  ("unipc", 10))
 GUIDANCE_SWEEP = (1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 9.0)
+
+# inpainting: the methods (by the model's U-Net) and how blend / repaint take the pixel mask to latent cells
+INPAINT_METHODS = ("unet", "blend", "repaint")
+LATENT_MASKS = ("nearest", "cover")

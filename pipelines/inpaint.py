@@ -21,7 +21,6 @@ import logging
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import RePaintScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -31,15 +30,12 @@ from tqdm.auto import tqdm
 
 from core.data.dataset import to_rgb
 from core.errors import UserError
-from pipelines.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
+from ldm.inpainting import encode_masked_image, mask_at_latent_size, unet_conditioning
+from pipelines.defaults import GUIDANCE_SCALE, INPAINT_METHODS, LATENT_MASKS, NUM_INFERENCE_STEPS
 from pipelines.guidance import ClassifierFreeGuidance
 from pipelines.text_to_image import Pipeline, images_to_pil
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("unet", "blend", "repaint")
-LATENT_MASKS = ("nearest", "cover")  # how blend / repaint take the pixel mask to latent cells
-
 
 class InpaintPipeline(Pipeline):
     """Inpainting with a trained latent diffusion model (an inpainting fine-tune, or a text-to-image model).
@@ -71,22 +67,75 @@ class InpaintPipeline(Pipeline):
         self.check_output_channels()
 
     @torch.inference_mode()
-    def generate(self, prompt: str | list[str] | None = None, image=None, mask_image=None, *, mask=None,
-                 strength: float = 1.0, masked_image_latents: torch.Tensor | None = None, method: str | None = None,
-                 repaint_jump_length: int = 10, repaint_jump_n_sample: int = 10, latent_mask: str = "nearest",
-                 paste_back: bool = True, feather: float = 0.0, negative_prompt: str | list[str] | None = None,
+    def generate(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  num_images: int = 1, num_inference_steps: int = NUM_INFERENCE_STEPS,
                  guidance_scale: float = GUIDANCE_SCALE, height: int | None = None, width: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
-                 output_type: str = "pil", progress: bool = True):
-        """Fill the mask of `image` from `prompt`. `strength` < 1 starts from the noised image instead of noise;
-        `method`: None (= `unet` for an inpainting U-Net, `blend` otherwise); `latent_mask`: how `blend` and
-        `repaint` take the mask to latent cells, "nearest" (diffusers': one pixel per cell decides) or "cover" (a
-        cell is repainted if any of its pixels is masked); `feather`: paste-back edge blur in pixels. Image and mask
-        are resized to `height` x `width` (default: the image's size)."""
+                 output_type: str = "pil", progress: bool = True, *, image=None, mask_image=None, mask=None,
+                 strength: float = 1.0, masked_image_latents: torch.Tensor | None = None, method: str | None = None,
+                 repaint_jump_length: int = 10, repaint_jump_n_sample: int = 10, latent_mask: str = "nearest",
+                 paste_back: bool = True, feather: float = 0.0):
+        """Fill the mask of `image` from `prompt`; `Pipeline.generate`'s arguments in its order, then the
+        inpainting ones by keyword. `strength` < 1 starts from the noised image instead of noise; `method`: None
+        (= `unet` for an inpainting U-Net, `blend` otherwise); `latent_mask`: how `blend` and `repaint` take the
+        mask to latent cells, "nearest" (diffusers': one pixel per cell decides) or "cover" (a cell is repainted if
+        any of its pixels is masked); `feather`: paste-back edge blur in pixels. Image and mask are resized to
+        `height` x `width` (default: the image's size)."""
+        # 1. check inputs
+        if not (negative_prompt is None or isinstance(negative_prompt, (str, list, tuple))):
+            raise UserError("the second positional argument of generate is negative_prompt, as in Pipeline.generate; "
+                            "pass the image and mask by name: generate(prompt, image=..., mask_image=...)")
+        image, mask_image, method = self.check_inpaint_inputs(image, _one_mask(mask_image, mask), method, strength,
+                                                              scheduler, latent_mask, repaint_jump_length,
+                                                              repaint_jump_n_sample)
+        height, width = self.image_size(image, height, width)
+        prompts, negative, height, width = self.check_inputs(prompt, negative_prompt, num_images, num_inference_steps,
+                                                             guidance_scale, height, width, output_type)
+        # 2. prepare image and mask
+        init_image, mask_condition = self.prepare_image_and_mask(image, mask_image, height, width)
+        batch = len(prompts) * num_images
+        if not mask_condition.any():
+            logger.warning("the mask is empty (no pixel >= 0.5): returning the image unchanged")
+            return self.unchanged(init_image, batch, output_type)
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        # 3. encode prompt
+        cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
+        # 4. prepare latents: the start, the image's latents, the mask and the masked image at latent size
+        sampler, timesteps = self.prepare_inpaint_scheduler(scheduler, num_inference_steps, strength)
+        need_image_latents = method != "unet" or (latents is None and strength < 1)
+        latents, noise, image_latents = self.prepare_inpaint_latents(batch, height, width, generator, latents,
+                                                                     sampler, init_image, timesteps, strength,
+                                                                     need_image_latents)
+        mask_latents, masked_latents = self.prepare_mask_latents(mask_condition, init_image, masked_image_latents,
+                                                                 batch, generator, cover=latent_mask == "cover")
+        # 5. denoise, per method
+        if method == "unet":
+            guided = self.guidance(self.inpaint_denoiser(mask_latents, masked_latents), cond, uncond, guidance_scale)
+            latents = self.denoise(latents, guided, sampler, generator, progress, timesteps)
+        elif method == "repaint":
+            guided = self.guidance(self.denoiser, cond, uncond, guidance_scale)
+            latents = self.repaint(latents, guided, image_latents, mask_latents, num_inference_steps,
+                                   repaint_jump_length, repaint_jump_n_sample, generator, progress)
+        else:
+            guided = self.guidance(self.denoiser, cond, uncond, guidance_scale)
+            latents = self.denoise_blending(latents, guided, sampler, timesteps, image_latents, noise, mask_latents,
+                                            generator, progress)
+        if output_type == "latent":
+            return latents
+        # 6. decode; 7. paste the original back outside the mask
+        images = self.decode(latents, "torch")
+        if paste_back:
+            images = paste(images, (init_image + 1) / 2, mask_condition, feather)
+        return self.decode_output(images, output_type)
+
+    def check_inpaint_inputs(self, image, mask_image, method: str | None, strength: float,
+                             scheduler: str | SchedulerMixin | None, latent_mask: str, repaint_jump_length: int,
+                             repaint_jump_n_sample: int) -> tuple[object, object, str]:
+        """The inpainting arguments, checked before any work: (image, mask, method), falling back to the ones given
+        to the constructor."""
         image = self.image if image is None else image
-        mask_image = _one_mask(mask_image, mask)
         mask_image = self.mask_image if mask_image is None else mask_image
         if image is None or mask_image is None:
             raise UserError("inpainting needs an image and a mask: image=..., mask_image=... (white = repaint)")
@@ -103,62 +152,31 @@ class InpaintPipeline(Pipeline):
                             "takes the mask as it was trained on it (nearest)")
         if method == "repaint" and min(repaint_jump_length, repaint_jump_n_sample) < 1:
             raise UserError("repaint_jump_length and repaint_jump_n_sample must be at least 1")
-        if height is None or width is None:
-            image_height, image_width = _image_size(image)
-            factor = self.vae_scale_factor
-            if image_height % factor or image_width % factor:
-                raise UserError(f"the image is {image_width}x{image_height}; its sides must be multiples of the "
-                                f"autoencoder's downsampling factor {factor}: pass height= and width= to resize it")
-            height, width = height or image_height, width or image_width
-        prompts, negative, height, width = self.check_inputs(prompt, negative_prompt, num_images, num_inference_steps,
-                                                             guidance_scale, height, width, output_type)
-        init_image, mask_condition = self.prepare_image_and_mask(image, mask_image, height, width)
-        batch = len(prompts) * num_images
-        if not mask_condition.any():
-            logger.warning("the mask is empty (no pixel >= 0.5): returning the image unchanged")
-            if output_type == "latent":  # the image's latents (posterior mean)
-                latents = self.vae.encode(init_image.to(self.unet.dtype)).latent_dist.mean
-                return (latents * self.vae.config.scaling_factor).repeat(batch, 1, 1, 1)
-            return self.decode_output(((init_image + 1) / 2).repeat(batch, 1, 1, 1), output_type)
-        if generator is None and seed is not None:
-            generator = torch.Generator("cpu").manual_seed(seed)
+        return image, mask_image, method
 
-        cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
-        sampler, timesteps = self.prepare_inpaint_scheduler(scheduler, num_inference_steps, strength)
-        need_image_latents = method != "unet" or (latents is None and strength < 1)
-        latents, noise, image_latents = self.prepare_inpaint_latents(batch, height, width, generator, latents,
-                                                                     sampler, init_image, timesteps, strength,
-                                                                     need_image_latents)
-        mask_latents, masked_latents = self.prepare_mask_latents(mask_condition, init_image, masked_image_latents,
-                                                                 batch, generator, cover=latent_mask == "cover")
-        if method == "unet":
-            guided = self.guidance(self.inpaint_denoiser(mask_latents, masked_latents), cond, uncond, guidance_scale)
-            latents = self.denoise(latents, guided, sampler, generator, progress, timesteps)
-        elif method == "repaint":
-            guided = self.guidance(self.denoiser, cond, uncond, guidance_scale)
-            latents = self.repaint(latents, guided, image_latents, mask_latents, num_inference_steps,
-                                   repaint_jump_length, repaint_jump_n_sample, generator, progress)
-        else:
-            def blend(i: int, x: torch.Tensor) -> torch.Tensor:
-                known = image_latents
-                if i < len(timesteps) - 1:
-                    known = sampler.add_noise(image_latents, noise, torch.tensor([timesteps[i + 1]]))
-                return (1 - mask_latents) * known + mask_latents * x
+    def image_size(self, image, height: int | None, width: int | None) -> tuple[int, int]:
+        """(height, width): the given ones, else the image's own, which must fit the autoencoder's factor."""
+        if height is not None and width is not None:
+            return height, width
+        image_height, image_width = _image_size(image)
+        factor = self.vae_scale_factor
+        if image_height % factor or image_width % factor:
+            raise UserError(f"the image is {image_width}x{image_height}; its sides must be multiples of the "
+                            f"autoencoder's downsampling factor {factor}: pass height= and width= to resize it")
+        return height or image_height, width or image_width
 
-            guided = self.guidance(self.denoiser, cond, uncond, guidance_scale)
-            latents = self.denoise(latents, guided, sampler, generator, progress, timesteps, after_step=blend)
+    def unchanged(self, init_image: torch.Tensor, batch: int, output_type: str):
+        """What an empty mask returns: the image itself (its posterior-mean latents for output_type="latent")."""
         if output_type == "latent":
-            return latents
-        images = self.decode(latents, "torch")
-        if paste_back:
-            images = paste(images, (init_image + 1) / 2, mask_condition, feather)
-        return self.decode_output(images, output_type)
+            latents = self.vae.encode(init_image.to(self.unet.dtype)).latent_dist.mean
+            return (latents * self.vae.config.scaling_factor).repeat(batch, 1, 1, 1)
+        return self.decode_output(((init_image + 1) / 2).repeat(batch, 1, 1, 1), output_type)
 
     def check_method(self, method: str | None) -> str:
         if method is None:
             return "unet" if self.is_inpainting_unet else "blend"
-        if method not in METHODS:
-            raise UserError(f"unknown inpainting method '{method}'; valid: {', '.join(METHODS)}")
+        if method not in INPAINT_METHODS:
+            raise UserError(f"unknown inpainting method '{method}'; valid: {', '.join(INPAINT_METHODS)}")
         if (method == "unet") != self.is_inpainting_unet:
             kind = "an inpainting" if self.is_inpainting_unet else "a text-to-image"
             fits = "'unet'" if self.is_inpainting_unet else "'blend' or 'repaint'"
@@ -221,13 +239,11 @@ class InpaintPipeline(Pipeline):
     def prepare_mask_latents(self, mask_condition: torch.Tensor, init_image: torch.Tensor,
                              masked_image_latents: torch.Tensor | None, batch: int, generator: torch.Generator | None,
                              cover: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The mask at latent size (nearest, or with `cover` the max over each cell) and the masked image's latents
-        (the hole is 0 in [-1, 1] pixels)."""
+        """The mask at latent size and the masked image's latents (ldm/inpainting.py, as the fine-tune trains)."""
         size = (mask_condition.shape[-2] // self.vae_scale_factor, mask_condition.shape[-1] // self.vae_scale_factor)
-        resize = F.adaptive_max_pool2d if cover else F.interpolate
-        mask_latents = resize(mask_condition, size).to(self.unet.dtype)
+        mask_latents = mask_at_latent_size(mask_condition, size, cover).to(self.unet.dtype)
         if masked_image_latents is None:
-            masked_latents = self.encode_image(init_image * (mask_condition < 0.5), generator)
+            masked_latents = encode_masked_image(self.vae, init_image.to(self.unet.dtype), mask_condition, generator)
         else:
             if tuple(masked_image_latents.shape[1:]) != (self.latent_channels, *size):
                 raise UserError(f"masked_image_latents have shape {tuple(masked_image_latents.shape)}; expected "
@@ -237,13 +253,26 @@ class InpaintPipeline(Pipeline):
 
     def inpaint_denoiser(self, mask_latents: torch.Tensor, masked_latents: torch.Tensor):
         """The 9-channel U-Net as a denoiser of the noisy latents: mask and masked-image latents appended."""
-        extra = torch.cat([mask_latents, masked_latents], dim=1)
+        extra = unet_conditioning(mask_latents, masked_latents)
 
         def denoiser(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             copies = x.shape[0] // extra.shape[0]  # 2 when guidance batches both branches
             return self.denoiser(torch.cat([x, extra.repeat(copies, 1, 1, 1)], dim=1), t, context)
 
         return denoiser
+
+    def denoise_blending(self, latents: torch.Tensor, guided: ClassifierFreeGuidance, sampler: SchedulerMixin,
+                         timesteps: torch.Tensor, image_latents: torch.Tensor, noise: torch.Tensor,
+                         mask_latents: torch.Tensor, generator: torch.Generator | None, progress: bool) -> torch.Tensor:
+        """Latent blending (diffusers' 4-channel path): after step i the known region is replaced by the image's
+        latents noised to the next timestep (the clean latents after the last step)."""
+        def keep_known(i: int, x: torch.Tensor) -> torch.Tensor:
+            known = image_latents
+            if i < len(timesteps) - 1:
+                known = sampler.add_noise(image_latents, noise, torch.tensor([timesteps[i + 1]]))
+            return (1 - mask_latents) * known + mask_latents * x
+
+        return self.denoise(latents, guided, sampler, generator, progress, timesteps, after_step=keep_known)
 
     def repaint(self, latents: torch.Tensor, guided: ClassifierFreeGuidance, image_latents: torch.Tensor,
                 mask_latents: torch.Tensor, num_inference_steps: int, jump_length: int, jump_n_sample: int,

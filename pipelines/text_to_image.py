@@ -168,9 +168,9 @@ class Pipeline:
         prompt = self.prompt if prompt is None else prompt
         if prompt is None:
             raise UserError("no prompt: pass one to Pipeline(...) or generate(...) ('' for unconditional)")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = _text_list(prompt, "prompt")
         negative = [negative_prompt or ""] * len(prompts) if negative_prompt is None or isinstance(
-            negative_prompt, str) else list(negative_prompt)
+            negative_prompt, str) else _text_list(negative_prompt, "negative_prompt")
         height = self.default_size() if height is None else height
         width = self.default_size() if width is None else width
         factor = self.vae_scale_factor
@@ -297,6 +297,14 @@ def load_classifier(path):
         raise MissingFileError(f"classifier {path} is not a classifier folder (no config.json); pass the output_dir "
                                "of train_classifier.py")
     return NoisyLatentClassifier.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
+
+
+def _text_list(text, name: str) -> list[str]:
+    """A prompt argument as a list of strings, or a UserError naming what came instead."""
+    texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+    if texts is None or not all(isinstance(t, str) for t in texts):
+        raise UserError(f"{name} must be a string or a list of strings, got {type(text).__name__}")
+    return texts
 
 
 def images_to_pil(images: np.ndarray) -> list[Image.Image]:

@@ -16,12 +16,12 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from core.errors import UserError
 from core.images import make_grid, tensor_to_pil
+from ldm.inpainting import encode_masked_image, grey_hole_image, mask_at_latent_size, unet_conditioning
 from ldm.masks import MaskGenerator
 from ldm.unet import inpainting_unet_from
 from pipelines.inpaint import InpaintPipeline
@@ -93,11 +93,11 @@ class InpaintTrainer(LDMTrainer):
 
     @torch.no_grad()
     def extra_inputs(self, batch: dict, latents: torch.Tensor) -> torch.Tensor:
-        """[mask at latent size (nearest), latents of the masked image (the hole is 0 in [-1, 1] pixels)]."""
+        """[mask at latent size, latents of the masked image]: the contract of ldm/inpainting.py."""
         pixels = batch["pixel_values"].to(latents.device)
         masks = self.draw_masks(len(pixels)).to(pixels.device)
-        masked = self.vae.encode(pixels * (masks < 0.5)).latent_dist.sample() * self.vae.config.scaling_factor
-        return torch.cat([F.interpolate(masks, size=latents.shape[-2:]), masked], dim=1)
+        return unet_conditioning(mask_at_latent_size(masks, tuple(latents.shape[-2:])),
+                                 encode_masked_image(self.vae, pixels, masks))
 
     def make_samples(self) -> tuple[str, Image.Image]:
         """Per sample prompt, a training image with a fixed mask: masked input (grey hole) above the output."""
@@ -109,7 +109,7 @@ class InpaintTrainer(LDMTrainer):
             row = self.sample_rows[i % len(self.sample_rows)]
             image = tensor_to_pil(row["pixel_values"][None])[0]
             mask = Image.fromarray((generator(rng) * 255).astype(np.uint8))
-            inputs.append(Image.composite(Image.new("RGB", image.size, (128, 128, 128)), image, mask))
+            inputs.append(grey_hole_image(image, mask))
             outputs += pipe.generate(prompt, image=image, mask=mask, seed=self.config.sample_seed,
                                      num_inference_steps=self.config.sample_num_inference_steps,
                                      guidance_scale=self.config.sample_guidance_scale, progress=False)

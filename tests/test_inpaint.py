@@ -198,6 +198,14 @@ def test_bad_inpainting_input(inpaint_components, tiny_components, caplog):
         pipe.generate(image=image, mask=mask, latent_mask="max")
     with pytest.raises(UserError, match="pass the mask once"):
         pipe.generate(image=image, mask=mask, mask_image=mask)
+    with pytest.raises(UserError, match="second positional argument of generate is negative_prompt"):
+        pipe.generate("a cat", image, mask)  # the order before generate's arguments matched Pipeline.generate's
+    positional = pipe.generate("a cat", "a dog", 1, 2, 3.0, 32, 32, None, 0, image=image, mask=mask,
+                               output_type="numpy", progress=False)
+    np.testing.assert_array_equal(positional, pipe.generate(prompt="a cat", negative_prompt="a dog", num_images=1,
+                                                            num_inference_steps=2, guidance_scale=3.0, height=32,
+                                                            width=32, seed=0, image=image, mask_image=mask,
+                                                            output_type="numpy", progress=False))
     with pytest.raises(UserError, match="use `from pipelines import InpaintPipeline`"):
         Pipeline(**inpaint_components)
     with caplog.at_level(logging.WARNING):
@@ -374,3 +382,40 @@ def test_the_emoji_inpainting_config_resolves_its_stages_from_the_default(tmp_pa
     with pytest.raises(UserError, match="cache_latents=true cannot be used for inpainting"):
         load_config(InpaintTrainConfig, "configs/ldm/emoji-64-inpaint.yaml",
                     [f"output_dir={tmp_path / 'x'}", f"data={tmp_path}", "cache_latents=true"])
+
+
+def test_the_recipe_and_the_pipeline_give_the_unet_the_same_mask_and_masked_image(emoji_dir, tiny_model_dir,
+                                                                                  tmp_path):
+    """One training step of the real recipe and one sampling step of the pipeline, for the same image, mask and
+    posterior noise: the channels beside the noisy latents (ldm/inpainting.py's contract) are the same."""
+    from core.config import load_config
+    from recipes.inpainting import InpaintTrainConfig, InpaintTrainer
+
+    config = load_config(InpaintTrainConfig, "configs/ldm/tiny-inpaint.yaml",
+                         [f"data={emoji_dir}", f"init_from={tiny_model_dir}", f"output_dir={tmp_path / 'run'}",
+                          "batch_size=1", "max_steps=1", "use_ema=false"])
+    trainer = InpaintTrainer(config)
+    trainer.setup()
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 6:21, 3:30] = 1  # not aligned to the 2x2 latent cells, so nearest sampling matters
+
+    def fixed_mask(count: int) -> torch.Tensor:
+        torch.manual_seed(123)  # the masked image's posterior noise starts here, in both
+        return mask.repeat(count, 1, 1, 1)
+
+    trainer.draw_masks = fixed_mask
+    seen = []
+    hook = trainer.model.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    batch = next(iter(trainer.loader))
+    assert trainer.train_step(batch) is not None
+    hook.remove()
+    pipe = trainer.inference_pipeline()
+    pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    torch.manual_seed(123)
+    pipe.generate("a cat", image=(batch["pixel_values"] + 1) / 2, mask_image=mask, num_inference_steps=1,
+                  guidance_scale=1.0, latents=torch.zeros(1, 4, 16, 16), output_type="latent", progress=False)
+    trained, sampled = seen
+    assert trained.shape == sampled.shape == (1, 9, 16, 16)
+    assert 0 < trained[:, 4].mean() < 1  # a real mask: some latent cells masked, some not
+    torch.testing.assert_close(sampled[:, 4:], trained[:, 4:], rtol=0, atol=1e-5)
+    trainer.cleanup()

@@ -16,6 +16,7 @@ from PIL import Image
 
 from core.errors import UserError
 from core.images import open_image
+from pipelines.defaults import INPAINT_METHODS as PIPELINE_METHODS
 
 MAX_SIDE = 512  # pixels; 8x the emoji default's 64, already ~1 min per image on a CPU
 MAX_STEPS = 250
@@ -23,7 +24,7 @@ MAX_IMAGES = 8
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
 MODEL_SCHEDULER = "model's own"  # the sampler choice that leaves the model folder's scheduler in place
-INPAINT_METHODS = ("auto", "unet", "blend", "repaint")
+INPAINT_METHODS = ("auto", *PIPELINE_METHODS)  # auto: by the model's U-Net
 
 
 @dataclass
