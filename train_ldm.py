@@ -5,20 +5,17 @@ output_dir=runs/ldm autoencoder=runs/ae data=data/emoji [key=value ...]
 (set in configs/ldm/*-inpaint.yaml) it fine-tunes an inpainting U-Net from that model instead
 (recipes/inpainting.py)."""
 
-from cli.training_args import parse_training_args
-from core.config import config_values, load_config
+from cli.training_args import ldm_config, parse_training_args
 from core.errors import exit_on_user_error
+from recipes.inpainting import InpaintTrainConfig
+from recipes.inpainting import run as run_inpainting
+from recipes.latent_diffusion import run as run_text_to_image
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    config_path, overrides = parse_training_args(__doc__, argv)
-    if config_values(config_path, overrides).get("inpainting") is True:
-        from recipes.inpainting import InpaintTrainConfig, run
-        run(load_config(InpaintTrainConfig, config_path, overrides))
-    else:
-        from recipes.latent_diffusion import LDMTrainConfig, run
-        run(load_config(LDMTrainConfig, config_path, overrides))
+    config = ldm_config(*parse_training_args(__doc__, argv))
+    (run_inpainting if isinstance(config, InpaintTrainConfig) else run_text_to_image)(config)
 
 
 if __name__ == "__main__":

@@ -29,19 +29,15 @@ def cmd_data_emoji(args: argparse.Namespace) -> None:
 def cmd_show_masks(args: argparse.Namespace) -> None:
     """A grid of sampled training masks over real images: what the inpainting fine-tune will see."""
     import numpy as np
-    import yaml
     from PIL import Image
 
+    from core.config import load_config
     from core.data.dataset import ImageCaptionDataset, load_image_caption_dataset
     from core.images import make_grid, tensor_to_pil
     from recipes.inpainting import InpaintTrainConfig
 
-    settings = InpaintTrainConfig()
-    if args.config is not None:
-        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
-        for key, value in loaded.items():
-            if key.startswith("mask_") and hasattr(settings, key):
-                setattr(settings, key, float(value))
+    # the config's mask_* settings, typed and checked like training reads them (nothing else is needed here)
+    settings = load_config(InpaintTrainConfig, args.config, validate=False)
     data = ImageCaptionDataset(load_image_caption_dataset(args.data, args.split), args.size)
     masks = settings.mask_generator(args.size)
     rng = np.random.default_rng(args.seed)
@@ -163,7 +159,7 @@ def cmd_eval_generate(args: argparse.Namespace) -> None:
 def cmd_eval_classifier_guidance(args: argparse.Namespace) -> None:
     from pipelines import Pipeline
     from evaluation.classifier_guidance import evaluate_classifier_guidance, format_table
-    from pipelines.text_to_image import load_classifier
+    from ldm.classifier import load_classifier
 
     pipe, classifier = Pipeline(model=args.model), load_classifier(args.classifier)
     out = args.out or "eval-classifier-guidance"
@@ -200,21 +196,25 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_vlb(args: argparse.Namespace) -> None:
-    import yaml
-
-    from pipelines import Pipeline
     from evaluation.vlb import evaluate_vlb, format_table
+    from pipelines import Pipeline
     from pipelines.loading import resolve_model_path
 
-    path = resolve_model_path(args.model)
-    config_file = path / "config.yaml"
-    training_config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+    training_config = _saved_training_config(resolve_model_path(args.model))
     out = args.out or "eval-vlb"
     metrics = evaluate_vlb(Pipeline(model=args.model), args.data, out, split=args.split,
                            num_images=args.num_images, timestep_stride=args.timestep_stride,
                            training_config=training_config, seed=args.seed)
     print(format_table(metrics))
     print(f"wrote {out}/metrics.json and {out}/vlb.png")
+
+
+def _saved_training_config(model_folder: Path):
+    """The typed training config saved beside a model (its config.yaml), or None when there is none."""
+    from cli.training_args import ldm_config
+
+    config_file = model_folder / "config.yaml"
+    return ldm_config(config_file, validate=False) if config_file.is_file() else None
 
 
 def swap_decoder(vae, path: str):
@@ -231,7 +231,6 @@ def swap_decoder(vae, path: str):
 
 def cmd_export(args: argparse.Namespace) -> None:
     import torch
-    import yaml
 
     from pipelines import InpaintPipeline, Pipeline
     from pipelines.loading import read_model_index, resolve_model_path, save_slim_model_folder
@@ -244,7 +243,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     config_file = path / "config.yaml"
     if args.text_encoder is None and not config_file.is_file():
         raise UserError(f"{path} has no config.yaml naming its text encoder; pass --text-encoder NAME")
-    name = args.text_encoder or yaml.safe_load(config_file.read_text())["text_encoder"]
+    name = args.text_encoder or _saved_training_config(path).text_encoder
     folder = save_slim_model_folder(args.out, pipe.vae, pipe.unet, pipe.scheduler, name,
                                     pipe.text_encoder.max_length, getattr(torch, args.dtype))
     if config_file.is_file():

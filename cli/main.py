@@ -1,8 +1,15 @@
-"""The `ldm` command: `ldm data emoji` builds the offline dataset, `ldm eval autoencoder` measures the first stage,
-`ldm eval generate` the text-to-image model's samples, `ldm generate PROMPT` samples images, `ldm inpaint PROMPT`
-fills a masked region.
+"""The `ldm` command:
 
-Training runs through Accelerate instead: `accelerate launch train_autoencoder.py|train_ldm.py --config ...`.
+  ldm generate PROMPT              text-to-image with a trained model (default: the embedded one)
+  ldm inpaint PROMPT --image --mask  fill the white part of a mask (default: the embedded inpainting model)
+  ldm serve                        the web page (Gradio) over both
+  ldm export --model --out         a slim model folder (fp16, the embedded default's layout)
+  ldm data emoji | show-masks      build the offline emoji dataset; draw inpainting training masks
+  ldm eval autoencoder | generate | inpaint | classifier-guidance | vlb
+                                   measure a trained stage (evaluation/)
+
+Training runs through Accelerate instead: `accelerate launch train_autoencoder.py|train_ldm.py|train_classifier.py
+--config FILE [key=value ...]`.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from pipelines import defaults as D
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="ldm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     subcommands = parser.add_subparsers(dest="command", required=True)
 
     data = subcommands.add_parser("data", help="build datasets").add_subparsers(dest="dataset", required=True)

@@ -1,8 +1,12 @@
-"""The shared command line of the training scripts: `--config FILE` followed by `key=value` overrides."""
+"""The shared command line of the training scripts (`--config FILE` followed by `key=value` overrides) and the
+choice of the latent diffusion recipe's config class, made once from the values (a saved config.yaml too)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from core.config import build_config, read_config
 
 
 def parse_training_args(description: str, argv: list[str] | None = None) -> tuple[str | None, list[str]]:
@@ -12,3 +16,15 @@ def parse_training_args(description: str, argv: list[str] | None = None) -> tupl
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
     args = parser.parse_args(argv)
     return args.config, args.overrides
+
+
+def ldm_config(path: str | Path | None, overrides: list[str] | None = None,
+               validate: bool = True):
+    """A text-to-image (`LDMTrainConfig`) or, with `inpainting: true`, an inpainting fine-tune config
+    (`InpaintTrainConfig`): the file read once. The recipes load here, not for the other training scripts."""
+    from recipes.inpainting import InpaintTrainConfig
+    from recipes.latent_diffusion import LDMTrainConfig
+
+    values, sources = read_config(path, overrides)
+    cls = InpaintTrainConfig if values.get("inpainting") is True else LDMTrainConfig
+    return build_config(cls, values, sources, validate=validate)

@@ -23,7 +23,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise UserError(f"cannot read override '{item}': write it as key=value, e.g. max_steps=100")
-        overrides[key.strip()] = yaml.safe_load(value) if value != "" else ""
+        try:
+            overrides[key.strip()] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as err:
+            raise UserError(f"cannot read the value of override '{item}' as YAML ({type(err).__name__}); quote "
+                            f"text that starts with [ {{ or a colon: {key}='...'") from err
     return overrides
 
 
@@ -62,12 +66,10 @@ def _check_type(name: str, value: Any, annotation: Any, source: str) -> Any:
     raise UserError(f"config key '{name}' (from {source}) must be {annotation.__name__}, got {value!r}")
 
 
-def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
-    """Build a config dataclass from a flat YAML file plus `key=value` overrides; unknown keys are errors.
-
-    Keys a class lists in `renamed` (old name -> new name) are read under their new name, so configs and
-    checkpoints written before a rename still load.
-    """
+def read_config(path: str | Path | None, overrides: list[str] | None = None
+                ) -> tuple[dict[str, Any], dict[str, str]]:
+    """The raw values a flat YAML file and its `key=value` overrides set (overrides last), and where each came from.
+    The file is read once, so a caller can choose the config class by a value (e.g. `inpainting`) before building."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if path is not None:
@@ -75,7 +77,10 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
         if not path.is_file():
             raise MissingFileError(f"config file {path} does not exist; presets live in configs/, e.g. "
                                    "configs/ldm/tiny.yaml")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise UserError(f"config file {path} is not valid YAML: {err}") from err
         if not isinstance(loaded, dict):
             raise UserError(f"config file {path} must be a flat mapping of key: value")
         values.update(loaded)
@@ -83,7 +88,17 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
     command_line = parse_overrides(overrides or [])
     values.update(command_line)
     sources.update(dict.fromkeys(command_line, "the command line"))
+    return values, sources
 
+
+def build_config(cls: type[C], values: dict[str, Any], sources: dict[str, str], validate: bool = True) -> C:
+    """A config dataclass from raw values; unknown keys and wrong types are errors naming the key and its source.
+
+    Keys a class lists in `renamed` (old name -> new name) are read under their new name, so configs and
+    checkpoints written before a rename still load. `validate=False` skips the class's `validate` (reading a saved
+    config for its settings, not to train with it).
+    """
+    values, sources = dict(values), dict(sources)
     renamed: dict[str, str] = getattr(cls, "renamed", {})
     for old, new in renamed.items():
         if old in values:
@@ -99,20 +114,15 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
             raise UserError(f"unknown config key '{key}' (from {sources[key]}){hint}")
     checked = {k: _check_type(k, v, hints[k], sources[k]) for k, v in values.items()}
     config = cls(**checked)
-    validate = getattr(config, "validate", None)
-    if validate is not None:
-        validate()
+    if validate and hasattr(config, "validate"):
+        config.validate()
     return config
 
 
-def config_values(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
-    """The raw values a config file and its overrides set, overrides last (to choose a config class before loading,
-    e.g. by `inpainting`)."""
-    values: dict[str, Any] = {}
-    if path is not None and Path(path).is_file():
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        values |= loaded if isinstance(loaded, dict) else {}
-    return values | parse_overrides(overrides or [])
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None,
+                validate: bool = True) -> C:
+    """Build a config dataclass from a flat YAML file plus `key=value` overrides (see `build_config`)."""
+    return build_config(cls, *read_config(path, overrides), validate=validate)
 
 
 def save_config(config: Any, path: str | Path) -> None:

@@ -19,22 +19,24 @@ from core.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_c
 from core.errors import UserError
 from ldm.diffusion import NoiseSchedule, variational_bound
 
-def model_schedule(pipe, training_config: dict | None) -> NoiseSchedule:
-    """The noise schedule of the model's scheduler config, checked against its training config when there is one."""
+def model_schedule(pipe, training_config=None) -> NoiseSchedule:
+    """The noise schedule of the model's scheduler config, checked against its training config (the typed config
+    saved beside it) when there is one."""
     # a U-Net with variance outputs uses them, whichever sampler its folder saved
     schedule = dataclasses.replace(NoiseSchedule.from_scheduler_config(pipe.scheduler.config),
                                    learned_variance=pipe.predicts_variance)
     for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
                 "zero_terminal_snr"):
-        if training_config is not None and key in training_config and training_config[key] != getattr(schedule, key):
+        trained = getattr(training_config, key, getattr(schedule, key))
+        if trained != getattr(schedule, key):
             raise UserError(f"the model's scheduler config says {key}={getattr(schedule, key)!r} but its training "
-                            f"config.yaml says {training_config[key]!r}: the bound would use the wrong schedule")
+                            f"config.yaml says {trained!r}: the bound would use the wrong schedule")
     return schedule
 
 
 @torch.no_grad()
 def evaluate_vlb(pipe, data: str, out: str | Path, split: str = "validation", num_images: int = 100,
-                 timestep_stride: int = 1, batch_size: int = 50, training_config: dict | None = None,
+                 timestep_stride: int = 1, batch_size: int = 50, training_config=None,
                  seed: int = 0) -> dict:
     """Bits per latent dimension of the bound and of each term (prior, KL terms, decoder); writes metrics.json and
     vlb.png. With `timestep_stride` S > 1 only every S-th KL term is computed and their sum is scaled by S (an

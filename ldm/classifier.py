@@ -8,6 +8,8 @@ so that guidance can refuse a classifier that does not fit the model.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -15,7 +17,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
-from core.errors import UserError
+from core.errors import MissingFileError, UserError
 
 PRESETS = {"tiny": (16, 32), "emoji-s": (64, 128, 128)}
 
@@ -56,6 +58,32 @@ class NoisyLatentClassifier(ModelMixin, ConfigMixin):
             raise UserError(f"unknown class label '{label}' for this classifier ({self.config.label_column}); valid: "
                             f"{', '.join(labels)}")
         return labels.index(label)
+
+    def check_fits(self, vae: nn.Module, latent_size: int, resolution: int, scheduler_config: dict) -> None:
+        """Refuse a model this classifier was not trained for: another latent shape, autoencoder or noise schedule."""
+        config = self.config
+        channels = vae.config.latent_channels
+        if (config.latent_channels, config.latent_size) != (channels, latent_size):
+            raise UserError(f"the classifier was trained on {config.latent_channels}x{config.latent_size}x"
+                            f"{config.latent_size} latents; this model samples {channels}x{latent_size}x{latent_size}")
+        if not same_latent_space(config.latent_probe, vae, resolution):
+            raise UserError("the classifier was trained on another autoencoder's latents (its latent probe differs)")
+        schedule = {k: scheduler_config.get(k) for k in ("num_train_timesteps", "beta_schedule", "beta_start",
+                                                         "beta_end")}
+        if any(config.noise_schedule.get(k) != v for k, v in schedule.items()):
+            raise UserError(f"the classifier was trained with noise schedule {config.noise_schedule}, the model "
+                            f"uses {schedule}")
+
+
+def load_classifier(path: str | Path) -> NoisyLatentClassifier:
+    """A classifier folder written by train_classifier.py (its output_dir or final/)."""
+    folder = Path(path).expanduser()
+    if (folder / "final" / "config.json").is_file():
+        folder = folder / "final"
+    if not (folder / "config.json").is_file():
+        raise MissingFileError(f"classifier {path} is not a classifier folder (no config.json); pass the output_dir "
+                               "of train_classifier.py")
+    return NoisyLatentClassifier.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
 
 
 @torch.no_grad()

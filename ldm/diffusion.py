@@ -65,25 +65,26 @@ class NoiseSchedule:
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
 
-    def _alpha_bar(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def alpha_bar(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """alpha_bar at `timesteps`, shaped to broadcast against `like` (and in its dtype and device)."""
         alpha_bar = self.alphas_cumprod.to(like.device)[timesteps].to(like.dtype)
         return alpha_bar.view(-1, *([1] * (like.ndim - 1)))
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4)."""
-        alpha_bar = self._alpha_bar(timesteps, x0)
+        alpha_bar = self.alpha_bar(timesteps, x0)
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What the network predicts: eps (L_simple, DDPM eq. 14) or v = sqrt(ab) eps - sqrt(1-ab) x_0."""
         if self.prediction_type == "epsilon":
             return noise
-        alpha_bar = self._alpha_bar(timesteps, x0)
+        alpha_bar = self.alpha_bar(timesteps, x0)
         return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
 
     def predicted_x0(self, xt: torch.Tensor, timesteps: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
         """x_0 implied by the network's eps or v prediction at x_t."""
-        alpha_bar = self._alpha_bar(timesteps, xt)
+        alpha_bar = self.alpha_bar(timesteps, xt)
         if self.prediction_type == "epsilon":
             return (xt - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
         return alpha_bar.sqrt() * xt - (1 - alpha_bar).sqrt() * model_output
@@ -92,8 +93,8 @@ class NoiseSchedule:
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and variance of q(x_{t-1} | x_t, x_0) (DDPM eqs. 6-7); timesteps >= 1 in diffusers' 0-based
         indexing, where x_0 of the data precedes timestep 0."""
-        alpha_bar = self._alpha_bar(timesteps, xt)
-        alpha_bar_prev = self._alpha_bar(timesteps - 1, xt)
+        alpha_bar = self.alpha_bar(timesteps, xt)
+        alpha_bar_prev = self.alpha_bar(timesteps - 1, xt)
         beta = self.betas.to(xt.device)[timesteps].to(xt.dtype).view_as(alpha_bar)
         mean = (beta * alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev) * (1 - beta).sqrt() * xt) / (1 - alpha_bar)
         return mean, beta * (1 - alpha_bar_prev) / (1 - alpha_bar)
@@ -200,7 +201,7 @@ def variational_bound(schedule: NoiseSchedule, x0: torch.Tensor, predict: Callab
     timesteps = torch.arange(schedule.num_train_timesteps) if timesteps is None else timesteps
     batch = x0.shape[0]
     last = torch.full((batch,), schedule.num_train_timesteps - 1)
-    alpha_bar_last = schedule._alpha_bar(last, x0)
+    alpha_bar_last = schedule.alpha_bar(last, x0)
     prior = gaussian_kl(alpha_bar_last.sqrt() * x0, (1 - alpha_bar_last).expand_as(x0), torch.zeros_like(x0),
                         torch.ones_like(x0)).flatten(1).sum(1)
     terms = []

@@ -53,12 +53,6 @@ def uses_learned_variance(scheduler: SchedulerMixin) -> bool:
     return isinstance(scheduler, DDPMScheduler) and scheduler.config.variance_type in ("learned", "learned_range")
 
 
-def scheduler_name(scheduler: SchedulerMixin) -> str:
-    """The user-facing name of a scheduler instance (its class name when it has none)."""
-    names = {cls: name for name, cls in SCHEDULERS.items()}
-    return names.get(type(scheduler), type(scheduler).__name__)
-
-
 def load_scheduler(folder: Path) -> SchedulerMixin:
     """The scheduler saved in a model folder, as the diffusers class it was saved as."""
     config = DDPMScheduler.load_config(folder)  # reads scheduler_config.json whatever class it names

@@ -20,7 +20,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from autoencoder.model import downsampling_factor
-from core.errors import MissingFileError, UserError
+from core.errors import UserError
+from ldm.classifier import NoisyLatentClassifier, load_classifier
 from ldm.text_encoders import load_text_encoder
 from pipelines.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
 from pipelines.guidance import ClassifierFreeGuidance, ClassifierGuidance
@@ -224,29 +225,15 @@ class Pipeline:
     def classifier_guidance(self, guided, classifier, class_label: str | None, scale: float, sampler: SchedulerMixin,
                             height: int) -> ClassifierGuidance:
         """Wrap `guided` with a noisy-latent classifier's gradient, after checking the classifier fits this model."""
-        from ldm.classifier import NoisyLatentClassifier, same_latent_space
-
         if not isinstance(classifier, NoisyLatentClassifier):
             with torch.inference_mode(False):  # weights made in inference mode could not take part in autograd
                 classifier = load_classifier(classifier)
-        config = classifier.config
         if class_label is None:
-            raise UserError(f"classifier guidance needs class_label=...; valid: {', '.join(config.labels)}")
+            raise UserError(f"classifier guidance needs class_label=...; valid: {', '.join(classifier.config.labels)}")
         label = classifier.label_index(class_label)
         if not isinstance(scale, (int, float)) or math.isnan(scale) or scale < 0:
             raise UserError(f"classifier_scale must be a number >= 0, got {scale}")
-        latent_size = height // self.vae_scale_factor
-        if (config.latent_channels, config.latent_size) != (self.latent_channels, latent_size):
-            raise UserError(f"the classifier was trained on {config.latent_channels}x{config.latent_size}x"
-                            f"{config.latent_size} latents; this model samples {self.latent_channels}x{latent_size}x"
-                            f"{latent_size}")
-        if not same_latent_space(config.latent_probe, self.vae, height):
-            raise UserError("the classifier was trained on another autoencoder's latents (its latent probe differs)")
-        schedule = {k: self.scheduler.config.get(k) for k in ("num_train_timesteps", "beta_schedule", "beta_start",
-                                                              "beta_end")}
-        if any(config.noise_schedule.get(k) != v for k, v in schedule.items()):
-            raise UserError(f"the classifier was trained with noise schedule {config.noise_schedule}, the model "
-                            f"uses {schedule}")
+        classifier.check_fits(self.vae, height // self.vae_scale_factor, height, self.scheduler.config)
         if sampler.init_noise_sigma != 1 or self.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
             raise UserError("classifier guidance needs an epsilon-prediction model and a sampler whose input is x_t "
                             "itself: ddpm, ddim, dpm++ or unipc")
@@ -284,19 +271,6 @@ class Pipeline:
             return images
         array = images.permute(0, 2, 3, 1).cpu().numpy()
         return array if output_type == "numpy" else images_to_pil(array)
-
-
-def load_classifier(path):
-    """A classifier folder written by train_classifier.py (its output_dir or final/)."""
-    from ldm.classifier import NoisyLatentClassifier
-
-    folder = Path(path).expanduser()
-    if (folder / "final" / "config.json").is_file():
-        folder = folder / "final"
-    if not (folder / "config.json").is_file():
-        raise MissingFileError(f"classifier {path} is not a classifier folder (no config.json); pass the output_dir "
-                               "of train_classifier.py")
-    return NoisyLatentClassifier.from_pretrained(folder, torch_dtype=torch.float32, use_safetensors=True)
 
 
 def _text_list(text, name: str) -> list[str]:

@@ -41,10 +41,11 @@ class ClassifierTrainConfig(TrainConfig):
     learning_rate: float = 3e-4
     weight_decay: float = 0.05
     use_ema: bool = False
-    num_train_timesteps: int = 1000  # the noise schedule: the latent diffusion model's
-    beta_schedule: str = "scaled_linear"
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
+    # the noise schedule: the latent diffusion model's (defaults: NoiseSchedule's, ldm/diffusion.py)
+    num_train_timesteps: int = NoiseSchedule.num_train_timesteps
+    beta_schedule: str = NoiseSchedule.beta_schedule
+    beta_start: float = NoiseSchedule.beta_start
+    beta_end: float = NoiseSchedule.beta_end
     num_sample_images: int = 8
 
     def validate(self) -> None:

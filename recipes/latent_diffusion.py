@@ -54,13 +54,15 @@ class LDMTrainConfig(TrainConfig):
     text_max_length: int = 77
     resolution: Optional[int] = None  # pixels; defaults to the autoencoder's sample_size
     unet_preset: str = "emoji-s"
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "scaled_linear"
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    prediction_type: str = "epsilon"
-    zero_terminal_snr: bool = False
-    learned_variance: bool = False  # also learn the reverse variance: L_simple + vlb_weight * L_vlb (improved DDPM)
+    # the noise schedule; defaults are NoiseSchedule's (ldm/diffusion.py), written once there
+    num_train_timesteps: int = NoiseSchedule.num_train_timesteps
+    beta_schedule: str = NoiseSchedule.beta_schedule
+    beta_start: float = NoiseSchedule.beta_start
+    beta_end: float = NoiseSchedule.beta_end
+    prediction_type: str = NoiseSchedule.prediction_type
+    zero_terminal_snr: bool = NoiseSchedule.zero_terminal_snr
+    # also learn the reverse variance: L_simple + vlb_weight * L_vlb (improved DDPM)
+    learned_variance: bool = NoiseSchedule.learned_variance
     vlb_weight: float = 0.001  # lambda of the hybrid objective; the bound's gradient reaches only the variance
     min_snr_gamma: Optional[float] = None  # None = uniform L_simple
     offset_noise: float = 0.0

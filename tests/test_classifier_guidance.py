@@ -54,7 +54,7 @@ def pipe(tiny_components, autoencoder_dir):
 
 
 def test_a_trained_classifier_pulls_samples_toward_its_label(classifier_dir, pipe):
-    from pipelines.text_to_image import load_classifier
+    from ldm.classifier import load_classifier
 
     classifier = load_classifier(classifier_dir)
     assert (classifier_dir / "samples" / "step-00000300.png").is_file()
@@ -101,7 +101,7 @@ def test_ldm_generate_with_a_classifier(classifier_dir, pipe, tmp_path, capsys):
 
 def test_eval_classifier_guidance_rows_files_and_seeds(classifier_dir, pipe, emoji_dir, tmp_path):
     from evaluation.classifier_guidance import evaluate_classifier_guidance, format_table, guided_samples
-    from pipelines.text_to_image import load_classifier
+    from ldm.classifier import load_classifier
 
     classifier = load_classifier(classifier_dir)
     # scale 0 is plain sampling with the same seeds: only the scale changes between rows

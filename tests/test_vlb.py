@@ -25,14 +25,14 @@ def _optimal(schedule: NoiseSchedule):
         return STD**2 * (1 - alpha_bar) / (alpha_bar * STD**2 + 1 - alpha_bar)
 
     def predict(xt, t):
-        alpha_bar = schedule._alpha_bar(t, xt)
+        alpha_bar = schedule.alpha_bar(t, xt)
         return (1 - alpha_bar).sqrt() * xt / (alpha_bar * STD**2 + 1 - alpha_bar)
 
     def variance(xt, t):
-        alpha_bar = schedule._alpha_bar(t, xt)
+        alpha_bar = schedule.alpha_bar(t, xt)
         if int(t[0]) == 0:
             return x0_variance(alpha_bar)
-        prev = schedule._alpha_bar(t - 1, xt)
+        prev = schedule.alpha_bar(t - 1, xt)
         beta = schedule.betas.double()[t].view_as(alpha_bar)
         return beta * (1 - prev) / (1 - alpha_bar) + (beta * prev.sqrt() / (1 - alpha_bar)) ** 2 * x0_variance(
             alpha_bar)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -116,8 +117,9 @@ def build_app(model: str | None = None, inpaint_model: str | None = None):
                     gallery = gr.Gallery(label="Results (newest first; PNGs carry their settings)", format="png",
                                          columns=4, object_fit="contain", height=480, elem_id="gallery")
             history = gr.State([])
-            button.click(generate, [prompt, negative, *sampling[:-1], num_images, sampling[-1], history],
-                         [gallery, history, sampling[3]], concurrency_limit=1, concurrency_id="generate")
+            button.click(generate, [prompt, negative, sampling.sampler, sampling.steps, sampling.guidance,
+                                    sampling.seed, sampling.random_seed, num_images, sampling.size, history],
+                         [gallery, history, sampling.seed], concurrency_limit=1, concurrency_id="generate")
         with gr.Tab("Inpaint"):
             with gr.Row():
                 with gr.Column():
@@ -141,14 +143,27 @@ def build_app(model: str | None = None, inpaint_model: str | None = None):
                     result = gr.Image(label="Result (PNG carries its settings)", format="png", type="pil", height=360,
                                       elem_id="result")
                     used_mask = gr.Image(label="Mask used", format="png", type="pil", height=180, elem_id="used-mask")
-            in_button.click(inpaint, [editor, mask_upload, in_prompt, in_negative, *in_sampling, strength, method,
-                                      paste_back, feather], [result, used_mask, in_sampling[3]],
+            in_button.click(inpaint, [editor, mask_upload, in_prompt, in_negative, in_sampling.sampler,
+                                      in_sampling.steps, in_sampling.guidance, in_sampling.seed,
+                                      in_sampling.random_seed, in_sampling.size, strength, method, paste_back,
+                                      feather], [result, used_mask, in_sampling.seed],
                             concurrency_limit=1, concurrency_id="inpaint")
     return app.queue(max_size=QUEUE_SIZE)
 
 
-def _sampling_controls(gr, default_size: int, prefix: str) -> list:
-    """sampler, steps, guidance, seed, random seed, size (in that order: the handlers' arguments)."""
+class SamplingControls(NamedTuple):
+    """The settings both tabs share, wired to the handlers by name."""
+
+    sampler: object
+    steps: object
+    guidance: object
+    seed: object
+    random_seed: object
+    size: object
+
+
+def _sampling_controls(gr, default_size: int, prefix: str) -> SamplingControls:
+    """The shared settings' components, laid out in two rows."""
     with gr.Row():
         sampler = gr.Dropdown([MODEL_SCHEDULER, *SCHEDULER_NAMES], value=MODEL_SCHEDULER, label="Sampler")
         steps = gr.Number(label=f"Steps (≤ {MAX_STEPS})", value=NUM_INFERENCE_STEPS, precision=0,
@@ -158,7 +173,7 @@ def _sampling_controls(gr, default_size: int, prefix: str) -> list:
         seed = gr.Number(label="Seed", value=0, precision=0, elem_id=f"{prefix}-seed")
         random_seed = gr.Checkbox(False, label="Random seed")
         size = gr.Number(label=f"Size (px, ≤ {MAX_SIDE})", value=default_size, precision=0, elem_id=f"{prefix}-size")
-    return [sampler, steps, guidance, seed, random_seed, size]
+    return SamplingControls(sampler, steps, guidance, seed, random_seed, size)
 
 
 def _caption(settings: Settings, index: int) -> str:
