@@ -2,7 +2,9 @@
 
 Trains each arm with the real command (`accelerate launch train_autoencoder.py`, the preset's other settings
 unchanged), then scores the export with `ldm eval autoencoder`'s function on the validation split: PSNR, SSIM, rFID.
-Arms whose `final/` already exists are scored, not retrained.
+Arms whose `final/` already exists are scored, not retrained, if its saved config.yaml ran what this invocation asks
+(steps, data, the arm's overrides); a stale arm stops the run with the difference named. The table's steps column is
+read from each arm's saved config.
 
     python benchmarks/autoencoder_ablation.py --data data/emoji [--steps 2000] [--disc-start 1000] [--parallel 2]
 """
@@ -25,6 +27,23 @@ ARMS = {  # name -> config overrides; {disc_start} is --disc-start
 }
 
 
+def saved_config(arm: Path):
+    """The typed config an arm's export was trained with."""
+    from core.config import load_config
+    from recipes.autoencoder import AutoencoderTrainConfig
+
+    return load_config(AutoencoderTrainConfig, arm / "final" / "config.yaml", validate=False)
+
+
+def check_earlier_arm(arm: Path, wanted: dict) -> None:
+    """Stop when an arm trained earlier ran other settings than this invocation asks (it would be mislabelled)."""
+    config = saved_config(arm)
+    differ = [f"{key}={getattr(config, key)!r} (asked {value!r})" for key, value in wanted.items()
+              if getattr(config, key) != value]
+    if differ:
+        sys.exit(f"{arm} was trained with {', '.join(differ)}: pass another --out, or delete that arm to retrain it")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
@@ -37,10 +56,17 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=1000, help="validation images scored, at most")
     args = parser.parse_args()
 
+    from core.config import parse_overrides
     from evaluation.autoencoder import evaluate_autoencoder
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    wanted = {name: {"max_steps": args.steps, "data": args.data,
+                     **parse_overrides([item.format(disc_start=args.disc_start) for item in overrides])}
+              for name, overrides in ARMS.items()}
+    for name in ARMS:
+        if (out / name / "final").is_dir():
+            check_earlier_arm(out / name, wanted[name])
     pending = [name for name in ARMS if not (out / name / "final").is_dir()]
     seconds: dict[str, float] = {}
     running: list[tuple[str, subprocess.Popen, float, IO[str]]] = []
@@ -65,11 +91,13 @@ def main() -> None:
                 seconds[name] = time.time() - started
 
     print(f"\n{args.steps} steps each (discriminator from step {args.disc_start}), config {args.config}\n")
-    print("| arm | PSNR dB | SSIM | rFID | FID real half vs half | N | train wall s |\n|---|---|---|---|---|---|---|")
+    print("| arm | steps | PSNR dB | SSIM | rFID | FID real half vs half | N | train wall s |\n"
+          "|---|---|---|---|---|---|---|---|")
     for name in ARMS:
         metrics = evaluate_autoencoder(str(out / name), args.data, out / name / "eval", num_images=args.num_images)
         wall = f"{seconds[name]:.0f}" if name in seconds else "(earlier run)"
-        print(f"| {name} | {metrics['psnr']:.2f} | {metrics['ssim']:.3f} | {metrics['rfid']:.1f} | "
+        steps = saved_config(out / name).max_steps
+        print(f"| {name} | {steps} | {metrics['psnr']:.2f} | {metrics['ssim']:.3f} | {metrics['rfid']:.1f} | "
               f"{metrics['rfid_floor_real_half_vs_half']:.1f} | {metrics['images']} | {wall} |", flush=True)
 
 

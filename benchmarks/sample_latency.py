@@ -11,12 +11,15 @@ of the default recipe's shape (kl-f4 autoencoder, emoji-l U-Net, MiniLM) is used
 `--levers` times the CPU inference levers on our Pipeline, each row with its max abs pixel difference from diffusers'
 output (equal images within one 8-bit level is the condition) and the seconds of its first call (compilation):
 channels_last memory format for the U-Net and VAE; torch.compile (inductor); torch.compile with inductor freezing
-(weights folded in as constants, oneDNN convolutions prepacked). `--threads` sets torch's intra-op threads.
+(weights folded in as constants, oneDNN convolutions prepacked). `--threads` sets torch's intra-op threads. Each
+variant's calls alternate with diffusers' call by call; its ratio is against the diffusers calls of its own phase (the
+two compiled variants run in separate phases: dynamo would otherwise reuse one variant's graph for the other).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import resource
 import statistics
 import subprocess
@@ -89,6 +92,9 @@ def levers(args) -> None:
     print("|---|---|---|---|---|---|---|")
     import torch._inductor.config as inductor_config
 
+    # dynamo keeps one graph per code object, so the two compiled variants cannot alternate in one process: each
+    # phase compiles at most one, and its calls alternate with diffusers' (and the eager variants') call by call
+    phases = (("ours", "ours + channels_last", "ours + compile"), ("ours + compile + freezing",))
     for steps in args.steps:
         for batch in args.batch:
             def run_theirs():
@@ -96,26 +102,31 @@ def levers(args) -> None:
                               guidance_scale=args.guidance, generator=torch.Generator().manual_seed(0),
                               output_type="np").images
 
-            reference_seconds, reference = timed(run_theirs)
-            times = {"diffusers": [timed(run_theirs)[0] for _ in range(args.repeats)]}
-            first, outputs = {"diffusers": reference_seconds}, {}
-            for name, (pipe, patch) in variants.items():
-                def call(pipe=pipe):
-                    return pipe.generate("a cat", num_images=batch, num_inference_steps=steps, seed=0,
-                                         scheduler="ddim", guidance_scale=args.guidance, output_type="numpy",
-                                         progress=False)
-
-                if "compile" in name:  # dynamo would reuse the other variant's graph (parameters are graph inputs)
-                    torch._dynamo.reset()
-                with inductor_config.patch(patch):  # freezing is read when the graph compiles, at the first call
-                    first[name], outputs[name] = timed(call)
-                times[name] = [timed(call)[0] for _ in range(args.repeats)]
-            base = statistics.median(times["diffusers"]) * 1000 / batch
-            print(f"| {steps} | {batch} | diffusers | {base:.0f} | 1.00 | 0 | {first['diffusers']:.1f} |")
+            first, outputs, ratios, ms = {}, {}, {}, {}
+            first["diffusers"], reference = timed(run_theirs)
+            for phase in phases:
+                torch._dynamo.reset()
+                calls = {"diffusers": run_theirs}
+                for name in phase:
+                    pipe, patch = variants[name]
+                    calls[name] = functools.partial(pipe.generate, "a cat", num_images=batch,
+                                                    num_inference_steps=steps, seed=0, scheduler="ddim",
+                                                    guidance_scale=args.guidance, output_type="numpy",
+                                                    progress=False)
+                    with inductor_config.patch(patch):  # freezing is read when the graph compiles, at the first call
+                        first[name], outputs[name] = timed(calls[name])
+                times = {name: [] for name in calls}
+                for _ in range(args.repeats):
+                    for name, call in calls.items():
+                        times[name].append(timed(call)[0])
+                phase_ms = {name: statistics.median(t) * 1000 / batch for name, t in times.items()}
+                ms.setdefault("diffusers", phase_ms["diffusers"])
+                for name in phase:
+                    ms[name], ratios[name] = phase_ms[name], phase_ms[name] / phase_ms["diffusers"]
+            print(f"| {steps} | {batch} | diffusers | {ms['diffusers']:.0f} | 1.00 | 0 | {first['diffusers']:.1f} |")
             for name in variants:
-                ms = statistics.median(times[name]) * 1000 / batch
                 diff = float(np.abs(outputs[name] - reference).max())
-                print(f"| {steps} | {batch} | {name} | {ms:.0f} | {ms / base:.2f} | {diff:.1e} | "
+                print(f"| {steps} | {batch} | {name} | {ms[name]:.0f} | {ratios[name]:.2f} | {diff:.1e} | "
                       f"{first[name]:.1f} |", flush=True)
 
 

@@ -141,7 +141,9 @@ def child_reference(args, data: Path, vae_dir: Path, out: Path) -> dict:
         except StopIteration:
             iterator = iter(loader)
             batch = next(iterator)
-        input_ids = tokenizer(batch["captions"], max_length=tokenizer.model_max_length, padding="max_length",
+        # one caption per image, as that script has (our loader yields each image's caption variants)
+        captions = [variants[0] for variants in batch["captions"]]
+        input_ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
                               truncation=True, return_tensors="pt").input_ids  # done in the dataset transform there
         with accelerator.accumulate(unet):
             latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
