@@ -18,7 +18,7 @@ PRESETS: dict[str, dict] = {
     "tiny": {"block_out_channels": (16, 32), "layers_per_block": 1, "norm_num_groups": 8},  # f2, for tests
     # CPU-sized (the LDM paper's f4/f8 use 128-512 channels and 2 layers per block): 2.7M parameters. 8 norm groups
     # keep at least 4 channels per group, as SD's 128/32: with 32 groups the 32-channel stages normalise each channel
-    # alone, which erased per-image colour (README, "Autoencoder quality", has the measurements)
+    # alone, which erased per-image colour (docs/evaluation.md, "The autoencoder", has the measurements)
     "kl-f4": {"block_out_channels": (32, 64, 128), "layers_per_block": 1, "norm_num_groups": 8},  # 64 px -> 16
     "kl-f8": {"block_out_channels": (32, 64, 128, 128), "layers_per_block": 1, "norm_num_groups": 8},  # 128 -> 16
 }

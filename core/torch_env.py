@@ -1,7 +1,7 @@
 """Fail early, with the fix, when torchvision does not match torch.
 
 A CPU-only torch next to the registry's CUDA torchvision makes `import transformers` (and diffusers) die with
-`operator torchvision::nms does not exist`; see README "Install". We check once, before those imports.
+`operator torchvision::nms does not exist`; see docs/install.md. We check once, before those imports.
 """
 
 from __future__ import annotations
@@ -22,5 +22,5 @@ def check_torchvision() -> None:
             f"torchvision is installed but does not load with torch {torch.__version__} ({err}). "
             "transformers and diffusers import torchvision whenever it is present, so nothing works. "
             "Fix: `pip uninstall -y torchvision open-clip-torch` (the default install needs neither), "
-            "or install a matching pair from the registry (see README, 'OpenCLIP text encoders')."
+            "or install a matching pair from the registry (see docs/install.md, 'OpenCLIP text encoders')."
         ) from err

@@ -1,5 +1,5 @@
 """Regenerate docs/learned-variance.png from two `ldm eval vlb` results: the bound's per-timestep terms of a
-fixed-variance and a learned-variance model (README, "Learned variances, measured").
+fixed-variance and a learned-variance model (docs/evaluation.md, "Learned variances, measured").
 
     python docs/make_variance_plot.py runs/eval-lv-fixed/vlb/metrics.json runs/eval-lv-learned/vlb/metrics.json
 """

@@ -183,7 +183,7 @@ def plot_guidance(rows: list[dict], floor: float, path: Path) -> None:
 
 
 def format_tables(metrics: dict) -> str:
-    """Markdown tables of the results, as the README shows them."""
+    """Markdown tables of the results, as docs/evaluation.md shows them."""
     def row(r: dict, floor: float) -> str:
         return (f"| {r['scheduler']} | {r['steps']} | {r['guidance_scale']:g} | {r['images']} | {r['fid']:.1f} | "
                 f"{floor:.1f} | {r['name_top1']:.3f} ({r['chance_name_top1']:.3f}) | "

@@ -1,6 +1,6 @@
 """OpenCLIP text towers as frozen text encoders (`text_encoder=openclip:ARCH[:CHECKPOINT]`).
 
-Needs open-clip-torch, which needs a torchvision that matches torch (README, "OpenCLIP text encoders").
+Needs open-clip-torch, which needs a torchvision that matches torch (docs/install.md, "OpenCLIP text encoders").
 Hidden states are the final-layer-norm outputs of every token, as Stable Diffusion 2 uses them.
 """
 
@@ -23,7 +23,7 @@ def _import_open_clip():
         import open_clip
     except ImportError as err:
         raise UserError("OpenCLIP text encoders need open-clip-torch with a matching torchvision: "
-                        "see README, 'OpenCLIP text encoders' (`pip install -e .[openclip]` on a CUDA torch)") from err
+                        "see docs/install.md, 'OpenCLIP text encoders' (`pip install -e .[openclip]` on a CUDA torch)") from err
     return open_clip
 
 

