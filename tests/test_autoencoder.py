@@ -147,7 +147,8 @@ def test_eval_command_writes_metrics_and_grid(emoji_dir, tmp_path):
     result = run([str(BIN / "ldm"), "eval", "autoencoder", "--model", str(model), "--data", str(emoji_dir),
                   "--num-images", "6", "--no-fid", "--out", str(tmp_path / "eval")])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["images"] == 6 and 5 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1
+    assert metrics["images"] == 6  # PSNR and SSIM pinned on the 2-step seeded run (2026-12-02)
+    assert (metrics["psnr"], metrics["ssim"]) == pytest.approx((9.184, 0.1050), rel=0.01)
     assert "| PSNR (dB) |" in result.stdout
     from PIL import Image
 

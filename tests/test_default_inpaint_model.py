@@ -51,6 +51,11 @@ def test_default_inpainting_fills_seeded_with_the_pinned_statistics(default_inpa
     # a different value means the weights or the inpainting math changed
     assert inside.mean() == pytest.approx(PINNED_MEAN, abs=2e-3)
     assert inside.std() == pytest.approx(PINNED_STD, abs=2e-3)
+    # per channel, and per 8x8 cell of the hole (grey), so a channel swap or a flip fails too (2026-12-02)
+    assert inside.mean(axis=(0, 1)) == pytest.approx([0.7755, 0.6522, 0.1671], abs=2e-3)
+    cells = out[0, 20:44, 16:48].mean(axis=2).reshape(3, 8, 4, 8).mean(axis=(1, 3)).flatten()
+    assert cells == pytest.approx([0.6433, 0.6104, 0.6203, 0.6362, 0.2804, 0.6339, 0.6272, 0.1906,
+                                   0.5763, 0.4602, 0.4805, 0.5711], abs=3e-3)
     known = np.asarray(image, dtype=np.float32) / 255
     assert np.abs(out[:, np.asarray(mask) == 0] - known[np.asarray(mask) == 0]).max() < 1e-6  # pasted back
 

@@ -32,6 +32,11 @@ def test_default_generates_seeded_images_of_the_pinned_statistics(default_pipe):
     # a different value means the weights or the sampling math changed
     assert images.mean() == pytest.approx(PINNED_MEAN, abs=2e-3)
     assert images.std() == pytest.approx(PINNED_STD, abs=2e-3)
+    # per channel and per 16x16 cell (grey), so a channel swap or a flip fails too (2026-12-02)
+    assert images.mean(axis=(0, 1, 2)) == pytest.approx([0.9338, 0.7482, 0.4362], abs=2e-3)
+    cells = images[0].mean(axis=2).reshape(4, 16, 4, 16).mean(axis=(1, 3)).flatten()
+    assert cells == pytest.approx([0.6909, 0.8884, 0.9069, 0.6952, 0.7626, 0.6311, 0.6228, 0.7512,
+                                   0.6053, 0.6113, 0.5825, 0.6550, 0.9041, 0.6725, 0.6533, 0.8860], abs=3e-3)
 
 
 def test_default_is_the_shipped_recipe(default_pipe):

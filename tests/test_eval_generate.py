@@ -34,12 +34,16 @@ def test_eval_generate_writes_tables_plots_and_caps_n(tiny_components, emoji_dir
     assert [r["scheduler"] for r in metrics["samplers"]["rows"]] == ["ddim", "dpm++"]
     assert [r["guidance_scale"] for r in metrics["guidance"]["rows"]] == [1.0, 3.0]
     for key in ("train", "heldout"):
-        assert metrics[key]["fid"] > 0 and metrics[key]["fid_real_vs_real"] > 0
         assert 0 <= metrics[key]["name_top1"] <= metrics[key]["name_top5"] <= 1
     for name in ("metrics.json", "samplers.png", "guidance.png", "samples.png"):
         assert (tmp_path / "out" / name).is_file()
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["train"]["fid"] == metrics["train"]["fid"]
     assert "| ddim | 2 |" in format_tables(metrics)
+    # pinned on the seeded tiny model (2026-12-02): a change to sampling, features or FID moves them
+    pinned = [metrics[k][m] for k in ("train", "heldout") for m in ("fid", "fid_real_vs_real", "name_top5")]
+    assert pinned == pytest.approx([434.80, 76.19, 0.2222, 454.87, 119.75, 1.0], rel=0.01)
+    assert [r["fid"] for r in metrics["samplers"]["rows"] + metrics["guidance"]["rows"]] == pytest.approx(
+        [469.97, 470.11, 463.71, 468.64], rel=0.01)
 
 
 def test_eval_generate_without_a_heldout_split_says_how_to_skip(tiny_components, emoji_dir, tmp_path):

@@ -313,8 +313,11 @@ def test_eval_inpaint_rows_per_method_and_mask_kind(tiny_components, inpaint_com
     assert [(r["row"], r["masks"]) for r in metrics["rows"]] == [
         ("tuned unet", "wide strokes"), ("t2i blend", "wide strokes"), ("tuned unet", "outpaint"),
         ("t2i blend", "outpaint")]
-    assert all(r["fid"] >= 0 and 0 < r["coverage"] < 1 for r in metrics["rows"])
-    assert all(r["psnr_outside_before_paste"] > 5 for r in metrics["rows"])
+    # pinned on the seeded tiny models (2026-12-02): FID, PSNR inside, PSNR outside before paste-back, coverage
+    keys = ("fid", "psnr_inside", "psnr_outside_before_paste", "coverage")
+    assert [r[k] for r in metrics["rows"] for k in keys] == pytest.approx(
+        [431.75, 7.115, 7.159, 0.6831, 470.81, 6.815, 7.650, 0.6831,
+         431.03, 6.641, 8.337, 0.6848, 473.15, 6.275, 8.817, 0.6848], rel=0.01)
     assert "| outpaint (" in format_table(metrics)
     assert Image.open(tmp_path / "eval" / "examples.png").size == (3 * 32, 2 * 32)
     torch.testing.assert_close(eval_masks("boxes", 3, 32, 0), eval_masks("boxes", 3, 32, 0))

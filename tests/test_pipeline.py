@@ -89,8 +89,19 @@ def test_output_types_and_given_latents(tiny_components):
 
 
 def test_empty_prompt_is_unconditional(tiny_components):
+    """"" samples the unconditional branch itself: the same latents as a denoiser fed the empty prompt's states."""
     pipe = Pipeline(**tiny_components)
     assert pipe.generate("", num_inference_steps=2, seed=0, progress=False)[0].size == (32, 32)
+    got = pipe.generate("", num_inference_steps=3, seed=0, guidance_scale=5.0, output_type="latent", progress=False)
+    empty = pipe.text_encoder.encode([""]).hidden_states
+    sampler = pipe.prepare_scheduler(None, 3)
+    latents = pipe.prepare_latents(1, 32, 32, torch.Generator().manual_seed(0), None, sampler)
+    with torch.no_grad():
+        for t in sampler.timesteps:  # guidance of "" against "" is the unconditional prediction itself
+            latents = sampler.step(pipe.denoiser(latents, t, empty), t, latents).prev_sample
+    torch.testing.assert_close(got, latents, rtol=0, atol=1e-5)
+    conditional = pipe.generate("a cat", num_inference_steps=3, seed=0, output_type="latent", progress=False)
+    assert (conditional - got).abs().max() > 1e-3  # the prompt matters, so the check above can fail
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -58,7 +58,7 @@ def test_the_bound_is_above_the_true_nll_and_its_gap_shrinks_with_more_steps():
         gaps.append(fixed - TRUE_NLL)
         exact, error = _bound(schedule, predict=predict, variance=variance)
         assert abs(exact - TRUE_NLL) < 3 * error + 0.01  # exact reverse kernels: the bound is tight
-    assert gaps[0] > gaps[1] > gaps[2]  # measured: 3.31, 1.28, 0.58 nats
+    assert gaps == pytest.approx([3.31, 1.28, 0.58], abs=0.005)  # the gaps docs/evaluation.md quotes, seeded
 
 
 def test_each_kl_term_equals_a_monte_carlo_estimate():

@@ -47,6 +47,9 @@ def test_settings_refuse_huge_requests_naming_the_limit():
 def test_random_seed_is_drawn_and_recorded_in_the_png(tmp_path):
     settings = _settings(random_seed=True, seed=None)
     assert 0 <= settings.seed < 2**32
+    drawn = {_settings(random_seed=True, seed=None).seed for _ in range(20)}
+    assert len(drawn) == 20  # drawn afresh per request, not a fixed default
+    assert _settings(random_seed=False, seed=7).seed == 7  # and only when asked
     image = with_settings(Image.new("RGB", (8, 8)), settings, index=1)
     image.save(tmp_path / "a.png", pnginfo=_png_text(image))
     saved = read_settings(tmp_path / "a.png")
