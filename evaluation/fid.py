@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 
 from core.errors import UserError
 
@@ -39,12 +38,24 @@ def inception_features(network: torch.nn.Module, images: torch.Tensor, batch_siz
 
 
 def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) (Heusel et al. 2017)."""
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) (Heusel et al. 2017), S the sample covariances.
+
+    The trace of the square root is computed exactly without a 2048 x 2048 `sqrtm` (11 s on two cores, and inaccurate
+    for the singular covariances of N < 2048): with X the centred features, the nonzero eigenvalues of S_a S_b are
+    the squared singular values of X_a X_b^T / sqrt((n_a - 1)(n_b - 1)), so the trace is that matrix's nuclear norm;
+    for sets larger than the feature width, it is Tr((S_a^(1/2) S_b S_a^(1/2))^(1/2)) from two symmetric
+    eigendecompositions. Both equal the scipy sqrtm formula within 1e-6 relative (tests/test_autoencoder.py).
+    """
     mu_a, mu_b = features_a.mean(0), features_b.mean(0)
-    sigma_a, sigma_b = np.cov(features_a, rowvar=False), np.cov(features_b, rowvar=False)
-    covmean = linalg.sqrtm(sigma_a @ sigma_b)
-    if not np.isfinite(covmean).all():  # singular product: the usual small diagonal offset
-        offset = np.eye(len(mu_a)) * 1e-6
-        covmean = linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.trace(covmean))
+    centred_a, centred_b = features_a - mu_a, features_b - mu_b
+    scale_a, scale_b = len(features_a) - 1, len(features_b) - 1
+    trace_a, trace_b = (centred_a**2).sum() / scale_a, (centred_b**2).sum() / scale_b
+    if min(len(features_a), len(features_b)) <= features_a.shape[1]:
+        singular = np.linalg.svd(centred_a @ centred_b.T, compute_uv=False)
+        trace_sqrt = singular.sum() / np.sqrt(scale_a * scale_b)
+    else:
+        eigenvalues, vectors = np.linalg.eigh(centred_a.T @ centred_a / scale_a)
+        root_a = (vectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ vectors.T
+        inner = root_a @ (centred_b.T @ centred_b / scale_b) @ root_a
+        trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(inner), 0, None)).sum()
+    return float(((mu_a - mu_b) ** 2).sum() + trace_a + trace_b - 2 * trace_sqrt)

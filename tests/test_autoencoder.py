@@ -72,6 +72,21 @@ def test_frechet_distance():
     assert frechet_distance(features, features + 3.0) == pytest.approx(8 * 9.0, rel=1e-6)
 
 
+
+@pytest.mark.parametrize("sizes", [(12, 30), (300, 200)])  # fewer samples than features, and more
+def test_frechet_distance_equals_the_sqrtm_formula(sizes):
+    """The exact trace used in evaluation/fid.py against scipy's matrix square root of S_a S_b."""
+    from scipy import linalg
+
+    rng = np.random.default_rng(1)
+    a = rng.gamma(1.0, 1.0, (sizes[0], 64))
+    b = rng.gamma(1.3, 1.0, (sizes[1], 64)) + 0.2
+    sigma_a, sigma_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = (((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b)
+                - 2 * np.trace(linalg.sqrtm(sigma_a @ sigma_b).real))
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+
+
 def _ae_args(emoji_dir, output_dir, *extra):
     return ["train_autoencoder.py", "--config", "configs/autoencoder/tiny.yaml", f"data={emoji_dir}",
             f"output_dir={output_dir}", "sample_every=1000", *extra]
