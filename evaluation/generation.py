@@ -28,6 +28,7 @@ from evaluation.fid import frechet_distance, inception_network
 from evaluation.real_images import (RealImages, features_with_progress, load_real_images, squared_distances,
                                     training_real_sets)
 from pipelines import defaults as D
+from pipelines.schedulers import make_scheduler
 
 
 def generate_images(pipe, prompts: list[str], scheduler: str, steps: int, guidance: float, seed: int,
@@ -89,11 +90,24 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
     computes them once."""
     out = Path(out)
     cache = Path(cache_dir) if cache_dir else out / "cache"
-    out.mkdir(parents=True, exist_ok=True)
+    # every argument and split checked before the first image: a typo must not cost the 20-minute main FID
     if num_images < 2 or sweep_images < 2:
         raise UserError("--num-images and --sweep-images must be at least 2 (FID needs a covariance)")
-    network = inception_network()
+    for name, steps in ((scheduler, num_inference_steps), *samplers):
+        make_scheduler(name, pipe.scheduler)  # an unknown sampler name is refused here, with the valid ones
+        if steps < 1:
+            raise UserError(f"{name} needs at least 1 step, got {steps}")
+    if not all(math.isfinite(g) and g >= 0 for g in (guidance_scale, *guidance_scales)):
+        raise UserError(f"guidance scales must be finite numbers >= 0, got {(guidance_scale, *guidance_scales)}")
     train = load_image_caption_dataset(data, "train")
+    heldout_ds = None
+    if heldout_split is not None:
+        try:
+            heldout_ds = load_image_caption_dataset(data, heldout_split)
+        except UserError as err:
+            raise UserError(f"{err}; pass --heldout-split none to skip the held-out FID") from err
+    out.mkdir(parents=True, exist_ok=True)
+    network = inception_network()
     notes = []
     size = pipe.default_size()  # real images are resized (shorter side) and centre-cropped to the samples' size
     prompts_set, reference, _ = training_real_sets(train, num_images, seed, size, network, cache, notes)
@@ -106,11 +120,7 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
     shown = min(16, len(images))
     captioned_grid(images[:shown], prompts_set.captions[:shown], columns=8).save(out / "samples.png")
 
-    if heldout_split is not None:
-        try:
-            heldout_ds = load_image_caption_dataset(data, heldout_split)
-        except UserError as err:
-            raise UserError(f"{err}; pass --heldout-split none to skip the held-out FID") from err
+    if heldout_ds is not None:
         count = min(num_images, len(heldout_ds))
         if count < num_images:
             notes.append(f"held-out N = {count}: the whole '{heldout_split}' split")

@@ -53,6 +53,11 @@ def test_eval_generate_without_a_heldout_split_says_how_to_skip(tiny_components,
     with pytest.raises(UserError, match="no split 'validation'.*--heldout-split none"):
         evaluate_generation(pipe, str(data), tmp_path / "out", num_images=4, sweep_images=2, num_inference_steps=1,
                             samplers=(), guidance_scales=(), batch_size=4)
+    with pytest.raises(UserError, match="unknown scheduler 'dpm\\+\\+2'"):
+        evaluate_generation(pipe, str(data), tmp_path / "out", heldout_split=None, samplers=(("dpm++2", 10),))
+    with pytest.raises(UserError, match="guidance scales must be finite"):
+        evaluate_generation(pipe, str(data), tmp_path / "out", heldout_split=None, guidance_scales=(3.0, -1.0))
+    assert not (tmp_path / "out").exists()  # refused before any work, nothing written
     metrics = evaluate_generation(pipe, str(data), tmp_path / "out", num_images=4, sweep_images=2,
                                   num_inference_steps=1, heldout_split=None, samplers=(), guidance_scales=(),
                                   batch_size=4)

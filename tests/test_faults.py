@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -59,6 +60,7 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # 75-95 s: CI's second stage
 def test_sigkill_mid_training_and_during_a_checkpoint_resume_bit_identically(emoji_dir, autoencoder_dir, tmp_path):
     straight = tmp_path / "straight"
     run(LAUNCH + _train_args(emoji_dir, autoencoder_dir, straight))

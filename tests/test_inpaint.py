@@ -223,6 +223,7 @@ def test_bad_inpainting_input(inpaint_components, tiny_components, caplog):
                                   pipe.generate(image=image, mask=mask, **kwargs))
 
 
+@pytest.mark.slow  # 75-95 s: CI's second stage
 def test_inpainting_fine_tune_through_accelerate_launch_resumes_and_exports(emoji_dir, autoencoder_dir, tmp_path):
     from safetensors.torch import load_file
 
