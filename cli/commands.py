@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 from core.errors import UserError
@@ -66,12 +64,11 @@ def _output_path(args: argparse.Namespace) -> Path:
 
 def _write_images(images: list, out: Path) -> None:
     """One PNG (a grid for several images), written atomically."""
+    from core.files import atomic_write
     from core.images import make_grid
 
     image = images[0] if len(images) == 1 else make_grid(images)
-    tmp = out.with_name(f".{out.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: image.save(tmp, format="PNG"))
     print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {image.width}x{image.height})")
 
 
@@ -233,9 +230,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     import torch
 
     from pipelines import InpaintPipeline, Pipeline
+    from core.files import check_not_nested
     from pipelines.loading import read_model_index, resolve_model_path, save_slim_model_folder
 
     path = resolve_model_path(args.model)  # a model folder, or a training output_dir (its final/)
+    for source in {path, Path(args.model)}:  # never into (or around) what is being read, a training run included
+        check_not_nested(Path(args.out), source)
     inpainting = read_model_index(path).get("_class_name") == "StableDiffusionInpaintPipeline"
     pipe = (InpaintPipeline if inpainting else Pipeline)(model=path)
     if args.vae is not None:
@@ -245,7 +245,6 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise UserError(f"{path} has no config.yaml naming its text encoder; pass --text-encoder NAME")
     name = args.text_encoder or _saved_training_config(path).text_encoder
     folder = save_slim_model_folder(args.out, pipe.vae, pipe.unet, pipe.scheduler, name,
-                                    pipe.text_encoder.max_length, getattr(torch, args.dtype))
-    if config_file.is_file():
-        shutil.copy(config_file, folder / "config.yaml")
+                                    pipe.text_encoder.max_length, getattr(torch, args.dtype), args.overwrite,
+                                    config_file if config_file.is_file() else None)
     print(f"wrote {folder} (U-Net and autoencoder in {args.dtype}; text encoder '{name}' from its package)")

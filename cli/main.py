@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", required=True, help="model folder (train_ldm.py's final/)")
     export.add_argument("--out", required=True, help="folder to write (e.g. pipelines/default_model)")
     export.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    export.add_argument("--overwrite", action="store_true",
+                        help="replace an existing model folder at --out (any other existing folder is refused)")
     export.add_argument("--text-encoder", default=None, help="installed text encoder name (default: config.yaml's)")
     export.add_argument("--vae", default=None,
                         help="a decoder-only fine-tune of the model's autoencoder to ship instead (checked)")

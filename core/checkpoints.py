@@ -11,16 +11,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 
+from core.accelerator import all_ranks_true
 from core.config import save_config
 from core.errors import UserError
+from core.locks import FileLock
 
 CHECKPOINT_PREFIX = "step-"
-REGENERATED = {"logs", "cache", "samples"}  # what a fresh start may overwrite in an output_dir without checkpoints
+LOCK_NAME = ".lock"  # the running process's lock file in its output_dir (core/locks.py)
+REGENERATED = {"logs", "cache", "samples", LOCK_NAME}  # what a fresh start may find in an output_dir
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -45,7 +50,7 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     output_dir = Path(output_dir)
     existing = list_checkpoints(output_dir)
     if resume in (None, "", "never", "none"):
-        if output_dir.is_dir() and any(output_dir.iterdir()):
+        if output_dir.is_dir() and any(p.name != LOCK_NAME for p in output_dir.iterdir()):
             raise UserError(f"output_dir {output_dir} is not empty; pass resume=auto to continue the run in it, "
                             "or choose a new output_dir")
         return None
@@ -62,28 +67,48 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     return path
 
 
+def lock_output_dir(accelerator: Accelerator, output_dir: str | Path) -> FileLock:
+    """The main process holds output_dir/.lock for the run, so a second run on the same output_dir stops at once with
+    the first one's name instead of overwriting its checkpoints; every rank stops together."""
+    lock = FileLock(Path(output_dir) / LOCK_NAME, f"output_dir {output_dir}")
+    error = None
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except UserError as err:
+            error = err
+    if not all_ranks_true(accelerator, error is None):
+        raise error or UserError(f"output_dir {output_dir} is in use by another run (see the main process's message)")
+    return lock
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, config: Any,
                     trainer_state: dict, keep: int) -> Path:
-    """Write the full training state atomically (temp folder, then rename) and keep only the last `keep`."""
+    """Write the full training state atomically (a uniquely named temporary folder, then a rename) and keep only the
+    last `keep`. Any failure on any rank (a full disk raises OSError, torch's RuntimeError or safetensors' error)
+    removes the partial folder, keeps every complete checkpoint, and stops every rank with one line naming the disk
+    and the space a checkpoint needs."""
     folder = checkpoints_dir(output_dir)
     final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
-    tmp = folder / f".tmp-{CHECKPOINT_PREFIX}{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
+    token = [uuid.uuid4().hex[:8] if accelerator.is_main_process else None]
+    broadcast_object_list(token)  # every rank writes its own files into the same temporary folder
+    tmp = folder / f".tmp-{CHECKPOINT_PREFIX}{step:08d}-{token[0]}"
+    error = None
     try:
+        if accelerator.is_main_process:
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
             save_config(config, tmp / "config.yaml")
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
             _fsync_tree(tmp)
-    except OSError as err:
+    except Exception as err:  # noqa: BLE001 - whatever the writer raised, the run stops cleanly below
+        error = err
+    if not all_ranks_true(accelerator, error is None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write checkpoint at step {step} ({err}); the previous checkpoint is intact") \
-            from err
-    accelerator.wait_for_everyone()
+        raise UserError(_failed_save_message(output_dir, step, error)) from error
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
@@ -92,6 +117,22 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _failed_save_message(output_dir: str | Path, step: int, error: BaseException | None) -> str:
+    folder = checkpoints_dir(output_dir)
+    reason = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
+    existing = list_checkpoints(output_dir)
+    free = shutil.disk_usage(folder if folder.exists() else Path(output_dir)).free
+    if existing:
+        size = sum(p.stat().st_size for p in existing[-1].rglob("*") if p.is_file())
+        need = f"a checkpoint takes {size / 1e6:.1f} MB and {free / 1e6:.1f} MB are free there"
+        resume = f"resume=auto continues from {existing[-1].name}, which is intact"
+    else:
+        need = f"{free / 1e6:.1f} MB are free there"
+        resume = "no earlier checkpoint exists, so the run starts again from step 0"
+    return (f"could not write the checkpoint of step {step} to {folder} ({reason}); {need}. Free space (or lower "
+            f"keep_checkpoints) and run again: {resume}")
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from core.accelerator import (all_ranks_true, assert_replicas_in_sync, endless_batches, make_accelerator,
                               setup_logging, step_is_finite)
-from core.checkpoints import load_checkpoint, resolve_resume, save_checkpoint
+from core.checkpoints import load_checkpoint, lock_output_dir, resolve_resume, save_checkpoint
 from core.config import save_config
 from core.data.dataset import SkippingCollate, check_data_path
 from core.errors import UserError
@@ -152,6 +152,7 @@ class Trainer:
         self.accelerator = make_accelerator(config.output_dir, config.gradient_accumulation_steps,
                                             config.ddp_timeout_minutes)
         setup_logging(self.accelerator)
+        self.run_lock = lock_output_dir(self.accelerator, config.output_dir)
         resume_from = resolve_resume(config.output_dir, config.resume)
         self.collate = SkippingCollate()
         dataset, collate = self.build_data()
@@ -296,7 +297,9 @@ class Trainer:
         if self.ema is not None:
             assert_replicas_in_sync(self.accelerator, self.ema.shadow_params, "EMA weights")
         if self.accelerator.is_main_process:
-            with atomic_folder(final) as tmp:
+            # the run's own export: replaced on resume; a folder without an export's config.yaml is refused
+            with atomic_folder(final, overwrite=True, replaceable=lambda p: (p / "config.yaml").is_file(),
+                               what="training export") as tmp:
                 self.write_export(tmp)
                 save_config(self.config, tmp / "config.yaml")
             logger.info("exported to %s", final)
@@ -305,11 +308,17 @@ class Trainer:
 
     def cleanup(self) -> None:
         self.accelerator.end_training()
+        self.run_lock.release()
 
     def run(self) -> Path:
-        """setup -> train -> export -> cleanup; returns the export folder."""
-        self.setup()
-        self.train()
-        final = self.export()
-        self.cleanup()
+        """setup -> train -> export -> cleanup; returns the export folder. The output_dir's lock is released however
+        the run ends (a killed run leaves a stale lock, which the next run takes over)."""
+        try:
+            self.setup()
+            self.train()
+            final = self.export()
+            self.cleanup()
+        finally:
+            if getattr(self, "run_lock", None) is not None:
+                self.run_lock.release()
         return final

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from core.data.dataset import ImageCaptionDataset, SkippingCollate
 from core.files import atomic_folder
+from core.locks import FileLock
 
 logger = logging.getLogger(__name__)
 
@@ -97,20 +98,31 @@ def _encode(data: ImageCaptionDataset, vae: nn.Module, text_encoder: nn.Module, 
     return tensors, collate.skipped
 
 
+def _build(folder: Path, data: ImageCaptionDataset, vae: nn.Module, text_encoder: nn.Module, batch_size: int,
+           device: torch.device) -> None:
+    logger.info("building latent/text cache in %s", folder)
+    tensors, skipped = _encode(data, vae, text_encoder, batch_size, device)
+    with atomic_folder(folder, what="latent cache") as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "cache.safetensors")
+        (tmp / "info.json").write_text(json.dumps({"images": len(tensors["latent_mean"]), "skipped": skipped,
+                                                   "captions": len(tensors["caption_embeddings"])}))
+    if skipped:
+        logger.warning("skipped %d undecodable images while caching", skipped)
+
+
 def load_or_build_cache(accelerator, data: ImageCaptionDataset, vae: nn.Module, text_encoder: nn.Module,
                         cache_dir: str | Path, batch_size: int = 64) -> CachedLatents:
-    """The cache for these inputs: loaded if complete on disk, else built by the main process and saved atomically."""
-    folder = Path(cache_dir) / cache_key(data, vae, text_encoder)
+    """The cache for these inputs: loaded if complete on disk, else built by the main process and saved atomically.
+
+    Runs that share a `cache_dir` take turns through a lock per cache entry: a second builder of the same entry
+    waits for the first and then loads its result instead of building it again."""
+    key = cache_key(data, vae, text_encoder)
+    folder = Path(cache_dir) / key
     with accelerator.main_process_first():
-        if accelerator.is_main_process and not (folder / "cache.safetensors").is_file():
-            logger.info("building latent/text cache in %s", folder)
-            tensors, skipped = _encode(data, vae, text_encoder, batch_size, accelerator.device)
-            with atomic_folder(folder) as tmp:
-                save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "cache.safetensors")
-                (tmp / "info.json").write_text(json.dumps({"images": len(tensors["latent_mean"]), "skipped": skipped,
-                                                           "captions": len(tensors["caption_embeddings"])}))
-            if skipped:
-                logger.warning("skipped %d undecodable images while caching", skipped)
+        if accelerator.is_main_process:
+            with FileLock(Path(cache_dir) / f"{key}.lock", f"latent cache {folder}", wait=float("inf")):
+                if not (folder / "cache.safetensors").is_file():
+                    _build(folder, data, vae, text_encoder, batch_size, accelerator.device)
         cached = CachedLatents(load_file(folder / "cache.safetensors"))
     logger.info("latent/text cache %s: %d images, %d distinct captions", folder.name, len(cached),
                 len(cached.caption_embeddings))

@@ -22,8 +22,9 @@ def _import_open_clip():
     try:
         import open_clip
     except ImportError as err:
-        raise UserError("OpenCLIP text encoders need open-clip-torch with a matching torchvision: "
-                        "see docs/install.md, 'OpenCLIP text encoders' (`pip install -e .[openclip]` on a CUDA torch)") from err
+        raise UserError("OpenCLIP text encoders need open-clip-torch with a matching torchvision: see "
+                        "docs/install.md, 'OpenCLIP text encoders' (`pip install -e .[openclip]` on a CUDA torch)"
+                        ) from err
     return open_clip
 
 

@@ -118,13 +118,22 @@ def text_encoder_spec(path: Path) -> tuple[str, int]:
     return str(path), length
 
 
-def save_slim_model_folder(folder: str | Path, vae, unet, scheduler, text_encoder_name: str, max_length: int,
-                           dtype: torch.dtype = torch.float16) -> Path:
-    """The embedded-default layout: model_index.json, unet/, vae/, scheduler/ (weights in `dtype`), the text
-    encoder named in text_encoder.json, and checksums.json over the weight files."""
-    import copy
+def is_model_folder(path: Path) -> bool:
+    """A model folder this project (or diffusers) wrote, which an export may replace: model_index.json at the top and
+    no training run in it."""
+    return (path / "model_index.json").is_file() and not (path / "checkpoints").exists()
 
-    with atomic_folder(folder) as tmp:
+
+def save_slim_model_folder(folder: str | Path, vae, unet, scheduler, text_encoder_name: str, max_length: int,
+                           dtype: torch.dtype = torch.float16, overwrite: bool = False,
+                           training_config: Path | None = None) -> Path:
+    """The embedded-default layout: model_index.json, unet/, vae/, scheduler/ (weights in `dtype`), the text
+    encoder named in text_encoder.json, the run's config.yaml if given, and checksums.json over the weight files.
+    An existing model folder is replaced only with `overwrite`; any other existing folder is refused."""
+    import copy
+    import shutil
+
+    with atomic_folder(folder, overwrite, is_model_folder, "model folder") as tmp:
         for name, module in (("unet", unet), ("vae", vae)):
             copy.deepcopy(module).to(dtype).save_pretrained(tmp / name, safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
@@ -136,6 +145,8 @@ def save_slim_model_folder(folder: str | Path, vae, unet, scheduler, text_encode
                                                                "max_length": max_length}, indent=2) + "\n")
         weights = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*.safetensors"))
         (tmp / CHECKSUMS).write_text(json.dumps({w: file_sha256(tmp / w) for w in weights}, indent=2) + "\n")
+        if training_config is not None:
+            shutil.copy(training_config, tmp / "config.yaml")
     return Path(folder)
 
 
@@ -164,8 +175,9 @@ def write_model_folder(folder: Path, vae, text_encoder, unet, scheduler) -> None
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def save_model_folder(folder: str | Path, vae, text_encoder, unet, scheduler) -> Path:
-    """`write_model_folder`, atomically: a reader never sees a half-written folder."""
-    with atomic_folder(folder) as tmp:
+def save_model_folder(folder: str | Path, vae, text_encoder, unet, scheduler, overwrite: bool = False) -> Path:
+    """`write_model_folder`, atomically: a reader never sees a half-written folder. An existing model folder is
+    replaced only with `overwrite`; any other existing folder is refused, never deleted."""
+    with atomic_folder(folder, overwrite, is_model_folder, "model folder") as tmp:
         write_model_folder(tmp, vae, text_encoder, unet, scheduler)
     return Path(folder)

@@ -114,10 +114,12 @@ class Pipeline:
         self._unet_forward = torch.compile(self.unet, **kwargs)
         return self
 
-    def save_pretrained(self, folder: str | Path) -> Path:
+    def save_pretrained(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """A diffusers model folder, written atomically; an existing model folder is replaced only with `overwrite`,
+        any other existing folder is refused (never deleted)."""
         from pipelines.loading import save_model_folder
 
-        return save_model_folder(folder, self.vae, self.text_encoder, self.unet, self.scheduler)
+        return save_model_folder(folder, self.vae, self.text_encoder, self.unet, self.scheduler, overwrite)
 
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """Text hidden states (B, L, D) for the U-Net; the "" embedding is cached (used by every guided call)."""

@@ -3,7 +3,9 @@ and one rank of two killed. Resume never picks a partial checkpoint and ends bit
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -22,7 +24,7 @@ KILL_AT_RENAME = """
 import os, signal
 _replace = os.replace
 def _replace_or_die(src, dst, *args, **kwargs):
-    if os.path.basename(str(src)) == ".tmp-step-00000008":
+    if os.path.basename(str(src)).startswith(".tmp-step-00000008-"):
         os.kill(os.getpid(), signal.SIGKILL)
     return _replace(src, dst, *args, **kwargs)
 os.replace = _replace_or_die
@@ -125,3 +127,66 @@ def test_killing_one_of_two_ranks_stops_the_other_and_resume_skips_partial_work(
     resumed = run(launch + args, env={"ACCELERATE_USE_CPU": "1"})
     assert f"resumed from {out / 'checkpoints' / complete[-1]} at step" in resumed.stderr
     assert (out / "checkpoints" / "step-00000012" / "trainer_state.json").is_file()
+
+
+def _mount_tmpfs(path: Path, megabytes: int) -> bool:
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.slow  # about a minute: CI's second stage
+@pytest.mark.parametrize("fault", ["full disk", "file size limit"])
+def test_a_checkpoint_that_cannot_be_written_keeps_the_last_one_and_says_why(emoji_dir, autoencoder_dir, tmp_path,
+                                                                            fault):
+    """Real writes that fail: a small tmpfs filled up (ENOSPC; needs the right to mount, as root in CI), or a file
+    size limit (EFBIG; torch and safetensors raise their own error types for both). The run stops with one line,
+    no partial folder is left, the last checkpoint is intact and a later resume goes on from it."""
+    volume = tmp_path / "volume"
+    if fault == "full disk" and not _mount_tmpfs(volume, 256):
+        pytest.skip("mounting a tmpfs needs root (CI runs as root); the file size limit case covers the rest")
+    volume.mkdir(exist_ok=True)
+    try:
+        output_dir = volume / "run"
+        common = ["train_ldm.py", "--config", "configs/ldm/tiny.yaml", f"data={emoji_dir}",
+                  f"autoencoder={autoencoder_dir}", f"output_dir={output_dir}", f"cache_dir={tmp_path / 'cache'}",
+                  "checkpoint_every=2", "sample_every=1000", "log_every=1"]
+        run(LAUNCH + common + ["max_steps=2"])
+        first = output_dir / "checkpoints" / "step-00000002"
+        before = {p.name: p.read_bytes() for p in first.iterdir()}
+        if fault == "full disk":
+            free = shutil.disk_usage(volume).free
+            (volume / "filler").write_bytes(b"\0" * (free - 300_000))  # room for logs and a sample, not a checkpoint
+            failed = run(LAUNCH + common + ["max_steps=4"], check=False)
+        else:  # the optimiser state (about 2 MB) is over the limit; logs, samples and the U-Net file are under it
+            failed = run(["bash", "-c", 'ulimit -f 1500 && exec "$@"', "bash", *LAUNCH, *common, "max_steps=4"],
+                         check=False)
+        assert failed.returncode != 0
+        assert "could not write the checkpoint of step 4" in failed.stderr, failed.stderr[-3000:]
+        assert "resume=auto continues from step-00000002, which is intact" in failed.stderr
+        assert [p.name for p in (output_dir / "checkpoints").iterdir()] == ["step-00000002"]  # no partial folder
+        assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+        (volume / "filler").unlink(missing_ok=True)
+        resumed = run(LAUNCH + common + ["max_steps=4"])
+        assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
+        assert (output_dir / "checkpoints" / "step-00000004" / "trainer_state.json").is_file()
+    finally:
+        if fault == "full disk":
+            subprocess.run(["umount", str(volume)], capture_output=True)
+
+
+@pytest.mark.slow  # about 20 s: CI's second stage
+def test_a_second_run_on_the_same_output_dir_stops_and_names_the_first(emoji_dir, autoencoder_dir, tmp_path):
+    output_dir = tmp_path / "run"
+    first = _start(LAUNCH + _train_args(emoji_dir, autoencoder_dir, output_dir) + ["max_steps=100000"])
+    try:
+        _wait_for(output_dir / ".lock", first)
+        time.sleep(0.5)  # the lock file is created, then its holder written
+        holder = json.loads((output_dir / ".lock").read_text())
+        second = run(LAUNCH + _train_args(emoji_dir, autoencoder_dir, output_dir), check=False)
+        assert first.poll() is None  # the first run was still going, and its files are its own
+        assert second.returncode != 0
+        assert f"is in use by process {holder['pid']} on {holder['host']}" in second.stderr
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
