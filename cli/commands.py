@@ -72,6 +72,17 @@ def _write_images(images: list, out: Path) -> None:
     print(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)}, {image.width}x{image.height})")
 
 
+def _raise_limits(pipe, args: argparse.Namespace) -> None:
+    """--max-images / --max-megapixels: the user raises the pipeline's limits on purpose (the total follows)."""
+    limits = pipe.limits
+    if args.max_images is not None:
+        limits.max_images = args.max_images
+    if args.max_megapixels is not None:
+        limits.max_megapixels = args.max_megapixels
+    if args.max_images is not None or args.max_megapixels is not None:  # and the total per call they imply
+        limits.max_total_megapixels = max(limits.max_total_megapixels, limits.max_images * limits.max_megapixels)
+
+
 def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(negative_prompt=args.negative_prompt, num_images=args.num_images,
                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
@@ -83,6 +94,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     out = _output_path(args)
     pipe = Pipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle)
+    _raise_limits(pipe, args)
     classifier = {} if args.classifier is None else {"classifier": args.classifier, "class_label": args.class_label,
                                                      "classifier_scale": args.classifier_scale}
     _write_images(pipe.generate(**_sampling_kwargs(args), **classifier), out)
@@ -95,6 +107,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
     out = _output_path(args)
     image, mask = open_image(args.image, "--image"), open_image(args.mask, "--mask")
     pipe = InpaintPipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle)
+    _raise_limits(pipe, args)
     _write_images(pipe.generate(image=image, mask_image=mask, strength=args.strength, method=args.method,
                                 repaint_jump_length=args.repaint_jump_length,
                                 repaint_jump_n_sample=args.repaint_jump_n_sample, latent_mask=args.latent_mask,

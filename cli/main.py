@@ -203,6 +203,10 @@ def _add_sampling_args(parser: argparse.ArgumentParser, model_help: str) -> None
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.bin) weights")
+    parser.add_argument("--max-images", type=int, default=None,
+                        help="raise the limit on images per call (default: Pipeline's, 64)")
+    parser.add_argument("--max-megapixels", type=float, default=None,
+                        help="raise the limit on megapixels per image (default: Pipeline's, 4)")
 
 
 @exit_on_user_error

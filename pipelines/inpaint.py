@@ -28,9 +28,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image, ImageFilter
 from tqdm.auto import tqdm
 
-from core.data.dataset import to_rgb
 from core.errors import UserError
 from ldm.inpainting import encode_masked_image, mask_at_latent_size, unet_conditioning
+from pipelines.arguments import image_input, mask_input, real, whole
 from pipelines.defaults import GUIDANCE_SCALE, INPAINT_METHODS, LATENT_MASKS, NUM_INFERENCE_STEPS
 from pipelines.guidance import ClassifierFreeGuidance
 from pipelines.text_to_image import Pipeline, images_to_pil
@@ -88,10 +88,11 @@ class InpaintPipeline(Pipeline):
                             "pass the image and mask by name: generate(prompt, image=..., mask_image=...)")
         image, mask_image, method = self.check_inpaint_inputs(image, _one_mask(mask_image, mask), method, strength,
                                                               scheduler, latent_mask, repaint_jump_length,
-                                                              repaint_jump_n_sample)
+                                                              repaint_jump_n_sample, paste_back, feather)
         height, width = self.image_size(image, height, width)
         prompts, negative, height, width = self.check_inputs(prompt, negative_prompt, num_images, num_inference_steps,
-                                                             guidance_scale, height, width, output_type)
+                                                             guidance_scale, height, width, output_type, seed,
+                                                             scheduler)
         # 2. prepare image and mask
         init_image, mask_condition = self.prepare_image_and_mask(image, mask_image, height, width)
         batch = len(prompts) * num_images
@@ -132,16 +133,20 @@ class InpaintPipeline(Pipeline):
 
     def check_inpaint_inputs(self, image, mask_image, method: str | None, strength: float,
                              scheduler: str | SchedulerMixin | None, latent_mask: str, repaint_jump_length: int,
-                             repaint_jump_n_sample: int) -> tuple[object, object, str]:
-        """The inpainting arguments, checked before any work: (image, mask, method), falling back to the ones given
-        to the constructor."""
+                             repaint_jump_n_sample: int, paste_back: bool,
+                             feather: float) -> tuple[object, object, str]:
+        """The inpainting arguments, checked before any work: (image, mask, method), the ones given to the
+        constructor by default, image and mask in the form the image processor reads (pipelines/arguments.py)."""
         image = self.image if image is None else image
         mask_image = self.mask_image if mask_image is None else mask_image
         if image is None or mask_image is None:
             raise UserError("inpainting needs an image and a mask: image=..., mask_image=... (white = repaint)")
+        image, mask_image = image_input(image, "image"), mask_input(mask_image, "mask_image")
         method = self.check_method(method)
-        if not 0 < strength <= 1:
-            raise UserError(f"strength must be in (0, 1], got {strength}")
+        real("strength", strength, 0, 1, low_open=True)
+        real("feather", feather, 0, 64)
+        if not isinstance(paste_back, bool):
+            raise UserError(f"paste_back must be True or False, got {paste_back!r}")
         if method == "repaint" and (strength != 1 or scheduler is not None):
             raise UserError("method='repaint' samples with its own scheduler (RePaint's) from noise: leave scheduler "
                             "and strength out")
@@ -150,8 +155,8 @@ class InpaintPipeline(Pipeline):
         if latent_mask != "nearest" and method == "unet":
             raise UserError(f"latent_mask='{latent_mask}' is for method='blend' or 'repaint'; an inpainting U-Net "
                             "takes the mask as it was trained on it (nearest)")
-        if method == "repaint" and min(repaint_jump_length, repaint_jump_n_sample) < 1:
-            raise UserError("repaint_jump_length and repaint_jump_n_sample must be at least 1")
+        whole("repaint_jump_length", repaint_jump_length, 1)
+        whole("repaint_jump_n_sample", repaint_jump_n_sample, 1)
         return image, mask_image, method
 
     def image_size(self, image, height: int | None, width: int | None) -> tuple[int, int]:
@@ -185,9 +190,8 @@ class InpaintPipeline(Pipeline):
         return method
 
     def prepare_image_and_mask(self, image, mask_image, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image in [-1, 1] (1, 3, H, W), transparency on white; mask binarised at 0.5 (1, 1, H, W); both resized."""
-        if isinstance(image, Image.Image) and image.mode != "RGB":
-            image = to_rgb(image)
+        """Image in [-1, 1] (1, 3, H, W); mask binarised at 0.5 (1, 1, H, W); both resized (given as
+        `check_inpaint_inputs` returns them)."""
         try:
             init_image = self.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
             mask_condition = self.mask_processor.preprocess(mask_image, height=height, width=width)
@@ -316,14 +320,10 @@ def paste(generated: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, f
 
 
 def _image_size(image) -> tuple[int, int]:
-    """(height, width) of a PIL image, an (H, W, C) / (B, H, W, C) array or a (C, H, W) / (B, C, H, W) tensor."""
+    """(height, width) of an image as `image_input` returns it: PIL, (B, H, W, 3) array or (B, 3, H, W) tensor."""
     if isinstance(image, Image.Image):
         return image.height, image.width
-    if isinstance(image, np.ndarray):
-        return tuple(image.shape[-3:-1]) if image.ndim >= 3 else tuple(image.shape)
-    if isinstance(image, torch.Tensor):
-        return tuple(image.shape[-2:])
-    raise UserError(f"cannot read an image from {type(image).__name__}; pass a PIL image, numpy array or tensor")
+    return tuple(image.shape[1:3]) if isinstance(image, np.ndarray) else tuple(image.shape[-2:])
 
 
 def _one_mask(mask_image, mask):

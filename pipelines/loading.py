@@ -29,6 +29,22 @@ COMPONENT_FILES = {
     "scheduler": ("scheduler_config.json",),
 }
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+# the configs that change what a model draws: checksummed with the weights in an export
+CHECKSUMMED_CONFIGS = ("model_index.json", "unet/config.json", "vae/config.json", "scheduler/scheduler_config.json",
+                       TEXT_ENCODER_REFERENCE)
+
+
+def read_json(path: Path) -> dict:
+    """A model folder's JSON file as a dict, or one clear line naming the file when it is not valid JSON."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise MissingFileError(f"model file {path} is missing") from err
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); restore or re-export the model folder") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} should hold a JSON object, got {type(value).__name__}; restore or re-export it")
+    return value
 
 
 def resolve_model_path(model: str | Path | None, inpainting: bool = False) -> Path:
@@ -55,7 +71,9 @@ def resolve_model_path(model: str | Path | None, inpainting: bool = False) -> Pa
 
 
 def check_model_folder(path: Path, allow_pickle: bool = False) -> None:
-    """Name the first missing file, refuse pickled weights unless allowed, and check the recorded checksums."""
+    """Name the first missing file or malformed index, refuse pickled weights unless allowed, and check the recorded
+    checksums."""
+    read_model_index(path)
     slim = (path / TEXT_ENCODER_REFERENCE).is_file()
     for component, files in COMPONENT_FILES.items():
         if slim and component in ("text_encoder", "tokenizer"):
@@ -89,7 +107,7 @@ def verify_checksums(path: Path) -> None:
     defaults = {folder.resolve(): folder.name for folder in (DEFAULT_MODEL_DIR, DEFAULT_INPAINT_MODEL_DIR)}
     restore = (f"restore it with `git checkout -- pipelines/{defaults[path.resolve()]}` (or reinstall the package)"
                if path.resolve() in defaults else "re-export the model folder")
-    for name, expected in json.loads((path / CHECKSUMS).read_text()).items():
+    for name, expected in read_json(path / CHECKSUMS).items():
         file = path / name
         if not file.is_file():
             raise MissingFileError(f"model file {file} is missing; {restore}")
@@ -100,7 +118,13 @@ def verify_checksums(path: Path) -> None:
 def read_text_encoder_reference(path: Path) -> dict | None:
     """The installed text encoder a slim folder names ({"name", "max_length"}), or None for a full folder."""
     file = path / TEXT_ENCODER_REFERENCE
-    return json.loads(file.read_text()) if file.is_file() else None
+    if not file.is_file():
+        return None
+    reference = read_json(file)
+    if not isinstance(reference.get("name"), str) or not isinstance(reference.get("max_length"), int):
+        raise UserError(f"{file} must name the text encoder and its max_length, e.g. "
+                        '{"name": "minilm", "max_length": 77}')
+    return reference
 
 
 def text_encoder_spec(path: Path) -> tuple[str, int]:
@@ -112,7 +136,7 @@ def text_encoder_spec(path: Path) -> tuple[str, int]:
     config_file = path / "tokenizer" / "tokenizer_config.json"
     if not config_file.is_file():
         raise MissingFileError(f"model folder {path} is missing tokenizer/tokenizer_config.json")
-    length = json.loads(config_file.read_text()).get("model_max_length")
+    length = read_json(config_file).get("model_max_length")
     if not isinstance(length, int) or length > 4096:
         raise UserError(f"{config_file} has no usable model_max_length (the training padding length)")
     return str(path), length
@@ -143,15 +167,15 @@ def save_slim_model_folder(folder: str | Path, vae, unet, scheduler, text_encode
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / TEXT_ENCODER_REFERENCE).write_text(json.dumps({"name": text_encoder_name,
                                                                "max_length": max_length}, indent=2) + "\n")
-        weights = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*.safetensors"))
-        (tmp / CHECKSUMS).write_text(json.dumps({w: file_sha256(tmp / w) for w in weights}, indent=2) + "\n")
+        covered = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*.safetensors")) + list(CHECKSUMMED_CONFIGS)
+        (tmp / CHECKSUMS).write_text(json.dumps({f: file_sha256(tmp / f) for f in covered}, indent=2) + "\n")
         if training_config is not None:
             shutil.copy(training_config, tmp / "config.yaml")
     return Path(folder)
 
 
 def read_model_index(path: Path) -> dict:
-    return json.loads((path / "model_index.json").read_text())
+    return read_json(path / "model_index.json")
 
 
 def diffusers_pipeline_class(unet, vae) -> type:

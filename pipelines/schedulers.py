@@ -16,6 +16,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from core.errors import UserError
 from pipelines.defaults import SCHEDULER_NAMES
+from pipelines.loading import read_json
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddpm": DDPMScheduler,  # ancestral sampling, DDPM algorithm 2
@@ -55,7 +56,7 @@ def uses_learned_variance(scheduler: SchedulerMixin) -> bool:
 
 def load_scheduler(folder: Path) -> SchedulerMixin:
     """The scheduler saved in a model folder, as the diffusers class it was saved as."""
-    config = DDPMScheduler.load_config(folder)  # reads scheduler_config.json whatever class it names
+    config = read_json(folder / "scheduler_config.json")  # whatever class it names
     cls = getattr(diffusers, str(config.get("_class_name")), None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise UserError(f"{folder}/scheduler_config.json names '{config.get('_class_name')}', which is not a "

@@ -7,7 +7,6 @@ the same model folder, seed, scheduler, steps and guidance both give the same im
 from __future__ import annotations
 
 import inspect
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -17,12 +16,14 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from autoencoder.model import downsampling_factor
 from core.errors import UserError
 from ldm.classifier import NoisyLatentClassifier, load_classifier
 from ldm.text_encoders import load_text_encoder
+from pipelines.arguments import MAX_SEED, Limits, real, text_list, whole
 from pipelines.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
 from pipelines.guidance import ClassifierFreeGuidance, ClassifierGuidance
 from pipelines.loading import check_model_folder, resolve_model_path, text_encoder_spec
@@ -51,11 +52,14 @@ class Pipeline:
             path = resolve_model_path(model, inpainting=self.inpainting_default)
             check_model_folder(path, allow_pickle)
             use_safetensors = None if allow_pickle else True
-            # fp32 whatever the files hold (the embedded default is stored in fp16); `.to(dtype=...)` to change
-            vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=use_safetensors,
-                                                torch_dtype=torch.float32)
-            unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_safetensors,
-                                                        torch_dtype=torch.float32)
+            try:  # fp32 whatever the files hold (the embedded default is stored in fp16); `.to(dtype=...)` to change
+                vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=use_safetensors,
+                                                    torch_dtype=torch.float32)
+                unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=use_safetensors,
+                                                            torch_dtype=torch.float32)
+            except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated or damaged files
+                raise UserError(f"cannot load the model in {path}: {type(err).__name__}: {err}; restore or "
+                                "re-export the model folder") from err
             text_encoder = load_text_encoder(*text_encoder_spec(path))
             scheduler = load_scheduler(path / "scheduler")
         self.vae, self.text_encoder, self.unet, self.scheduler = vae, text_encoder, unet, scheduler
@@ -64,6 +68,7 @@ class Pipeline:
             module.eval().requires_grad_(False)
         self._empty_embedding: torch.Tensor | None = None
         self._unet_forward = self.unet  # replaced by a compiled forward after `compile()`; self.unet stays plain
+        self.limits = Limits()  # what one call may ask for; raise on purpose
 
     def check_unet(self) -> None:
         """Text-to-image needs a U-Net whose input is the latent alone."""
@@ -152,7 +157,8 @@ class Pipeline:
         guidance, alone (prompt "") or on top of classifier-free guidance.
         """
         prompts, negative, height, width = self.check_inputs(prompt, negative_prompt, num_images, num_inference_steps,
-                                                             guidance_scale, height, width, output_type)
+                                                             guidance_scale, height, width, output_type, seed,
+                                                             scheduler)
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
         cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
@@ -165,33 +171,37 @@ class Pipeline:
         return self.decode(latents, output_type)
 
     def check_inputs(self, prompt, negative_prompt, num_images: int, num_inference_steps: int,
-                     guidance_scale: float, height: int | None, width: int | None,
-                     output_type: str) -> tuple[list[str], list[str], int, int]:
-        """Validate every argument before any work; returns (prompts, negative prompts, height, width)."""
+                     guidance_scale: float, height: int | None, width: int | None, output_type: str,
+                     seed: int | None = None, scheduler=None) -> tuple[list[str], list[str], int, int]:
+        """Validate every argument before any work (pipelines/arguments.py); returns (prompts, negative prompts,
+        height, width)."""
         prompt = self.prompt if prompt is None else prompt
         if prompt is None:
             raise UserError("no prompt: pass one to Pipeline(...) or generate(...) ('' for unconditional)")
-        prompts = _text_list(prompt, "prompt")
-        negative = [negative_prompt or ""] * len(prompts) if negative_prompt is None or isinstance(
-            negative_prompt, str) else _text_list(negative_prompt, "negative_prompt")
-        height = self.default_size() if height is None else height
-        width = self.default_size() if width is None else width
-        factor = self.vae_scale_factor
-        if num_images < 1:
-            raise UserError(f"num_images must be at least 1, got {num_images}")
+        prompts = text_list(prompt, "prompt")
+        negative = [""] * len(prompts) if negative_prompt is None else text_list(negative_prompt, "negative_prompt")
+        if len(negative) == 1 and len(prompts) > 1:
+            negative = negative * len(prompts)
         if len(negative) != len(prompts):
             raise UserError(f"got {len(negative)} negative prompts for {len(prompts)} prompts")
-        max_steps = self.scheduler.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= max_steps:
-            raise UserError(f"num_inference_steps must be between 1 and {max_steps}, got {num_inference_steps}")
-        if not isinstance(guidance_scale, (int, float)) or math.isnan(guidance_scale) or guidance_scale < 0:
-            raise UserError(f"guidance_scale must be a number >= 0, got {guidance_scale}")
+        num_images = whole("num_images", num_images, 1)
+        whole("num_inference_steps", num_inference_steps, 1, self.scheduler.config.num_train_timesteps)
+        real("guidance_scale", guidance_scale, 0)
+        if seed is not None:
+            whole("seed", seed, 0, MAX_SEED)
+        if scheduler is not None and not isinstance(scheduler, (str, SchedulerMixin)):
+            raise UserError("scheduler must be a sampler name or a diffusers scheduler, got "
+                            f"{type(scheduler).__name__}")
+        factor = self.vae_scale_factor
+        height = self.default_size() if height is None else whole("height", height, 0)
+        width = self.default_size() if width is None else whole("width", width, 0)
         for name, size in (("height", height), ("width", width)):
             if size < factor or size % factor:
                 raise UserError(f"{name}={size} is not a multiple of the autoencoder's downsampling factor {factor}; "
                                 f"valid sizes: {factor}, {2 * factor}, ..., e.g. {self.default_size()}")
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"unknown output_type '{output_type}'; valid: {', '.join(OUTPUT_TYPES)}")
+        self.limits.check(len(prompts) * num_images, height, width)
         return prompts, negative, height, width
 
     def encode_prompt(self, prompts: list[str], negative: list[str], num_images: int,
@@ -233,8 +243,7 @@ class Pipeline:
         if class_label is None:
             raise UserError(f"classifier guidance needs class_label=...; valid: {', '.join(classifier.config.labels)}")
         label = classifier.label_index(class_label)
-        if not isinstance(scale, (int, float)) or math.isnan(scale) or scale < 0:
-            raise UserError(f"classifier_scale must be a number >= 0, got {scale}")
+        real("classifier_scale", scale, 0)
         classifier.check_fits(self.vae, height // self.vae_scale_factor, height, self.scheduler.config)
         if sampler.init_noise_sigma != 1 or self.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
             raise UserError("classifier guidance needs an epsilon-prediction model and a sampler whose input is x_t "
@@ -273,14 +282,6 @@ class Pipeline:
             return images
         array = images.permute(0, 2, 3, 1).cpu().numpy()
         return array if output_type == "numpy" else images_to_pil(array)
-
-
-def _text_list(text, name: str) -> list[str]:
-    """A prompt argument as a list of strings, or a UserError naming what came instead."""
-    texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
-    if texts is None or not all(isinstance(t, str) for t in texts):
-        raise UserError(f"{name} must be a string or a list of strings, got {type(text).__name__}")
-    return texts
 
 
 def images_to_pil(images: np.ndarray) -> list[Image.Image]:

@@ -79,7 +79,7 @@ def test_a_classifier_that_does_not_fit_is_refused(classifier_dir, pipe, tiny_co
         pipe.generate("", class_label="emoji", **kwargs)
     with pytest.raises(UserError, match="needs class_label"):
         pipe.generate("", **kwargs)
-    with pytest.raises(UserError, match="classifier_scale must be a number >= 0"):
+    with pytest.raises(UserError, match="classifier_scale must be a finite number >= 0"):
         pipe.generate("", class_label="twemoji", classifier_scale=math.nan, **kwargs)
     with pytest.raises(UserError, match="another autoencoder"):
         Pipeline(**tiny_components).generate("", class_label="twemoji", **kwargs)

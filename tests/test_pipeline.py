@@ -110,7 +110,7 @@ def test_empty_prompt_is_unconditional(tiny_components):
     ({"num_inference_steps": 0}, "between 1 and 1000"),
     ({"num_inference_steps": 1001}, "between 1 and 1000"),
     ({"guidance_scale": -1.0}, "guidance_scale must be a number >= 0"),
-    ({"guidance_scale": math.nan}, "guidance_scale must be a number >= 0"),
+    ({"guidance_scale": math.nan}, "guidance_scale must be a finite number >= 0"),
     ({"num_images": 0}, "num_images must be at least 1"),
     ({"latents": torch.zeros(1, 4, 8, 8)}, r"latents have shape \(1, 4, 8, 8\); expected \(1, 4, 16, 16\)"),
     ({"scheduler": "heun"}, "unknown scheduler 'heun'; valid: ddpm, ddim"),

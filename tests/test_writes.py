@@ -113,3 +113,38 @@ def test_two_ldm_generate_writes_to_one_file_leave_one_whole_png(tmp_path):
         atomic_write(out, lambda tmp, c=colour: Image.new("RGB", (4, 4), c).save(tmp, format="PNG"))
     assert np.asarray(Image.open(out))[0, 0].tolist() == [0, 0, 255]
     assert [p.name for p in tmp_path.iterdir()] == ["same.png"]
+
+
+def test_damaged_model_folders_are_named_in_one_line(tiny_components, tmp_path):
+    """Malformed JSON, a truncated weight file without checksums, an edited config under checksums."""
+    from pipelines.loading import save_slim_model_folder
+
+    full = Pipeline(**tiny_components).save_pretrained(tmp_path / "full")
+    for name in ("model_index.json", "scheduler/scheduler_config.json"):
+        broken = tmp_path / f"broken-{name.replace('/', '-')}"
+        shutil.copytree(full, broken)
+        (broken / name).write_text('{"_class_name": ')
+        with pytest.raises(UserError, match=f"{broken / name} is not valid JSON"):
+            Pipeline(model=broken)
+    truncated = tmp_path / "truncated"
+    shutil.copytree(full, truncated)
+    weights = truncated / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match=f"cannot load the model in {truncated}"):
+        Pipeline(model=truncated)
+    pipe = Pipeline(**tiny_components)
+    slim = save_slim_model_folder(tmp_path / "slim", pipe.vae, pipe.unet, pipe.scheduler, "minilm", 16)
+    checksums = json.loads((slim / "checksums.json").read_text())
+    assert {"vae/config.json", "scheduler/scheduler_config.json", "text_encoder.json"} <= checksums.keys()
+    Pipeline(model=slim)
+    config = json.loads((slim / "vae" / "config.json").read_text())
+    (slim / "vae" / "config.json").write_text(json.dumps({**config, "scaling_factor": 1.0}))
+    with pytest.raises(UserError, match="vae/config.json is corrupted"):
+        Pipeline(model=slim)
+    (slim / "checksums.json").write_text("not json")
+    with pytest.raises(UserError, match="checksums.json is not valid JSON"):
+        Pipeline(model=slim)
+    (slim / "checksums.json").unlink()  # a folder without checksums: its JSON is still read with care
+    (slim / "text_encoder.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="text_encoder.json should hold a JSON object"):
+        Pipeline(model=slim)
