@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
@@ -82,12 +84,13 @@ def lock_output_dir(accelerator: Accelerator, output_dir: str | Path) -> FileLoc
     return lock
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, config: Any,
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, config: Any, states: dict,
                     trainer_state: dict, keep: int) -> Path:
     """Write the full training state atomically (a uniquely named temporary folder, then a rename) and keep only the
-    last `keep`. Any failure on any rank (a full disk raises OSError, torch's RuntimeError or safetensors' error)
-    removes the partial folder, keeps every complete checkpoint, and stops every rank with one line naming the disk
-    and the space a checkpoint needs."""
+    last `keep`. `states` (name -> object with `state_dict`, the same on every rank) are saved by the main process as
+    `NAME.pt`, plain tensors and numbers that load with `weights_only=True`. Any failure on any rank (a full disk
+    raises OSError, torch's RuntimeError or safetensors' error) removes the partial folder, keeps every complete
+    checkpoint, and stops every rank with one line naming the disk and the space a checkpoint needs."""
     folder = checkpoints_dir(output_dir)
     final = folder / f"{CHECKPOINT_PREFIX}{step:08d}"
     token = [uuid.uuid4().hex[:8] if accelerator.is_main_process else None]
@@ -100,6 +103,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
+            for name, obj in states.items():
+                torch.save(obj.state_dict(), tmp / f"{name}.pt")
             save_config(config, tmp / "config.yaml")
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
             _fsync_tree(tmp)
@@ -142,7 +147,21 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(f.fileno())
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path) -> dict:
-    """Restore the full training state; returns trainer_state.json (step, data position, counters)."""
+def load_checkpoint(accelerator: Accelerator, path: Path, states: dict) -> dict:
+    """Restore the full training state; returns trainer_state.json (step, data position, counters).
+
+    Nothing is unpickled beyond what torch's `weights_only=True` allows (tensors, numbers, containers; Accelerate's
+    own loads use it too, with an allow-list for its sampler and RNG states), so a checkpoint from someone else cannot
+    run code. Checkpoints written before 2026-12-02 held the EMA and LR schedule as full pickles and are refused."""
+    if any(path.glob("custom_checkpoint_*.pkl")):
+        raise UserError(f"{path} was written by an older version that pickled the EMA and LR schedule (loading it "
+                        "could run code); start a new run, or train from its weights with init_from")
+    for name, obj in states.items():
+        try:
+            state = torch.load(path / f"{name}.pt", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UserError(f"{path / f'{name}.pt'} holds pickled objects beyond tensors and numbers; refusing to "
+                            "load it (it could run code)") from err
+        obj.load_state_dict(state)
     accelerator.load_state(str(path))
     return json.loads((path / "trainer_state.json").read_text())

@@ -68,6 +68,10 @@ class FileLock:
                 handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self.holder()
+                if holder == me:  # this process took it and did not let go (e.g. a notebook cell run again)
+                    logger.warning("%s: this process already holds %s; taking it again", self.what, self.path)
+                    self.path.unlink(missing_ok=True)
+                    continue
                 if holder and not _alive(holder):
                     logger.warning("taking over the stale lock %s (process %s on %s is gone)", self.path,
                                    holder.get("pid"), holder.get("host"))

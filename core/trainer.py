@@ -170,20 +170,18 @@ class Trainer:
         # stepped by us once per optimiser step (a prepared scheduler would step once per process)
         self.lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                           num_training_steps=config.max_steps)
-        self.accelerator.register_for_checkpointing(self.lr_scheduler)
         self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         self.build_extras()
         self.ema = None
         if config.use_ema:  # EMA of every rank starts from the same (prepared, rank-0-broadcast) weights
             self.ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
             self.ema.to(self.accelerator.device)
-            self.accelerator.register_for_checkpointing(self.ema)
         set_seed(config.seed, device_specific=True)  # each rank draws its own noise, timesteps and dropout
 
         self.step, self.batches_seen, self.skipped_images = 0, 0, 0
         self.guard = NonFiniteGuard(config.max_nonfinite_steps)
         if resume_from is not None:
-            state = load_checkpoint(self.accelerator, resume_from)
+            state = load_checkpoint(self.accelerator, resume_from, self.checkpointed_states())
             self.step, self.batches_seen = state["step"], state["batches_seen"]
             self.guard.total = state.get("nonfinite_steps", 0)
             self.skipped_images = state.get("skipped_images", 0)
@@ -283,8 +281,14 @@ class Trainer:
         tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
         tracker.add_image(tag, pil_to_uint8_array(grid), self.step, dataformats="HWC")
 
+    def checkpointed_states(self) -> dict:
+        """What the checkpoint holds beside Accelerate's state, by file name: the LR schedule and the EMA (saved and
+        loaded by us with `weights_only=True`; Accelerate would unpickle registered objects in full)."""
+        return {"lr_scheduler": self.lr_scheduler, **({"ema": self.ema} if self.ema is not None else {})}
+
     def save_checkpoint(self) -> None:
         path = save_checkpoint(self.accelerator, self.config.output_dir, self.step, self.config,
+                               self.checkpointed_states(),
                                {"batches_seen": self.batches_seen, "skipped_images": self.skipped_images,
                                 "nonfinite_steps": self.guard.total}, self.config.keep_checkpoints)
         logger.info("saved checkpoint %s", path)

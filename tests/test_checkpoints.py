@@ -52,3 +52,28 @@ def test_nonfinite_guard_counts_and_stops():
     with pytest.raises(UserError, match="NaN/inf for 2 steps in a row"):
         guard.check(False, 5)
     assert guard.total == 3
+
+
+class _RunsCode:
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))  # what a malicious pickle could do: any call at load time
+
+
+def test_resuming_a_checkpoint_cannot_run_code(tmp_path):
+    import torch
+    from accelerate import Accelerator
+
+    from core.checkpoints import load_checkpoint
+
+    folder = _fake_checkpoint(tmp_path, "step-00000010")
+    marker = tmp_path / "ran"
+    torch.save({"decay": 0.99, "payload": _RunsCode(marker)}, folder / "ema.pt")
+    with pytest.raises(UserError, match="ema.pt holds pickled objects beyond tensors and numbers"):
+        load_checkpoint(Accelerator(cpu=True), folder, {"ema": None})
+    assert not marker.exists()
+    (folder / "custom_checkpoint_0.pkl").write_bytes(b"")
+    with pytest.raises(UserError, match="written by an older version that pickled the EMA"):
+        load_checkpoint(Accelerator(cpu=True), folder, {})

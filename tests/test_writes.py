@@ -85,13 +85,22 @@ def test_ldm_export_never_writes_over_or_into_its_source(tiny_model_dir, tmp_pat
 
 
 def test_a_second_writer_stops_with_the_first_ones_name_and_a_stale_lock_is_taken_over(tmp_path, caplog):
+    from core.locks import _start_time
+
     path = tmp_path / "run" / LOCK_NAME
     with FileLock(path, "output_dir run"):
         assert resolve_resume(tmp_path / "run", "never") is None  # the lock file is not a run's content
-        with pytest.raises(UserError, match=f"output_dir run is in use by process {os.getpid()} on "
+    assert not path.exists()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another live process
+    try:
+        path.write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid,
+                                    "started": _start_time(other.pid)}))
+        with pytest.raises(UserError, match=f"output_dir run is in use by process {other.pid} on "
                                             f"{socket.gethostname()}"):
             FileLock(path, "output_dir run").acquire()
-    assert not path.exists()
+    finally:
+        other.kill()
+        other.wait()
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True)
     path.write_text(json.dumps({"host": socket.gethostname(), "pid": int(finished.stdout), "started": "1"}))
