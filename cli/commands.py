@@ -118,7 +118,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from web.app import serve
 
-    serve(args.model, args.inpaint_model, args.host, args.port)
+    serve(args.model, args.inpaint_model, args.host, args.port, args.auth)
 
 
 def cmd_eval_autoencoder(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from cli import commands
@@ -181,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="inpainting or text-to-image model folder (default: the embedded inpainting default)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--auth", default=os.environ.get("LDM_SERVE_AUTH"),
+                       help="USER:PASSWORD every visitor must enter (default: $LDM_SERVE_AUTH; none on loopback)")
     serve.set_defaults(func=commands.cmd_serve)
     return parser
 

@@ -250,3 +250,58 @@ def test_inpaint_tab_changes_only_the_painted_region(server, chromium, tmp_path)
     assert np.array_equal(result[~mask], source[~mask])  # paste-back: untouched outside the painted region
     assert np.abs(result[mask] - source[mask]).mean() > 1  # and filled inside it
     _shot(page, "web-inpaint.png")
+
+
+def test_upload_pixels_prompt_length_and_paths_are_checked_before_any_work(tmp_path):
+    from web.requests import MAX_PROMPT_CHARS, open_upload, public_message
+
+    with pytest.raises(UserError, match=f"the prompt is {MAX_PROMPT_CHARS + 1} characters; the limit is"):
+        _settings(prompt="a" * (MAX_PROMPT_CHARS + 1))
+    huge = tmp_path / "huge.png"  # a small file that declares 16.4 megapixels
+    Image.new("L", (4100, 4000)).save(huge)
+    assert huge.stat().st_size < 200_000
+    with pytest.raises(UserError, match="is 4100x4000 pixels; the limit is 16 megapixels"):
+        open_upload(huge, "the uploaded image")
+    assert public_message(f"the uploaded image {tmp_path}/cat.png is broken") == "the uploaded image cat.png is broken"
+
+
+def test_an_open_host_warns_and_a_burst_of_requests_is_answered_or_refused(tmp_path):
+    """20 requests at once from 4 clients on loopback (the server listening on every interface, without a login):
+    each is answered or refused with Gradio's queue message, and the server still serves afterwards."""
+    import threading
+
+    from gradio_client import Client
+
+    log = tmp_path / "serve.log"
+    with running_server(log, "--host", "0.0.0.0") as url:
+        assert "serving on 0.0.0.0 without a login" in log.read_text()
+        outcomes = []
+
+        def client() -> None:
+            session = Client(url, verbose=False)
+            jobs = [session.submit("a cat", "", "model's own", 4, 5.0, seed, False, 2, 64, api_name="/generate")
+                    for seed in range(5)]
+            for seed, job in enumerate(jobs):
+                try:
+                    gallery, answered_seed = job.result(timeout=60)
+                    outcomes.append("answered" if answered_seed == seed and gallery else "wrong answer")
+                except Exception as err:  # noqa: BLE001 - what the client reports is what is checked
+                    outcomes.append(str(err))
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=90)
+        assert len(outcomes) == 20
+        assert all(o == "answered" or "Queue is full" in o for o in outcomes), outcomes
+        assert Client(url, verbose=False).predict("a dog", "", "model's own", 2, 5.0, 1, False, 1, 64,
+                                                  api_name="/generate")[1] == 1
+
+
+def test_a_login_must_name_user_and_password(capsys):
+    from cli.main import main as ldm_main
+
+    with pytest.raises(SystemExit):
+        ldm_main(["serve", "--auth", "alice"])
+    assert "--auth takes USER:PASSWORD" in capsys.readouterr().err

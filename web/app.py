@@ -25,13 +25,17 @@ from web.requests import (
     MAX_STEPS,
     MODEL_SCHEDULER,
     Settings,
+    MAX_UPLOAD_MB,
     check_settings,
     editor_image_and_mask,
+    public_message,
     with_settings,
 )
 
 logger = logging.getLogger(__name__)
 QUEUE_SIZE = 16  # waiting requests per server; the next one is refused with "queue full" instead of piling up
+CACHE_SECONDS = 3600  # Gradio's cached uploads and results older than this are deleted, checked this often
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 GALLERY_SIZE = 32  # results kept per browser tab
 
 # system fonts only: the default theme's web fonts would be fetched from the internet at every page load
@@ -61,16 +65,18 @@ def build_app(model: str | None = None, inpaint_model: str | None = None):
     factor, default_size = pipe.vae_scale_factor, pipe.default_size()
 
     def page_errors(fn):
-        """Our clear errors as messages on the page; anything else is logged and shown as an internal error."""
+        """Our clear errors as messages on the page (server paths shortened to file names); anything else is logged
+        in full on the server and shown to the visitor without details."""
         @functools.wraps(fn)  # keeps the signature: Gradio finds the gr.Progress argument through it
         def wrapped(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except UserError as err:
-                raise gr.Error(str(err)) from err
+                logger.info("request refused: %s", err)
+                raise gr.Error(public_message(str(err))) from err
             except Exception as err:
                 logger.exception("request failed")
-                raise gr.Error(f"internal error: {type(err).__name__}: {err}") from err
+                raise gr.Error("internal error: the request failed on the server (details are in its log)") from err
         return wrapped
 
     @page_errors
@@ -102,7 +108,8 @@ def build_app(model: str | None = None, inpaint_model: str | None = None):
         used_mask = Image.fromarray((used[0, 0].numpy() * 255).astype(np.uint8))
         return with_settings(result, settings, 0), used_mask, settings.seed
 
-    with gr.Blocks(title="latent-diffusion-lab") as app:
+    # uploads and results Gradio caches on disk: files older than an hour removed every hour, and all at exit
+    with gr.Blocks(title="latent-diffusion-lab", delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as app:
         gr.Markdown(f"## latent-diffusion-lab\nGenerate: **{names['generate']}** · Inpaint: **{names['inpaint']}** "
                     f"(limits: size ≤ {MAX_SIDE}, steps ≤ {MAX_STEPS}, images ≤ {MAX_IMAGES})")
         with gr.Tab("Generate"):
@@ -182,12 +189,23 @@ def _caption(settings: Settings, index: int) -> str:
 
 
 def serve(model: str | None = None, inpaint_model: str | None = None, host: str = "127.0.0.1",
-          port: int = 7860) -> None:
-    """Build the page and serve it until interrupted (loopback only unless `host` says otherwise)."""
+          port: int = 7860, auth: str | None = None) -> None:
+    """Build the page and serve it until interrupted (loopback only unless `host` says otherwise). `auth`
+    ("USER:PASSWORD") asks every visitor for that login (Gradio's basic login page)."""
     gr = _gradio()
+    credentials = None
+    if auth is not None:
+        user, sep, password = auth.partition(":")
+        if not sep or not user or not password:
+            raise UserError("--auth takes USER:PASSWORD (or set LDM_SERVE_AUTH), e.g. --auth alice:long-secret")
+        credentials = (user, password)
+    if host not in LOOPBACK and credentials is None:
+        logger.warning("serving on %s without a login: anyone who can reach port %d can use this machine's models; "
+                       "pass --auth USER:PASSWORD (or set LDM_SERVE_AUTH), or keep the default loopback host", host,
+                       port)
     app = build_app(model, inpaint_model)
     try:
         app.launch(server_name=host, server_port=port, theme=gr.themes.Default(**FONTS), css=CSS, show_error=True,
-                   share=False, inbrowser=False)
+                   share=False, inbrowser=False, auth=credentials, max_file_size=f"{MAX_UPLOAD_MB}mb")
     except OSError as err:  # Gradio's "Cannot find empty port"
         raise UserError(f"cannot listen on {host}:{port} ({err}); is another server using it? pass --port") from err

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +24,9 @@ MAX_STEPS = 250
 MAX_IMAGES = 8
 MAX_GUIDANCE = 30.0
 MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 1000  # far beyond what the text encoders read (77 tokens), short of a pasted book
+MAX_UPLOAD_PIXELS = 16_000_000  # checked from the file header, before the image is decoded
+MAX_UPLOAD_MB = 20  # Gradio refuses larger uploads before they reach the handlers
 MODEL_SCHEDULER = "model's own"  # the sampler choice that leaves the model folder's scheduler in place
 INPAINT_METHODS = ("auto", *PIPELINE_METHODS)  # auto: by the model's U-Net
 
@@ -65,6 +69,9 @@ def _whole(name: str, value, low: int, high: int) -> int:
 def check_settings(prompt: str | None, negative_prompt: str | None, sampler: str, steps, guidance_scale, seed,
                    random_seed: bool, num_images, size, factor: int, model: str, **inpaint) -> Settings:
     """Every limit checked before any work; a random seed is drawn here so the PNG records the one used."""
+    for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        if text is not None and len(text) > MAX_PROMPT_CHARS:
+            raise UserError(f"the {name} is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
     steps = _whole("steps", steps, 1, MAX_STEPS)
     num_images = _whole("number of images", num_images, 1, MAX_IMAGES)
     size = _whole("size", size, factor, MAX_SIDE)
@@ -89,20 +96,41 @@ def read_settings(png: str | Path) -> dict:
     return json.loads(Image.open(png).text["parameters"])
 
 
+def open_upload(path: str | Path, what: str) -> Image.Image:
+    """An uploaded image, its size checked from the header before any pixel is decoded (a small file can declare a
+    huge image)."""
+    try:
+        with Image.open(path) as header:
+            width, height = header.size
+    except Image.DecompressionBombError as err:  # PIL's own guard, far above ours
+        raise UserError(f"{what} is over the limit of {MAX_UPLOAD_PIXELS // 1_000_000} megapixels") from err
+    except OSError as err:
+        raise UserError(f"{what} is not an image this page can read") from err
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise UserError(f"{what} is {width}x{height} pixels; the limit is {MAX_UPLOAD_PIXELS // 1_000_000} "
+                        "megapixels")
+    return open_image(path, what)
+
+
+def public_message(message: str) -> str:
+    """A message fit for a visitor: file paths on the server shortened to their file names."""
+    return re.sub(r"(?:/[^/\s'\"]+)+/([^/\s'\"]+)", r"\1", message)
+
+
 def editor_image_and_mask(editor: dict | None, mask_upload: str | None) -> tuple[Image.Image, Image.Image]:
     """The image and mask from the inpaint tab: the editor's background, and either an uploaded mask (resized to
     the image, white = repaint) or what was drawn on the editor's layers (any painted pixel = repaint)."""
     if not editor or not editor.get("background"):
         raise UserError("upload an image to inpaint first")
-    image = open_image(editor["background"], "the uploaded image")
+    image = open_upload(editor["background"], "the uploaded image")
     if mask_upload:
-        mask = open_image(mask_upload, "the uploaded mask").convert("L")
+        mask = open_upload(mask_upload, "the uploaded mask").convert("L")
         if mask.size != image.size:
             mask = mask.resize(image.size, Image.Resampling.NEAREST)
         return image, mask
     drawn = np.zeros((image.height, image.width), dtype=bool)
     for layer in editor.get("layers") or []:
-        alpha = np.asarray(open_image(layer, "the drawn mask").convert("RGBA"))[..., 3]
+        alpha = np.asarray(open_upload(layer, "the drawn mask").convert("RGBA"))[..., 3]
         if alpha.shape != drawn.shape:
             raise UserError(f"the drawn mask is {alpha.shape[1]}x{alpha.shape[0]}, the image "
                             f"{image.width}x{image.height}: clear the canvas and upload the image again")
