@@ -23,10 +23,12 @@ from tqdm.auto import tqdm
 
 from core.data.dataset import load_image_caption_dataset
 from core.errors import UserError
+from core.files import atomic_write
 from core.images import captioned_grid
 from evaluation.fid import frechet_distance, inception_network
 from evaluation.real_images import (RealImages, features_with_progress, load_real_images, squared_distances,
                                     training_real_sets)
+from ldm.cache import module_digest
 from pipelines import defaults as D
 from pipelines.schedulers import make_scheduler
 
@@ -113,12 +115,38 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
     prompts_set, reference, _ = training_real_sets(train, num_images, seed, size, network, cache, notes)
     num_images = len(prompts_set.captions)
 
-    metrics: dict = {"data": str(data), "num_images": num_images, "resolution": size, "notes": notes, "seed": seed}
-    main, images = evaluate_setting(pipe, network, prompts_set, scheduler, num_inference_steps, guidance_scale, seed,
-                                    batch_size)
-    metrics["train"] = {**main, "fid_real_vs_real": frechet_distance(reference.features, prompts_set.features)}
-    shown = min(16, len(images))
-    captioned_grid(images[:shown], prompts_set.captions[:shown], columns=8).save(out / "samples.png")
+    settings = {"model": module_digest(pipe.unet), "scheduler": scheduler, "num_inference_steps": num_inference_steps,
+                "guidance_scale": guidance_scale, "heldout_split": heldout_split, "sweep_images": sweep_images}
+    metrics: dict = {"data": str(data), "num_images": num_images, "resolution": size, "notes": notes, "seed": seed,
+                     "settings": settings}
+    earlier = _earlier_results(out / "metrics.json", metrics)
+
+    def measure(part: str, key, compute):
+        """One setting's row: reused from an interrupted run with the same settings, else computed and saved at
+        once (metrics.json is rewritten after every row, so a failure loses at most the row in progress)."""
+        row = earlier.get((part, key))
+        if row is None:
+            row = compute()
+        else:
+            notes.append(f"{part} {key}: reused from the earlier, interrupted run in {out}")
+        if part in ("train", "heldout"):
+            metrics[part] = row
+        else:
+            metrics.setdefault(part, {"images": len(sweep_set.captions), "fid_real_vs_real": sweep_floor,
+                                      "rows": []})["rows"].append(row)
+        atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
+        return row
+
+    def main_row() -> dict:
+        result, images = evaluate_setting(pipe, network, prompts_set, scheduler, num_inference_steps, guidance_scale,
+                                          seed, batch_size)
+        shown = min(16, len(images))
+        captioned_grid(images[:shown], prompts_set.captions[:shown], columns=8).save(out / "samples.png")
+        return {**result, "fid_real_vs_real": frechet_distance(reference.features, prompts_set.features)}
+
+    sweep_set = prompts_set.take(min(sweep_images, num_images))
+    sweep_floor = frechet_distance(reference.take(len(sweep_set.captions)).features, sweep_set.features)
+    measure("train", "main", main_row)
 
     if heldout_ds is not None:
         count = min(num_images, len(heldout_ds))
@@ -126,25 +154,44 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
             notes.append(f"held-out N = {count}: the whole '{heldout_split}' split")
         rows = np.random.default_rng(seed).permutation(len(heldout_ds))[:count].tolist()
         heldout = load_real_images(heldout_ds, heldout_split, rows, size, network, cache / f"heldout_{count}.npz")
-        result, _ = evaluate_setting(pipe, network, heldout, scheduler, num_inference_steps, guidance_scale, seed,
-                                     batch_size)
-        metrics["heldout"] = {**result, "fid_real_vs_real": frechet_distance(reference.take(count).features,
-                                                                             heldout.features)}
 
-    sweep_set = prompts_set.take(min(sweep_images, num_images))
-    sweep_floor = frechet_distance(reference.take(len(sweep_set.captions)).features, sweep_set.features)
+        def heldout_row() -> dict:
+            result, _ = evaluate_setting(pipe, network, heldout, scheduler, num_inference_steps, guidance_scale, seed,
+                                         batch_size)
+            return {**result, "fid_real_vs_real": frechet_distance(reference.take(count).features, heldout.features)}
+
+        measure("heldout", "main", heldout_row)
+
+    for name, count in samplers:
+        measure("samplers", f"{name}:{count}", lambda name=name, count=count: evaluate_setting(
+            pipe, network, sweep_set, name, count, guidance_scale, seed, batch_size)[0])
     if samplers:
-        rows = [evaluate_setting(pipe, network, sweep_set, name, count, guidance_scale, seed, batch_size)[0]
-                for name, count in samplers]
-        metrics["samplers"] = {"images": len(sweep_set.captions), "fid_real_vs_real": sweep_floor, "rows": rows}
-        plot_samplers(rows, sweep_floor, out / "samplers.png")
+        plot_samplers(metrics["samplers"]["rows"], sweep_floor, out / "samplers.png")
+    for scale in guidance_scales:
+        measure("guidance", f"{scale:g}", lambda scale=scale: evaluate_setting(
+            pipe, network, sweep_set, scheduler, num_inference_steps, scale, seed, batch_size)[0])
     if guidance_scales:
-        rows = [evaluate_setting(pipe, network, sweep_set, scheduler, num_inference_steps, scale, seed,
-                                 batch_size)[0] for scale in guidance_scales]
-        metrics["guidance"] = {"images": len(sweep_set.captions), "fid_real_vs_real": sweep_floor, "rows": rows}
-        plot_guidance(rows, sweep_floor, out / "guidance.png")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        plot_guidance(metrics["guidance"]["rows"], sweep_floor, out / "guidance.png")
     return metrics
+
+
+def _earlier_results(path: Path, metrics: dict) -> dict:
+    """The rows an earlier run of the same evaluation (same model weights, data, N, seed and settings) saved, by
+    (part, key); nothing when there is no such run."""
+    if not path.is_file():
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    if any(earlier.get(k) != metrics[k] for k in ("data", "num_images", "resolution", "seed", "settings")):
+        return {}
+    found = {(part, "main"): earlier[part] for part in ("train", "heldout") if part in earlier}
+    for row in earlier.get("samplers", {}).get("rows", []):
+        found["samplers", f"{row['scheduler']}:{row['steps']}"] = row
+    for row in earlier.get("guidance", {}).get("rows", []):
+        found["guidance", f"{row['guidance_scale']:g}"] = row
+    return found
 
 
 def plot_samplers(rows: list[dict], floor: float, path: Path) -> None:

@@ -26,7 +26,7 @@ from core.locks import FileLock
 logger = logging.getLogger(__name__)
 
 
-def _module_digest(module: nn.Module) -> str:
+def module_digest(module: nn.Module) -> str:
     """SHA-256 over a module's parameters and buffers (names, shapes, bytes)."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -45,8 +45,8 @@ def cache_key(data: ImageCaptionDataset, vae: nn.Module, text_encoder: nn.Module
         "resolution": data.resolution,
         "caption_column": data.caption_column,
         "caption_templates": list(data.templates),
-        "vae": _module_digest(vae),
-        "text_encoder": _module_digest(text_encoder),
+        "vae": module_digest(vae),
+        "text_encoder": module_digest(text_encoder),
         "text_max_length": text_encoder.max_length,
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]

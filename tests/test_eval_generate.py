@@ -39,6 +39,13 @@ def test_eval_generate_writes_tables_plots_and_caps_n(tiny_components, emoji_dir
         assert (tmp_path / "out" / name).is_file()
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["train"]["fid"] == metrics["train"]["fid"]
     assert "| ddim | 2 |" in format_tables(metrics)
+    # run again with one more sampler: the saved rows of the same model and settings are reused, the new one computed
+    again = evaluate_generation(pipe, str(emoji_dir), tmp_path / "out", num_images=50, sweep_images=4,
+                                num_inference_steps=2, samplers=(("ddim", 2), ("dpm++", 2), ("euler", 2)),
+                                guidance_scales=(1.0, 3.0), batch_size=8)
+    assert [r["fid"] for r in again["samplers"]["rows"][:2]] == [r["fid"] for r in metrics["samplers"]["rows"]]
+    assert again["train"] == metrics["train"] and again["samplers"]["rows"][2]["scheduler"] == "euler"
+    assert sum("reused from the earlier, interrupted run" in note for note in again["notes"]) == 6
     # pinned on the seeded tiny model (2026-12-02): a change to sampling, features or FID moves them
     pinned = [metrics[k][m] for k in ("train", "heldout") for m in ("fid", "fid_real_vs_real", "name_top5")]
     assert pinned == pytest.approx([434.80, 76.19, 0.2222, 454.87, 119.75, 1.0], rel=0.01)
