@@ -84,7 +84,9 @@ def test_sigkill_mid_training_and_during_a_checkpoint_resume_bit_identically(emo
     died = run(LAUNCH + _train_args(emoji_dir, autoencoder_dir, mid_write), check=False,
                env={"PYTHONPATH": str(hook)})
     assert died.returncode != 0
-    assert (mid_write / "checkpoints" / ".tmp-step-00000008").is_dir()  # written, never renamed
+    # written under its unique temporary name, never renamed
+    assert [p.name[:len(".tmp-step-00000008-")] for p in (mid_write / "checkpoints").glob(".tmp-*")] == \
+        [".tmp-step-00000008-"]
     assert not (mid_write / "checkpoints" / "step-00000008").exists()
     resumed = run(LAUNCH + _train_args(emoji_dir, autoencoder_dir, mid_write))
     assert "step-00000004 at step 4" in resumed.stderr  # the last complete checkpoint, not the partial one
