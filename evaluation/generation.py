@@ -12,7 +12,6 @@ Writes `metrics.json`, `samplers.png`, `guidance.png` and `samples.png` (prompts
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -23,9 +22,9 @@ from tqdm.auto import tqdm
 
 from core.data.dataset import load_image_caption_dataset
 from core.errors import UserError
-from core.files import atomic_write
 from core.images import captioned_grid
 from evaluation.fid import frechet_distance, inception_network
+from evaluation.progress import earlier_metrics, save_metrics
 from evaluation.real_images import (RealImages, features_with_progress, load_real_images, squared_distances,
                                     training_real_sets)
 from ldm.cache import module_digest
@@ -134,7 +133,7 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
         else:
             metrics.setdefault(part, {"images": len(sweep_set.captions), "fid_real_vs_real": sweep_floor,
                                       "rows": []})["rows"].append(row)
-        atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))
+        save_metrics(out / "metrics.json", metrics)
         return row
 
     def main_row() -> dict:
@@ -178,14 +177,7 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
 def _earlier_results(path: Path, metrics: dict) -> dict:
     """The rows an earlier run of the same evaluation (same model weights, data, N, seed and settings) saved, by
     (part, key); nothing when there is no such run."""
-    if not path.is_file():
-        return {}
-    try:
-        earlier = json.loads(path.read_text())
-    except ValueError:
-        return {}
-    if any(earlier.get(k) != metrics[k] for k in ("data", "num_images", "resolution", "seed", "settings")):
-        return {}
+    earlier = earlier_metrics(path, metrics, ("data", "num_images", "resolution", "seed", "settings"))
     found = {(part, "main"): earlier[part] for part in ("train", "heldout") if part in earlier}
     for row in earlier.get("samplers", {}).get("rows", []):
         found["samplers", f"{row['scheduler']}:{row['steps']}"] = row

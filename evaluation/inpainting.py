@@ -14,7 +14,6 @@ output).
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from core.errors import UserError
 from evaluation.fid import frechet_distance, inception_features, inception_network
 from core.images import make_grid, tensor_to_pil
 from ldm.masks import irregular_strokes, outpaint_border, random_boxes
+from evaluation.progress import earlier_metrics, save_metrics
+from ldm.cache import module_digest
 from ldm.inpainting import grey_hole
 from pipelines.defaults import INPAINT_METHODS, LATENT_MASKS
 
@@ -98,7 +99,12 @@ def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, sp
     real_features = inception_features(network, originals)
     metrics: dict = {"data": str(data), "split": split, "num_images": len(originals), "resolution": size,
                      "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
-                     "input": "masked" if masked_input else "original", "rows": []}
+                     "input": "masked" if masked_input else "original",
+                     "models": {name: module_digest(pipe.unet) for name, (pipe, _) in pipes.items()}, "rows": []}
+    fields = ("data", "split", "num_images", "resolution", "num_inference_steps", "guidance_scale", "seed", "input")
+    earlier = earlier_metrics(out / "metrics.json", metrics, fields)
+    done = {(r["row"], r["masks"]): r for r in earlier.get("rows", [])
+            if earlier.get("models", {}).get(r["row"]) == metrics["models"][r["row"]]}
     target = (originals + 1) / 2
     examples = []
     for kind in kinds:
@@ -108,13 +114,21 @@ def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, sp
         given = hidden if masked_input else target
         for name, (pipe, method) in pipes.items():
             base, latent_mask = methods[name]
+
+            def fill(i: int) -> torch.Tensor:
+                return pipe.generate(captions[i], image=given[i:i + 1], mask_image=masks[i:i + 1], method=base,
+                                     latent_mask=latent_mask, num_inference_steps=num_inference_steps,
+                                     guidance_scale=guidance_scale, seed=seed + i, paste_back=False,
+                                     output_type="torch", progress=False).cpu()
+
+            if (name, kind) in done:  # finished by an earlier run: its row, and its first fill redrawn for the grid
+                metrics["rows"].append(done[name, kind])
+                first = target[:1] * (1 - masks[:1]) + fill(0) * masks[:1]
+                examples.append(tensor_to_pil(first * 2 - 1)[0])
+                continue
             raw, started = [], time.perf_counter()
             for i in tqdm(range(len(originals)), desc=f"{name}, {kind}", unit="image"):
-                raw.append(pipe.generate(captions[i], image=given[i:i + 1], mask_image=masks[i:i + 1],
-                                         method=base, latent_mask=latent_mask,
-                                         num_inference_steps=num_inference_steps,
-                                         guidance_scale=guidance_scale, seed=seed + i, paste_back=False,
-                                         output_type="torch", progress=False).cpu())
+                raw.append(fill(i))
             seconds = (time.perf_counter() - started) / len(originals)
             raw = torch.cat(raw)
             composited = target * (1 - masks) + raw * masks
@@ -125,9 +139,9 @@ def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, sp
                                     "psnr_outside_before_paste": scores["psnr_outside"],
                                     "ssim_outside_before_paste": scores["ssim_outside"],
                                     "coverage": float(masks.mean()), "seconds_per_image": seconds})
+            save_metrics(out / "metrics.json", metrics)  # after every row: an interrupted run keeps what it did
             examples.append(tensor_to_pil(composited[:1] * 2 - 1)[0])
     make_grid(examples, columns=1 + len(pipes)).save(out / "examples.png")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
