@@ -100,16 +100,21 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     try:
         if accelerator.is_main_process:
             tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        if accelerator.is_main_process:
-            for name, obj in states.items():
-                torch.save(obj.state_dict(), tmp / f"{name}.pt")
-            save_config(config, tmp / "config.yaml")
-            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-            _fsync_tree(tmp)
     except Exception as err:  # noqa: BLE001 - whatever the writer raised, the run stops cleanly below
         error = err
+    # the same collectives on every rank whatever fails where (a rank that failed must not skip a barrier the others
+    # wait at); Accelerate's save_state holds none for DDP
+    if all_ranks_true(accelerator, error is None):
+        try:
+            accelerator.save_state(str(tmp), safe_serialization=True)
+            if accelerator.is_main_process:
+                for name, obj in states.items():
+                    torch.save(obj.state_dict(), tmp / f"{name}.pt")
+                save_config(config, tmp / "config.yaml")
+                (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
+                _fsync_tree(tmp)
+        except Exception as err:  # noqa: BLE001
+            error = err
     if not all_ranks_true(accelerator, error is None):
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
