@@ -22,7 +22,7 @@ from accelerate.utils import broadcast_object_list
 
 from core.accelerator import all_ranks_true
 from core.config import save_config
-from core.errors import UserError
+from core.errors import MissingFileError, UserError
 from core.locks import FileLock
 
 CHECKPOINT_PREFIX = "step-"
@@ -164,6 +164,9 @@ def load_checkpoint(accelerator: Accelerator, path: Path, states: dict) -> dict:
     for name, obj in states.items():
         try:
             state = torch.load(path / f"{name}.pt", map_location="cpu", weights_only=True)
+        except FileNotFoundError as err:  # e.g. use_ema turned on for a run whose checkpoints have no EMA
+            raise MissingFileError(f"{path} has no {name}.pt, which this run's settings need; resume with the "
+                                   "settings it was written with, or start a new run") from err
         except pickle.UnpicklingError as err:
             raise UserError(f"{path / f'{name}.pt'} holds pickled objects beyond tensors and numbers; refusing to "
                             "load it (it could run code)") from err

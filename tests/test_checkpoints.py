@@ -74,6 +74,8 @@ def test_resuming_a_checkpoint_cannot_run_code(tmp_path):
     with pytest.raises(UserError, match="ema.pt holds pickled objects beyond tensors and numbers"):
         load_checkpoint(Accelerator(cpu=True), folder, {"ema": None})
     assert not marker.exists()
+    with pytest.raises(UserError, match="has no lr_scheduler.pt, which this run's settings need"):
+        load_checkpoint(Accelerator(cpu=True), folder, {"lr_scheduler": None})
     (folder / "custom_checkpoint_0.pkl").write_bytes(b"")
     with pytest.raises(UserError, match="written by an older version that pickled the EMA"):
         load_checkpoint(Accelerator(cpu=True), folder, {})
