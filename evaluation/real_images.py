@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from core.data.dataset import ImageCaptionDataset, SkippingCollate
 from core.errors import UserError
+from core.files import atomic_write
 from evaluation.fid import inception_features
 
 
@@ -51,7 +52,11 @@ def load_real_images(ds, split: str, indices: list[int], resolution: int, networ
         raise UserError(f"{len(indices) - len(pixels)} images of split '{split}' could not be decoded")
     features = features_with_progress(network, pixels, f"Inception, real {split}")
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(cache_file, features=features, key=np.array(key))
+    def write(tmp: Path) -> None:  # a file handle: np.savez would add ".npz" to the temporary name
+        with open(tmp, "wb") as handle:
+            np.savez(handle, features=features, key=np.array(key))
+
+    atomic_write(cache_file, write)  # evals sharing a --cache-dir never read half a file
     return RealImages(features, captions, names, categories)
 
 
