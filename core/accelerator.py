@@ -74,6 +74,12 @@ def endless_batches(accelerator: Accelerator, loader, batches_seen: int) -> Iter
     if batches_per_epoch == 0:
         raise UserError("the dataset has fewer images than one batch; lower batch_size")
     epoch, skip = divmod(batches_seen, batches_per_epoch)
+    sampler = getattr(loader, "batch_sampler", None)
+    if hasattr(sampler, "set_position"):  # our own rank-split batch sampler (core/data/batches.py) skips by itself
+        while True:
+            sampler.set_position(epoch, skip)
+            yield from loader
+            epoch, skip = epoch + 1, 0
     while True:
         loader.set_epoch(epoch)
         yield from (accelerator.skip_first_batches(loader, skip) if skip else loader)

@@ -124,6 +124,15 @@ class Trainer:
         """The training dataset and its collate function (`self.collate` skips undecodable images)."""
         raise NotImplementedError
 
+    def build_loader(self, dataset: torch.utils.data.Dataset, collate: Callable) -> tuple[torch.utils.data.DataLoader,
+                                                                                            bool]:
+        """The training loader, and whether Accelerate should prepare it (split it across ranks, place batches).
+        Default: shuffled full batches from Accelerate's seedable sampler."""
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.config.batch_size, shuffle=True, drop_last=True,
+                                             num_workers=self.config.num_workers, collate_fn=collate,
+                                             generator=torch.Generator().manual_seed(self.config.seed))
+        return loader, True
+
     def build_model(self) -> nn.Module:
         """The module to train (DDP wraps it; its `requires_grad` parameters go to the optimiser, all to the EMA)."""
         raise NotImplementedError
@@ -155,10 +164,7 @@ class Trainer:
         self.run_lock = lock_output_dir(self.accelerator, config.output_dir)
         resume_from = resolve_resume(config.output_dir, config.resume)
         self.collate = SkippingCollate()
-        dataset, collate = self.build_data()
-        loader = torch.utils.data.DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                                             num_workers=config.num_workers, collate_fn=collate,
-                                             generator=torch.Generator().manual_seed(config.seed))
+        loader, prepare_loader = self.build_loader(*self.build_data())
 
         set_seed(config.seed)  # the same initial weights on every rank, whatever ran before
         model = self.build_model()
@@ -170,7 +176,10 @@ class Trainer:
         # stepped by us once per optimiser step (a prepared scheduler would step once per process)
         self.lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                           num_training_steps=config.max_steps)
-        self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        if prepare_loader:
+            self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        else:
+            (self.model, self.optimizer), self.loader = self.accelerator.prepare(model, optimizer), loader
         self.build_extras()
         self.ema = None
         if config.use_ema:  # EMA of every rank starts from the same (prepared, rank-0-broadcast) weights

@@ -1,17 +1,27 @@
-"""Latent and text-embedding cache: encode the dataset once with the frozen stages, then train from memory.
+"""Latent and text-state cache: the data encoded once by the frozen stages, as shards on disk read row by row.
 
-Stored per image: the autoencoder posterior's mean and log-variance (so every epoch still draws a fresh latent
-sample, exactly as encoding on the fly does) and the ids of its caption variants (one per caption template); per
-distinct caption: the text encoder's hidden states. The cache folder is named by a hash of everything that
-determines its contents (dataset fingerprint, resolution, autoencoder weights, text encoder weights and max length,
-caption templates), so a change to any of them builds a new one.
+One cache shard per source shard (core/data/sources.py), built by the rank that owns it (shard i on rank
+i % world_size, all ranks in parallel) and written atomically, so a killed build keeps every finished shard and never
+takes a partial one. Per image, grouped by bucket: the autoencoder posterior's mean and log-variance (every epoch
+still draws a fresh latent sample, as encoding on the fly does), the ids of its caption variants, and its position,
+original size and crop; per shard, the text encoder's hidden states of its distinct captions. Stored in
+`cache_dtype` (float16 halves the disk; see docs/data.md for the loss it changes).
+
+Training reads one row at a time (core/data/rows_file.py), so a rank's memory does not grow with the dataset. The
+folder is named by a hash of everything that decides its contents (the data, buckets, caption templates, both frozen
+stages' weights, text length, dtype), so a change to any of them builds a new one.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import shutil
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,11 +29,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from core.data.dataset import ImageCaptionDataset, SkippingCollate
-from core.files import atomic_folder
+from core.data.buckets import Bucketer
+from core.data.rows_file import SafetensorsRows
+from core.data.sources import DataSource, SourceShard, prepare
+from core.errors import UserError
+from core.files import atomic_write
 from core.locks import FileLock
 
 logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 3
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+INFO_COLUMNS = ("position", "original_height", "original_width", "crop_top", "crop_left")
 
 
 def module_digest(module: nn.Module) -> str:
@@ -36,94 +53,169 @@ def module_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_key(data: ImageCaptionDataset, vae: nn.Module, text_encoder: nn.Module) -> str:
-    """A hash that changes whenever the data, the autoencoder or the text encoder changes."""
-    spec = {
-        "version": 2,
-        "data": data.ds._fingerprint,
-        "rows": len(data),
-        "resolution": data.resolution,
-        "caption_column": data.caption_column,
-        "caption_templates": list(data.templates),
-        "vae": module_digest(vae),
-        "text_encoder": module_digest(text_encoder),
-        "text_max_length": text_encoder.max_length,
-    }
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+@dataclass
+class CacheInputs:
+    """Everything a cache is built from."""
+
+    source: DataSource
+    templates: tuple[str, ...]
+    bucketer: Bucketer
+    vae: nn.Module
+    text_encoder: nn.Module
+    dtype: str = "float16"
+    batch_size: int = 64
+
+    def key(self) -> str:
+        """A hash that changes whenever the data, the buckets, the templates or a frozen stage changes."""
+        if self.dtype not in DTYPES:
+            raise UserError(f"cache_dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        spec = {"version": CACHE_VERSION, "data": self.source.spec, "pixels": self.bucketer.spec(),
+                "caption_templates": list(self.templates), "vae": module_digest(self.vae),
+                "text_encoder": module_digest(self.text_encoder), "text_max_length": self.text_encoder.max_length,
+                "dtype": self.dtype}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
-class CachedLatents(torch.utils.data.Dataset):
-    """Rows of (posterior mean, posterior log-variance, caption variant ids) with the caption embedding table
-    beside."""
+def shard_path(folder: Path, index: int) -> Path:
+    return folder / f"shard-{index:05d}.safetensors"
 
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.mean, self.logvar = tensors["latent_mean"], tensors["latent_logvar"]
-        self.caption_ids, self.indices = tensors["caption_ids"], tensors["indices"]
-        self.caption_embeddings, self.empty_embedding = tensors["caption_embeddings"], tensors["empty_embedding"]
 
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"latent_mean": self.mean[i], "latent_logvar": self.logvar[i], "caption_ids": self.caption_ids[i],
-                "index": self.indices[i]}
+def group_name(height: int, width: int) -> str:
+    """The tensors of one bucket (pixel height x width) inside a shard."""
+    return f"h{height}w{width}"
 
 
 @torch.no_grad()
-def _encode(data: ImageCaptionDataset, vae: nn.Module, text_encoder: nn.Module, batch_size: int,
-            device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
-    collate = SkippingCollate()
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate,
-                                         generator=torch.Generator())  # leaves the global RNG untouched
-    means, logvars, captions, indices = [], [], [], []
-    for batch in tqdm(loader, desc="caching latents", unit="batch"):
-        if batch is None:
+def encode_shard(inputs: CacheInputs, shard: SourceShard, device: torch.device) -> tuple[dict, dict[str, str]]:
+    """One source shard encoded: (tensors, metadata) of its cache shard. Memory: one batch of pixels per bucket,
+    the shard's latents and its distinct captions' states."""
+    dtype, counts = DTYPES[inputs.dtype], Counter()
+    pending: dict[tuple[int, int], list] = defaultdict(list)
+    out: dict[tuple[int, int], dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    caption_ids: dict[str, int] = {}
+
+    def flush(bucket: tuple[int, int]) -> None:
+        rows = pending.pop(bucket)
+        posterior = inputs.vae.encode(torch.stack([r.pixels for r in rows]).to(device)).latent_dist
+        out[bucket]["moments"].append(torch.cat([posterior.mean, posterior.logvar], dim=1).cpu().to(dtype))
+        out[bucket]["caption_ids"].append(torch.tensor([[caption_ids.setdefault(c, len(caption_ids))
+                                                         for c in r.captions] for r in rows]))
+        out[bucket]["info"].append(torch.tensor([[r.position, *r.original_size, *r.crop_top_left] for r in rows]))
+
+    for row in shard.rows(counts):
+        prepared = prepare(row, inputs.source.caption_column, inputs.templates, inputs.bucketer, counts)
+        if prepared is None:
             continue
-        posterior = vae.encode(batch["pixel_values"].to(device)).latent_dist
-        means.append(posterior.mean.cpu())
-        logvars.append(posterior.logvar.cpu())
-        captions += batch["captions"]
-        indices.append(batch["indices"])
-    distinct = sorted({caption for variants in captions for caption in variants})
-    position = {caption: i for i, caption in enumerate(distinct)}
-    embeddings = [text_encoder.encode(distinct[i:i + batch_size]).hidden_states.cpu()
-                  for i in range(0, len(distinct), batch_size)]
-    tensors = {
-        "latent_mean": torch.cat(means), "latent_logvar": torch.cat(logvars),
-        "caption_ids": torch.tensor([[position[c] for c in variants] for variants in captions]),
-        "indices": torch.cat(indices),
-        "caption_embeddings": torch.cat(embeddings),
-        "empty_embedding": text_encoder.encode([""]).hidden_states[0].cpu(),
-    }
-    return tensors, collate.skipped
+        bucket = tuple(prepared.pixels.shape[1:])
+        pending[bucket].append(prepared)
+        if len(pending[bucket]) == inputs.batch_size:
+            flush(bucket)
+    for bucket in list(pending):
+        flush(bucket)
+    captions = list(caption_ids)
+    states = [inputs.text_encoder.encode(captions[i:i + inputs.batch_size]).hidden_states.cpu().to(dtype)
+              for i in range(0, len(captions), inputs.batch_size)]
+    width = (inputs.text_encoder.max_length, inputs.text_encoder.hidden_size)
+    tensors = {"text_states": torch.cat(states) if states else torch.zeros((0, *width), dtype=dtype)}
+    for (height, w), fields in out.items():
+        tensors.update({f"{group_name(height, w)}.{k}": torch.cat(v).contiguous() for k, v in fields.items()})
+    images = sum(len(t) for k, t in tensors.items() if k.endswith(".info"))
+    return tensors, {"source": shard.name, "images": str(images), "skipped": json.dumps(dict(counts))}
 
 
-def _build(folder: Path, data: ImageCaptionDataset, vae: nn.Module, text_encoder: nn.Module, batch_size: int,
-           device: torch.device) -> None:
-    logger.info("building latent/text cache in %s", folder)
-    tensors, skipped = _encode(data, vae, text_encoder, batch_size, device)
-    with atomic_folder(folder, what="latent cache") as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / "cache.safetensors")
-        (tmp / "info.json").write_text(json.dumps({"images": len(tensors["latent_mean"]), "skipped": skipped,
-                                                   "captions": len(tensors["caption_embeddings"])}))
-    if skipped:
-        logger.warning("skipped %d undecodable images while caching", skipped)
+def _write(target: Path, tensors: dict, metadata: dict[str, str]) -> None:
+    """Atomically; a full disk stops the build with one line (finished shards stay, a rerun continues)."""
+    try:
+        atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        free = shutil.disk_usage(target.parent).free
+        raise UserError(f"could not write cache shard {target} ({err.strerror}); {free / 1e6:.1f} MB are free "
+                        f"there. Free space (or set cache_dir= on a larger disk) and run again: the finished "
+                        f"shards are kept and only the rest are built") from err
 
 
-def load_or_build_cache(accelerator, data: ImageCaptionDataset, vae: nn.Module, text_encoder: nn.Module,
-                        cache_dir: str | Path, batch_size: int = 64) -> CachedLatents:
-    """The cache for these inputs: loaded if complete on disk, else built by the main process and saved atomically.
+class CachedLatents(torch.utils.data.Dataset):
+    """Rows of a complete cache, read from disk one at a time: posterior mean and log-variance (float32), the text
+    states of every caption variant (variants x length x width), position, original size and crop."""
 
-    Runs that share a `cache_dir` take turns through a lock per cache entry: a second builder of the same entry
-    waits for the first and then loads its result instead of building it again."""
-    key = cache_key(data, vae, text_encoder)
-    folder = Path(cache_dir) / key
-    with accelerator.main_process_first():
-        if accelerator.is_main_process:
-            with FileLock(Path(cache_dir) / f"{key}.lock", f"latent cache {folder}", wait=float("inf")):
-                if not (folder / "cache.safetensors").is_file():
-                    _build(folder, data, vae, text_encoder, batch_size, accelerator.device)
-        cached = CachedLatents(load_file(folder / "cache.safetensors"))
-    logger.info("latent/text cache %s: %d images, %d distinct captions", folder.name, len(cached),
-                len(cached.caption_embeddings))
+    def __init__(self, folder: Path, shards: int) -> None:
+        self.folder = folder
+        self.files = [SafetensorsRows(shard_path(folder, i)) for i in range(shards)]
+        self.empty_embedding = load_file(folder / "empty.safetensors")["empty"].float()
+        groups = sorted({name.split(".")[0] for f in self.files for name in f.tensors if name.endswith(".info")},
+                        key=lambda g: tuple(int(x) for x in g[1:].split("w")))
+        self.buckets = [tuple(int(x) for x in g[1:].split("w")) for g in groups]  # pixel (height, width)
+        shard_of, group_of, row_of = [], [], []
+        self.skipped: Counter = Counter()
+        for s, f in enumerate(self.files):
+            self.skipped.update(json.loads(f.metadata.get("skipped", "{}")))
+            for g, name in enumerate(groups):
+                n = f.shape(f"{name}.info")[0] if f"{name}.info" in f else 0
+                shard_of += [s] * n
+                group_of += [g] * n
+                row_of += range(n)
+        self.groups = groups
+        # three int32 per image: 12 bytes (1.2 MB per 100,000 images) is all that grows with the data
+        self.shard_of, self.bucket_of, self.row_of = (torch.tensor(x, dtype=torch.int32)
+                                                      for x in (shard_of, group_of, row_of))
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def __getitem__(self, i: int) -> dict:
+        f, name, row = self.files[self.shard_of[i]], self.groups[self.bucket_of[i]], int(self.row_of[i])
+        moments = f.row(f"{name}.moments", row).float()
+        mean, logvar = moments.chunk(2, dim=0)
+        info = f.row(f"{name}.info", row)
+        text = torch.stack([f.row("text_states", int(j)) for j in f.row(f"{name}.caption_ids", row)]).float()
+        return {"latent_mean": mean, "latent_logvar": logvar, "text_states": text, "index": info[0],
+                "original_size": info[1:3], "crop_top_left": info[3:5]}
+
+
+def _wait_for_shards(folder: Path, shards: int, poll: float = 2.0) -> None:
+    """Until every rank's shards are on disk (a polling wait: a build can outlast the collective timeout)."""
+    while missing := [i for i in range(shards) if not shard_path(folder, i).is_file()]:
+        logger.debug("waiting for %d cache shards from other ranks", len(missing))
+        time.sleep(poll)
+
+
+def load_or_build_cache(state, inputs: CacheInputs, cache_dir: str | Path) -> CachedLatents:
+    """The cache of `inputs`: each rank (`state`: an Accelerator or PartialState) builds its missing shards, then all
+    read the whole. Runs sharing a `cache_dir` take turns per shard through a lock, so none builds a shard twice."""
+    folder = Path(cache_dir) / inputs.key()
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = inputs.source.shards
+    mine = [i for i in range(state.process_index, len(shards), state.num_processes)]
+    todo = [i for i in mine if not shard_path(folder, i).is_file()]
+    if todo:
+        logger.info("building latent/text cache in %s: %d of %d shards on this rank (%d already built)", folder,
+                    len(todo), len(mine), len(mine) - len(todo))
+    for i in tqdm(todo, desc="caching", unit="shard", disable=not todo):
+        target = shard_path(folder, i)
+        with FileLock(folder / f".{target.name}.lock", f"cache shard {target}", wait=float("inf")):
+            if target.is_file():  # another run built it meanwhile
+                continue
+            tensors, metadata = encode_shard(inputs, shards[i], state.device)
+            _write(target, tensors, metadata)
+        skipped = json.loads(metadata["skipped"])
+        if skipped:
+            logger.warning("shard %s: %s images, skipped %s", shards[i].name, metadata["images"],
+                           ", ".join(f"{n} ({reason})" for reason, n in sorted(skipped.items())))
+    if state.process_index == 0 and not (folder / "empty.safetensors").is_file():
+        empty = inputs.text_encoder.encode([""]).hidden_states[0].cpu().to(DTYPES[inputs.dtype]).contiguous()
+        _write(folder / "empty.safetensors", {"empty": empty}, {})
+        atomic_write(folder / "spec.json", lambda tmp: tmp.write_text(json.dumps(
+            {"data": inputs.source.spec, "pixels": inputs.bucketer.spec(), "dtype": inputs.dtype,
+             "caption_templates": list(inputs.templates), "shards": len(shards)}, indent=1)))
+    _wait_for_shards(folder, len(shards))
+    while not (folder / "empty.safetensors").is_file():
+        time.sleep(0.5)
+    cached = CachedLatents(folder, len(shards))
+    if len(cached) == 0:
+        raise UserError(f"no usable image in {inputs.source.spec.get('kind')} data: every row was skipped "
+                        f"({dict(cached.skipped)})")
+    logger.info("latent/text cache %s: %d images in %d shards, buckets %s%s", folder.name, len(cached), len(shards),
+                cached.buckets, f"; skipped {dict(cached.skipped)}" if cached.skipped else "")
     return cached

@@ -40,6 +40,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def size_multiple(block_out_channels) -> int:
+    """The factor a latent side must divide by: the U-Net downsamples by 2 between its blocks."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 def build_unet(preset: str, latent_size: int, latent_channels: int, cross_attention_dim: int,
                learned_variance: bool = False) -> UNet2DConditionModel:
     """A freshly initialised conditional U-Net for latents of `latent_size` x `latent_size` x `latent_channels`;

@@ -7,6 +7,7 @@ guidance. The loop is core/trainer.py; this file says what the stage builds, its
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -19,15 +20,18 @@ from PIL import Image
 from torch import nn
 
 from autoencoder.model import downsampling_factor, load_autoencoder
+from core.data.batches import BucketBatchSampler
+from core.data.buckets import Bucketer
 from core.data.dataset import ImageCaptionDataset, check_caption_templates, load_image_caption_dataset
+from core.data.sources import is_tar_pattern, open_source
 from core.errors import UserError
 from core.images import make_grid
 from core.trainer import TrainConfig, Trainer
-from ldm.cache import load_or_build_cache
+from ldm.cache import DTYPES, CacheInputs, load_or_build_cache
 from ldm.diffusion import (BETA_SCHEDULES, NoiseSchedule, diffusion_loss, sample_noise, sample_timesteps,
                            vlb_term)
 from ldm.text_encoders import DEFAULT_TEXT_ENCODER, load_text_encoder
-from ldm.unet import PRESETS, build_unet, enable_xformers
+from ldm.unet import PRESETS, build_unet, enable_xformers, size_multiple
 from pipelines import Pipeline
 from pipelines.defaults import DEFAULT_SCHEDULER
 from pipelines.loading import check_model_folder, read_model_index, resolve_model_path, write_model_folder
@@ -70,8 +74,15 @@ class LDMTrainConfig(TrainConfig):
     gradient_checkpointing: bool = False
     attention: str = "sdpa"  # sdpa (PyTorch scaled_dot_product_attention) | xformers (GPU, if installed)
     compile: bool = False  # torch.compile the U-Net
-    cache_latents: bool = True  # encode the data once with the frozen stages (ldm/cache.py)
+    cache_latents: bool = True  # encode the data once with the frozen stages (ldm/cache.py); tar shards need it
     cache_dir: Optional[str] = None  # default: output_dir/cache
+    cache_dtype: str = "float16"  # float16 | bfloat16 | float32: how latents and text states are stored
+    streaming: bool = False  # read a `datasets` dataset as a stream (its own shards) instead of loading it
+    rows_per_shard: int = 1000  # an imagefolder / loaded dataset is cached in shards of this many rows
+    # aspect-ratio buckets: each image resized to the nearest bucket of about resolution^2 pixels (sides multiples
+    # of the autoencoder factor x the U-Net's downsampling) and only the remainder cropped; false = centre square
+    aspect_buckets: bool = False
+    bucket_max_ratio: float = 2.0  # longest / shortest side of the most elongated bucket
     sample_prompts: list[str] = field(default_factory=lambda: ["a cat", "red apple", "rocket", "smiling face"])
     sample_num_inference_steps: int = 25
     sample_guidance_scale: float = 4.0
@@ -110,6 +121,11 @@ class LDMTrainConfig(TrainConfig):
             raise UserError(f"unknown beta_schedule '{self.beta_schedule}'; valid: {', '.join(BETA_SCHEDULES)}")
         if self.unet_preset not in PRESETS:
             raise UserError(f"unknown unet_preset '{self.unet_preset}'; valid: {', '.join(PRESETS)}")
+        if self.cache_dtype not in DTYPES:
+            raise UserError(f"cache_dtype must be one of {', '.join(DTYPES)}, got '{self.cache_dtype}'")
+        if not self.cache_latents and (is_tar_pattern(self.data) or self.streaming or self.aspect_buckets):
+            raise UserError("tar shards, streaming=true and aspect_buckets=true are read through the latent cache: "
+                            "set cache_latents=true")
         if self.attention not in ("sdpa", "xformers"):
             raise UserError(f"attention must be sdpa or xformers, got '{self.attention}'")
         self.noise_schedule()
@@ -130,9 +146,6 @@ class LDMTrainer(Trainer):
 
     def build_data(self) -> tuple[torch.utils.data.Dataset, Callable]:
         config = self.config
-        train_ds = load_image_caption_dataset(config.data, config.train_split, config.image_column,
-                                              config.caption_column)
-        check_caption_templates(train_ds, config.caption_column, tuple(config.caption_templates))
         # frozen stages: eval mode, no gradients, outside the optimiser and the training state
         device = self.accelerator.device
         self.vae = load_autoencoder(config.autoencoder).to(device).eval().requires_grad_(False)
@@ -144,14 +157,41 @@ class LDMTrainer(Trainer):
             raise UserError(f"resolution {self.resolution} is not a multiple of the autoencoder's factor {factor}")
         logger.info("autoencoder %s: f=%d, scaling_factor %.4f; text encoder %s (dim %d)", config.autoencoder, factor,
                     self.vae.config.scaling_factor, config.text_encoder, self.text_encoder.hidden_size)
-        train_data = ImageCaptionDataset(train_ds, self.resolution, config.image_column, config.caption_column,
-                                         tuple(config.caption_templates))
         self.cache = None
-        if not config.cache_latents:
-            return train_data, self.collate
-        self.cache = load_or_build_cache(self.accelerator, train_data, self.vae, self.text_encoder,
-                                         config.cache_dir or Path(config.output_dir) / "cache")
-        return self.cache, torch.utils.data.default_collate
+        if config.cache_latents:
+            source = open_source(config.data, config.train_split, config.image_column, config.caption_column,
+                                 config.streaming, config.rows_per_shard)
+            bucketer = Bucketer(self.resolution, factor * self.unet_size_multiple(), config.aspect_buckets,
+                                config.bucket_max_ratio)
+            inputs = CacheInputs(source, tuple(config.caption_templates), bucketer, self.vae, self.text_encoder,
+                                 config.cache_dtype)
+            self.cache = load_or_build_cache(self.accelerator, inputs, config.cache_dir or
+                                             Path(config.output_dir) / "cache")
+            return self.cache, torch.utils.data.default_collate
+        train_ds = load_image_caption_dataset(config.data, config.train_split, config.image_column,
+                                              config.caption_column)
+        check_caption_templates(train_ds, config.caption_column, tuple(config.caption_templates))
+        return ImageCaptionDataset(train_ds, self.resolution, config.image_column, config.caption_column,
+                                   tuple(config.caption_templates)), self.collate
+
+    def build_loader(self, dataset: torch.utils.data.Dataset, collate: Callable) -> tuple[torch.utils.data.DataLoader,
+                                                                                            bool]:
+        """From the cache: one bucket per batch, split across ranks by core/data/batches.py (so not prepared)."""
+        if self.cache is None:
+            return super().build_loader(dataset, collate)
+        sampler = BucketBatchSampler(self.cache.bucket_of, self.config.batch_size, self.config.seed,
+                                     self.accelerator.process_index, self.accelerator.num_processes)
+        # its own generator: starting an iterator (each epoch, and on resume) then leaves the global RNG untouched
+        return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                           num_workers=self.config.num_workers,
+                                           generator=torch.Generator().manual_seed(self.config.seed)), False
+
+    def unet_size_multiple(self) -> int:
+        """How many times the U-Net halves its input (a latent side must divide by 2 to that power)."""
+        if self.config.init_from:
+            config = json.loads((Path(self.config.init_from) / "unet" / "config.json").read_text())
+            return size_multiple(config["block_out_channels"])
+        return size_multiple(PRESETS[self.config.unet_preset]["block_out_channels"])
 
     def load_init_unet(self) -> UNet2DConditionModel:
         """init_from's U-Net in float32, checked against this run's latents, text encoder and variance setting."""
@@ -209,8 +249,7 @@ class LDMTrainer(Trainer):
         mean, logvar = batch["latent_mean"].to(device), batch["latent_logvar"].to(device)
         sample = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, device=device, dtype=mean.dtype)
         drop, variant = self.draw_captions(len(mean))
-        # the table stays on the CPU; the prepared loader may have put the ids on the accelerator
-        context = self.cache.caption_embeddings[batch["caption_ids"].cpu()[torch.arange(len(mean)), variant]]
+        context = batch["text_states"][torch.arange(len(mean)), variant]  # (batch, length, width) of the drawn variant
         context[drop] = self.cache.empty_embedding
         return sample * self.vae.config.scaling_factor, context.to(device)
 

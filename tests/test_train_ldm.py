@@ -63,64 +63,70 @@ def _trainer(emoji_dir, autoencoder_dir, output_dir, *extra) -> LDMTrainer:
 TEMPLATES = 'caption_templates=["{caption}", "{article} {caption}", "{caption}, {style} style"]'
 
 
-def test_cached_and_uncached_batches_give_the_same_loss(emoji_dir, autoencoder_dir, tmp_path):
+def _loss(trainer, batch, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return trainer.compute_loss(batch)["loss"].item()
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float32", 1e-5), ("float16", 1e-4)])
+def test_cached_and_uncached_batches_give_the_same_loss(emoji_dir, autoencoder_dir, tmp_path, dtype, tolerance):
     cached = _trainer(emoji_dir, autoencoder_dir, tmp_path / "cached", "cache_latents=true", "cond_drop_prob=0.5",
-                      TEMPLATES)
+                      TEMPLATES, f"cache_dtype={dtype}")
     uncached = _trainer(emoji_dir, autoencoder_dir, tmp_path / "uncached", "cache_latents=false",
                         "cond_drop_prob=0.5", TEMPLATES)
-    batch_c, batch_u = next(iter(cached.loader)), next(iter(uncached.loader))
-    assert torch.equal(batch_c["index"], batch_u["indices"])  # same images in the same order
-    losses = []
-    for trainer, batch in ((cached, batch_c), (uncached, batch_u)):
-        torch.manual_seed(123)
-        with torch.no_grad():
-            losses.append(trainer.compute_loss(batch)["loss"].item())
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-    torch.manual_seed(124)
-    with torch.no_grad():
-        assert cached.compute_loss(batch_c)["loss"].item() != pytest.approx(losses[0], rel=1e-3)  # the check can fail
+    batch_c = next(iter(cached.loader))
+    batch_u = uncached.collate([uncached.loader.dataset[int(i)] for i in batch_c["index"]])  # the same images
+    assert torch.equal(batch_u["indices"], batch_c["index"])
+    loss_c, loss_u = _loss(cached, batch_c, 123), _loss(uncached, batch_u, 123)
+    assert loss_c == pytest.approx(loss_u, rel=tolerance)
+    assert _loss(cached, batch_c, 124) != pytest.approx(loss_c, rel=1e-3)  # the check can fail
 
 
 def test_cache_is_rebuilt_when_an_input_changes(emoji_dir, autoencoder_dir, tmp_path):
-    from ldm.cache import cache_key
+    from dataclasses import replace
 
-    from core.data.dataset import ImageCaptionDataset, load_image_caption_dataset
+    from core.data.buckets import Bucketer
+    from core.data.sources import open_source
+    from ldm.cache import CacheInputs
 
     trainer = _trainer(emoji_dir, autoencoder_dir, tmp_path / "a")
-    images = ImageCaptionDataset(load_image_caption_dataset(str(emoji_dir)), 32)
-    key = cache_key(images, trainer.vae, trainer.text_encoder)
-    assert cache_key(images, trainer.vae, trainer.text_encoder) == key
-    assert cache_key(ImageCaptionDataset(images.ds, 16), trainer.vae, trainer.text_encoder) != key
+    square = Bucketer(32, 8, enabled=False)
+    inputs = CacheInputs(open_source(str(emoji_dir)), ("{caption}",), square, trainer.vae, trainer.text_encoder)
+    key = inputs.key()
+    assert inputs.key() == key
+    assert replace(inputs, bucketer=Bucketer(16, 8, enabled=False)).key() != key
+    assert replace(inputs, bucketer=Bucketer(32, 8, enabled=True)).key() != key
+    assert replace(inputs, dtype="float32").key() != key
+    assert replace(inputs, source=open_source(str(emoji_dir), rows_per_shard=10)).key() != key
+    assert replace(inputs, templates=("{caption}", "{caption} emoji")).key() != key
+    assert replace(inputs, source=open_source(str(emoji_dir), caption_column="short_name")).key() != key
     trainer.text_encoder.max_length += 1
-    assert cache_key(images, trainer.vae, trainer.text_encoder) != key
+    assert inputs.key() != key
     trainer.text_encoder.max_length -= 1
     with torch.no_grad():
         next(trainer.vae.parameters()).add_(1e-3)
-    assert cache_key(images, trainer.vae, trainer.text_encoder) != key
-    fewer = ImageCaptionDataset(images.ds.select(range(10)), 32)
-    assert cache_key(fewer, trainer.vae, trainer.text_encoder) != key
-    templated = ImageCaptionDataset(images.ds, 32, templates=("{caption}", "{caption} emoji"))
-    assert cache_key(templated, trainer.vae, trainer.text_encoder) != key
+    assert inputs.key() != key
 
 
 def test_caption_variants_are_drawn_per_image_and_step(emoji_dir, autoencoder_dir, tmp_path):
-    trainer = _trainer(emoji_dir, autoencoder_dir, tmp_path / "variants", TEMPLATES, "cond_drop_prob=0")
-    cache = trainer.cache
-    assert cache.caption_ids.shape == (len(cache), 3)
-    first = json.loads(emoji_dir.joinpath("train", "metadata.jsonl").read_text().splitlines()[0])
+    trainer = _trainer(emoji_dir, autoencoder_dir, tmp_path / "variants", TEMPLATES, "cond_drop_prob=0",
+                       "cache_dtype=float32")
+    row = trainer.cache[0]
+    assert row["text_states"].shape == (3, 16, 384)
+    first = json.loads(emoji_dir.joinpath("train", "metadata.jsonl").read_text().splitlines()[int(row["index"])])
     caption, style = first["caption"], first["style"]
     expected = [caption, f"a {caption}" if caption[0] not in "aeiou" else f"an {caption}", f"{caption}, {style} style"]
-    embeddings = trainer.text_encoder.encode(expected).hidden_states
-    for j in range(3):
-        torch.testing.assert_close(cache.caption_embeddings[cache.caption_ids[0, j]], embeddings[j])
+    torch.testing.assert_close(row["text_states"], trainer.text_encoder.encode(expected).hidden_states)
     batch = next(iter(trainer.loader))
     drawn = set()
     for seed in range(8):
         torch.manual_seed(seed)
         _, context = trainer.encode_batch(batch)
-        drawn |= {int((cache.caption_embeddings - c).abs().flatten(1).sum(1).argmin()) for c in context}
-    variants = {int(i) for i in batch["caption_ids"].flatten()}
-    assert drawn <= variants and len(drawn) > len(batch["caption_ids"])  # more than one variant per image used
+        drawn |= {(i, int((batch["text_states"][i] - c).abs().flatten(1).sum(1).argmin()))
+                  for i, c in enumerate(context)}
+    assert len(drawn) > len(context)  # more than one variant per image used
+    assert {j for _, j in drawn} == {0, 1, 2}
 
 
 def test_nonfinite_losses_skip_then_stop_without_saving(emoji_dir, autoencoder_dir, tmp_path, monkeypatch):

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from core.data.buckets import fit_to_bucket
+from core.data.tar_patterns import expand_tar_pattern, is_tar_pattern
 from core.errors import MissingFileError, UserError
 
 logger = logging.getLogger(__name__)
@@ -21,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 def check_data_path(data: str) -> None:
     """A local dataset path must exist (offline, a name that is not a folder cannot load unless it is cached)."""
+    if is_tar_pattern(data):
+        expand_tar_pattern(data)
+        return
     path = Path(data).expanduser()
     if (path.exists() and not path.is_dir()) or (not path.exists() and ("/" in data or data.startswith("."))):
         raise MissingFileError(f"dataset folder {data} does not exist (or is not a folder): check the path, or "
@@ -76,14 +81,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def resize_center_crop(image: Image.Image, resolution: int) -> Image.Image:
     """Resize the shorter side to `resolution`, then crop the centre square."""
-    width, height = image.size
-    scale = resolution / min(width, height)
-    if (width, height) != (resolution, resolution):
-        new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-        image = image.resize(new_size, Image.Resampling.BICUBIC)
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-        image = image.crop((left, top, left + resolution, top + resolution))
-    return image
+    return fit_to_bucket(image, (resolution, resolution)).image
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -1,0 +1,203 @@
+"""Where training rows come from, as a list of shards read one row at a time (never the whole set in memory).
+
+Three kinds of `data`:
+- WebDataset tar shards (what img2dataset and `ldm data shards` write: KEY.jpg/png/webp + KEY.txt and/or KEY.json) by
+  path, glob or brace range, e.g. `shards/{00000..00099}.tar`. Read with webdataset's tar iterators: they stream a
+  tar member by member and hand each error to a handler, so a truncated tar costs its remainder, not the run.
+- an imagefolder with metadata.jsonl or a saved `datasets` dataset: cut into shards of `rows_per_shard` rows (the
+  same cut `ldm data shards` makes, so both give the same rows in the same order).
+- any `datasets` dataset with `streaming=true`: its own shards (`IterableDataset.shard`), read as a stream.
+
+A shard is the unit the cache builds, splits across ranks and resumes by. Rows that cannot be used (an image that does
+not decode, no caption, an empty or non-UTF-8 caption, a broken tar) are skipped and counted per reason.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import datasets
+from PIL import Image, UnidentifiedImageError
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from core.data.buckets import Bucketer
+from core.data.tar_patterns import expand_tar_pattern, is_tar_pattern
+from core.data.dataset import format_captions, load_image_caption_dataset, pil_to_tensor, to_rgb
+from core.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class Row:
+    """One raw example: its position in its shard, the encoded image (bytes, a PIL image or a datasets dict) and
+    its text fields (the caption column among them); `None` fields mean the row was unusable for `reason`."""
+
+    position: int
+    image: Any
+    fields: dict[str, str] | None
+    reason: str = ""
+
+
+@dataclass
+class SourceShard:
+    name: str
+    rows: Callable[[Counter], Iterator[Row]]  # counts tar-level errors into the Counter it is given
+    size: int | None = None  # rows, where known before reading
+
+
+@dataclass
+class DataSource:
+    shards: list[SourceShard]
+    spec: dict  # what identifies the data (part of the cache key)
+    caption_column: str
+
+
+def _decode_text(value: bytes) -> str | None:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _tar_rows(path: Path, caption_column: str) -> Callable[[Counter], Iterator[Row]]:
+    def rows(counts: Counter) -> Iterator[Row]:
+        def handler(err: Exception) -> bool:  # webdataset's handler: count and go on with what is left
+            counts["unreadable tar data"] += 1
+            logger.warning("%s: %s: %s (rest of this shard skipped where unreadable)", path.name,
+                           type(err).__name__, err)
+            return True
+
+        with open(path, "rb") as stream:
+            members = tar_file_expander([{"url": str(path), "stream": stream}], handler=handler)
+            for position, sample in enumerate(group_by_keys(members, handler=handler)):
+                image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
+                if image is None:
+                    yield Row(position, None, None, "no image member")
+                    continue
+                fields: dict[str, str] = {}
+                if "json" in sample:
+                    try:
+                        meta = json.loads(sample["json"].decode("utf-8"))
+                    except ValueError:  # UnicodeDecodeError is one
+                        yield Row(position, None, None, "unreadable json")
+                        continue
+                    if isinstance(meta, dict):
+                        fields.update({k: v for k, v in meta.items() if isinstance(v, str)})
+                if "txt" in sample:
+                    text = _decode_text(sample["txt"])
+                    if text is None:
+                        yield Row(position, None, None, "non-UTF-8 caption")
+                        continue
+                    fields.setdefault(caption_column, text.strip())
+                yield Row(position, image, fields)
+    return rows
+
+
+def _dataset_rows(ds, image_column: str, start: int = 0) -> Callable[[Counter], Iterator[Row]]:
+    def rows(counts: Counter) -> Iterator[Row]:
+        for position, row in enumerate(ds, start=start):
+            yield Row(position, row[image_column], {k: v for k, v in row.items() if isinstance(v, str)})
+    return rows
+
+
+def open_source(data: str, split: str = "train", image_column: str = "image", caption_column: str = "caption",
+                streaming: bool = False, rows_per_shard: int = 1000) -> DataSource:
+    """The shards of `data` (see the module docstring for the three kinds)."""
+    if rows_per_shard < 1:
+        raise UserError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
+    if is_tar_pattern(data):
+        paths = expand_tar_pattern(data)
+        spec = {"kind": "webdataset", "caption_column": caption_column,
+                "shards": [[p.name, p.stat().st_size] for p in paths]}
+        return DataSource([SourceShard(p.name, _tar_rows(p, caption_column)) for p in paths], spec, caption_column)
+    if streaming:
+        return _streaming_source(data, split, image_column, caption_column)
+    ds = load_image_caption_dataset(data, split, image_column, caption_column)
+    shards = [SourceShard(f"rows-{start:09d}", _dataset_rows(ds.select(range(start, min(start + rows_per_shard,
+                                                                                         len(ds)))),
+                                                             image_column, start), min(rows_per_shard, len(ds) - start))
+              for start in range(0, len(ds), rows_per_shard)]
+    spec = {"kind": "dataset", "fingerprint": ds._fingerprint, "rows": len(ds), "rows_per_shard": rows_per_shard,
+            "image_column": image_column, "caption_column": caption_column}
+    return DataSource(shards, spec, caption_column)
+
+
+def _streaming_source(data: str, split: str, image_column: str, caption_column: str) -> DataSource:
+    path = Path(data).expanduser()
+    try:
+        if path.is_dir() and any(path.glob("**/metadata.jsonl")):
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(path), streaming=True)
+        else:
+            loaded = datasets.load_dataset(str(path) if path.exists() else data, streaming=True)
+    except Exception as err:  # as in load_image_caption_dataset: every "cannot load" means the same to a user
+        raise UserError(f"cannot stream dataset '{data}': {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+    if split not in loaded:
+        raise UserError(f"dataset {data} has no split '{split}'; it has {', '.join(loaded)}")
+    ds = loaded[split]
+    if ds.features is not None:
+        for column in (image_column, caption_column):
+            if column not in ds.features:
+                raise UserError(f"dataset {data} has no column '{column}'; its columns: {', '.join(ds.features)}")
+        if isinstance(ds.features[image_column], datasets.Image):
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    n = ds.num_shards
+    shards = [SourceShard(f"stream-{i:05d}", _dataset_rows(ds.shard(num_shards=n, index=i), image_column))
+              for i in range(n)]
+    return DataSource(shards, {"kind": "streaming", "data": data, "split": split, "shards": n,
+                               "image_column": image_column, "caption_column": caption_column}, caption_column)
+
+
+def _open_image(value: Any) -> Image.Image:
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value))
+    if isinstance(value, dict):
+        return Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+    raise TypeError(f"cannot read an image from a {type(value).__name__}")
+
+
+@dataclass
+class Prepared:
+    """A row ready for the autoencoder: pixels in [-1, 1] at its bucket's size, its caption variants, and where it
+    came from (position in its shard; original size and crop, for size/crop conditioning)."""
+
+    pixels: Any
+    captions: list[str]
+    position: int
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
+def prepare(row: Row, caption_column: str, templates: tuple[str, ...], bucketer: Bucketer,
+            counts: Counter) -> Prepared | None:
+    """Decode, caption and fit one row to its bucket; None (and one count under its reason) when unusable."""
+    if row.fields is None:
+        counts[row.reason] += 1
+        return None
+    caption = row.fields.get(caption_column)
+    if not isinstance(caption, str) or not caption.strip():
+        counts["missing or empty caption"] += 1
+        return None
+    try:
+        image = _open_image(row.image)
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError, TypeError, Image.DecompressionBombError):
+        counts["undecodable image"] += 1
+        return None
+    try:
+        captions = format_captions(row.fields, caption_column, templates)
+    except (KeyError, IndexError, ValueError) as err:
+        raise UserError(f"caption template field {err} is not a text field of row {row.position}; its fields: "
+                        f"caption, article, {', '.join(row.fields)}") from err
+    fitted = bucketer.fit(to_rgb(image))
+    return Prepared(pil_to_tensor(fitted.image), captions, row.position, fitted.original_size, fitted.crop_top_left)
