@@ -24,6 +24,34 @@ def cmd_data_emoji(args: argparse.Namespace) -> None:
     print(f"wrote {sum(summary['images'].values())} images to {args.out}")
 
 
+def cmd_data_shards(args: argparse.Namespace) -> None:
+    from dataprep.shards import write_shards
+
+    summary = write_shards(args.data, args.out, args.split, args.image_column, args.caption_column,
+                           args.rows_per_shard)
+    print(f"wrote {summary['images']} images in {summary['shards']} shards; train with data={summary['data']}")
+
+
+def cmd_cache(args: argparse.Namespace) -> None:
+    """The cache training with this config would build, built now (one build serves many runs)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from cli.training_args import ldm_config
+    from core.accelerator import setup_logging
+    from recipes.latent_diffusion import LDMTrainer
+
+    config = ldm_config(args.config, args.overrides)
+    if not config.cache_latents:
+        raise UserError("this config has cache_latents=false: it trains without a cache")
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it
+    setup_logging(state)
+    cache = LDMTrainer(config).build_cache(state)
+    if state.is_main_process:
+        print(f"cache {cache.folder}: {len(cache)} images in {len(cache.files)} shards, buckets {cache.buckets}"
+              + (f"; skipped {dict(cache.skipped)}" if cache.skipped else ""))
+
+
 def cmd_show_masks(args: argparse.Namespace) -> None:
     """A grid of sampled training masks over real images: what the inpainting fine-tune will see."""
     import numpy as np

@@ -4,7 +4,9 @@
   ldm inpaint PROMPT --image --mask  fill the white part of a mask (default: the embedded inpainting model)
   ldm serve                        the web page (Gradio) over both
   ldm export --model --out         a slim model folder (fp16, the embedded default's layout)
-  ldm data emoji | show-masks      build the offline emoji dataset; draw inpainting training masks
+  ldm data emoji | shards | show-masks
+                                   build the offline emoji dataset; write WebDataset shards; draw inpainting masks
+  ldm cache --config FILE [k=v]    build a training config's latent/text cache ahead of training (per rank)
   ldm eval autoencoder | generate | inpaint | classifier-guidance | vlb
                                    measure a trained stage (evaluation/)
 
@@ -39,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="add styles from npm packages when npm is present (default auto)")
     emoji.add_argument("--limit", type=int, default=None, help="only the first N names (quick builds, tests)")
     emoji.set_defaults(func=commands.cmd_data_emoji)
+    shards = data.add_parser("shards", help="write an imagefolder or datasets dataset as WebDataset tar shards")
+    shards.add_argument("--data", required=True, help="imagefolder (with metadata.jsonl) or saved dataset")
+    shards.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    shards.add_argument("--split", default="train")
+    shards.add_argument("--image-column", default="image")
+    shards.add_argument("--caption-column", default="caption")
+    shards.add_argument("--rows-per-shard", type=int, default=1000,
+                        help="images per tar (default 1000: the cut the cache makes of a folder)")
+    shards.set_defaults(func=commands.cmd_data_shards)
     show = data.add_parser("show-masks", help="PNG grid of inpainting training masks over real images")
     show.add_argument("--data", required=True, help="imagefolder (e.g. data/emoji)")
     show.add_argument("--out", required=True, help="PNG to write")
@@ -48,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--num-images", "-n", type=int, default=32)
     show.add_argument("--seed", type=int, default=0)
     show.set_defaults(func=commands.cmd_show_masks)
+
+    cache = subcommands.add_parser(
+        "cache", help="build a training config's latent/text cache (under `accelerate launch`, every rank its part)")
+    cache.add_argument("--config", required=True, help="the train_ldm.py config to cache for")
+    cache.add_argument("overrides", nargs="*", metavar="key=value", help="the same overrides training will get")
+    cache.set_defaults(func=commands.cmd_cache)
 
     evaluate = subcommands.add_parser("eval", help="evaluate a trained stage").add_subparsers(dest="stage",
                                                                                          required=True)

@@ -27,7 +27,7 @@ from core.data.sources import is_tar_pattern, open_source
 from core.errors import UserError
 from core.images import make_grid
 from core.trainer import TrainConfig, Trainer
-from ldm.cache import DTYPES, CacheInputs, load_or_build_cache
+from ldm.cache import DTYPES, CacheInputs, CachedLatents, load_or_build_cache
 from ldm.diffusion import (BETA_SCHEDULES, NoiseSchedule, diffusion_loss, sample_noise, sample_timesteps,
                            vlb_term)
 from ldm.text_encoders import DEFAULT_TEXT_ENCODER, load_text_encoder
@@ -144,29 +144,40 @@ class LDMTrainer(Trainer):
     name = "ldm"
     pipeline_class = Pipeline  # what samples and exports the trained U-Net
 
-    def build_data(self) -> tuple[torch.utils.data.Dataset, Callable]:
+    def load_frozen_stages(self, device: torch.device) -> None:
+        """The autoencoder and text encoder (eval mode, no gradients, outside the optimiser and the training state),
+        the noise schedule and the resolution."""
         config = self.config
-        # frozen stages: eval mode, no gradients, outside the optimiser and the training state
-        device = self.accelerator.device
         self.vae = load_autoencoder(config.autoencoder).to(device).eval().requires_grad_(False)
         self.text_encoder = load_text_encoder(config.text_encoder, config.text_max_length).to(device)
         self.schedule = config.noise_schedule()
-        factor = downsampling_factor(self.vae)
+        self.factor = downsampling_factor(self.vae)
         self.resolution = config.resolution or self.vae.config.sample_size
-        if self.resolution % factor:
-            raise UserError(f"resolution {self.resolution} is not a multiple of the autoencoder's factor {factor}")
-        logger.info("autoencoder %s: f=%d, scaling_factor %.4f; text encoder %s (dim %d)", config.autoencoder, factor,
-                    self.vae.config.scaling_factor, config.text_encoder, self.text_encoder.hidden_size)
+        if self.resolution % self.factor:
+            raise UserError(f"resolution {self.resolution} is not a multiple of the autoencoder's factor "
+                            f"{self.factor}")
+        logger.info("autoencoder %s: f=%d, scaling_factor %.4f; text encoder %s (dim %d)", config.autoencoder,
+                    self.factor, self.vae.config.scaling_factor, config.text_encoder, self.text_encoder.hidden_size)
+
+    def build_cache(self, state) -> CachedLatents:
+        """This config's latent/text cache, built where missing (every rank of `state` its own shards)."""
+        config = self.config
+        if not hasattr(self, "vae"):
+            self.load_frozen_stages(state.device)
+        source = open_source(config.data, config.train_split, config.image_column, config.caption_column,
+                             config.streaming, config.rows_per_shard)
+        bucketer = Bucketer(self.resolution, self.factor * self.unet_size_multiple(), config.aspect_buckets,
+                            config.bucket_max_ratio)
+        inputs = CacheInputs(source, tuple(config.caption_templates), bucketer, self.vae, self.text_encoder,
+                             config.cache_dtype)
+        return load_or_build_cache(state, inputs, config.cache_dir or Path(config.output_dir) / "cache")
+
+    def build_data(self) -> tuple[torch.utils.data.Dataset, Callable]:
+        config = self.config
+        self.load_frozen_stages(self.accelerator.device)
         self.cache = None
         if config.cache_latents:
-            source = open_source(config.data, config.train_split, config.image_column, config.caption_column,
-                                 config.streaming, config.rows_per_shard)
-            bucketer = Bucketer(self.resolution, factor * self.unet_size_multiple(), config.aspect_buckets,
-                                config.bucket_max_ratio)
-            inputs = CacheInputs(source, tuple(config.caption_templates), bucketer, self.vae, self.text_encoder,
-                                 config.cache_dtype)
-            self.cache = load_or_build_cache(self.accelerator, inputs, config.cache_dir or
-                                             Path(config.output_dir) / "cache")
+            self.cache = self.build_cache(self.accelerator)
             return self.cache, torch.utils.data.default_collate
         train_ds = load_image_caption_dataset(config.data, config.train_split, config.image_column,
                                               config.caption_column)

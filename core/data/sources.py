@@ -68,6 +68,17 @@ def _decode_text(value: bytes) -> str | None:
         return None
 
 
+def _tar_ends_properly(path: Path) -> bool:
+    """Whether the tar ends with its end-of-archive marker (two zero blocks): a cut-off copy or download does not,
+    and Python's tarfile reads such a file up to the cut without an error."""
+    size = path.stat().st_size
+    if size < 1024 or size % 512:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1024)
+        return f.read(1024) == bytes(1024)
+
+
 def _tar_rows(path: Path, caption_column: str) -> Callable[[Counter], Iterator[Row]]:
     def rows(counts: Counter) -> Iterator[Row]:
         def handler(err: Exception) -> bool:  # webdataset's handler: count and go on with what is left
@@ -76,6 +87,9 @@ def _tar_rows(path: Path, caption_column: str) -> Callable[[Counter], Iterator[R
                            type(err).__name__, err)
             return True
 
+        if not _tar_ends_properly(path):
+            counts["truncated tar file"] += 1
+            logger.warning("%s is truncated (no end-of-archive marker): reading the examples before the cut", path)
         with open(path, "rb") as stream:
             members = tar_file_expander([{"url": str(path), "stream": stream}], handler=handler)
             for position, sample in enumerate(group_by_keys(members, handler=handler)):
