@@ -17,6 +17,10 @@ channels_last U-Net and inputs, torch.compile (inductor), bf16 + compile, and ha
 is the first step's loss on the same seeded batch (same numbers = same maths; bf16 moves it slightly).
 
     python benchmarks/train_throughput.py --levers --preset emoji-s [--batch 32]
+
+On a GPU (tools/gpu/data_at_scale.sh): `--preset sd-like --resolution 256 --vae-preset kl-f8 --synthetic 2048
+--mixed-precision bf16` runs both sides on synthetic shapes at 256 px (no emoji packages needed) in bf16 autocast and
+adds each side's peak GPU memory.
 """
 
 from __future__ import annotations
@@ -38,15 +42,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def prepare(workdir: Path) -> tuple[Path, Path]:
-    """A 64 px emoji set (300 names, PyPI styles) and a randomly initialised kl-f4 autoencoder folder."""
+def prepare(workdir: Path, args) -> tuple[Path, Path]:
+    """A 64 px emoji set (300 names, PyPI styles), or --synthetic N shapes at --resolution, and a randomly
+    initialised autoencoder folder of --vae-preset."""
     from autoencoder.model import build_autoencoder
     from dataprep.emoji import build_emoji_dataset
+    from dataprep.synthetic import write_synthetic_imagefolder
 
-    data, vae_dir = workdir / "emoji", workdir / "vae"
-    build_emoji_dataset(data, size=64, use_npm="no", limit=300)
+    data, vae_dir = workdir / "data", workdir / "vae"
+    if args.synthetic:
+        write_synthetic_imagefolder(data, args.synthetic, args.resolution)
+    else:
+        build_emoji_dataset(data, size=args.resolution, use_npm="no", limit=300)
     torch.manual_seed(0)
-    vae = build_autoencoder("kl-f4", resolution=64)
+    vae = build_autoencoder(args.vae_preset, resolution=args.resolution)
     vae.register_to_config(scaling_factor=0.5)
     vae.save_pretrained(vae_dir)
     return data, vae_dir
@@ -76,7 +85,8 @@ def child_ours(args, data: Path, vae_dir: Path, out: Path) -> dict:
 
     config = load_config(LDMTrainConfig, None, [
         f"data={data}", f"autoencoder={vae_dir}", f"output_dir={out}", f"unet_preset={args.preset}",
-        f"batch_size={args.batch}", "text_max_length=32", "resume=never", *args.ours])
+        f"batch_size={args.batch}", "text_max_length=32", "resume=never", f"resolution={args.resolution}",
+        *args.ours])
     trainer = LDMTrainer(config)
     start = time.perf_counter()
     trainer.setup()
@@ -123,13 +133,16 @@ def child_reference(args, data: Path, vae_dir: Path, out: Path) -> dict:
     vae = AutoencoderKL.from_pretrained(vae_dir)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    unet = build_unet(args.preset, 16, 4, text_encoder.config.hidden_size)
+    vae.to(accelerator.device)
+    text_encoder.to(accelerator.device)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet = build_unet(args.preset, args.resolution // factor, 4, text_encoder.config.hidden_size)
     unet.train()
     ema_unet = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
     collate = SkippingCollate()
-    loader = torch.utils.data.DataLoader(ImageCaptionDataset(load_image_caption_dataset(str(data)), 64),
+    loader = torch.utils.data.DataLoader(ImageCaptionDataset(load_image_caption_dataset(str(data)), args.resolution),
                                          batch_size=args.batch, shuffle=True, drop_last=True, collate_fn=collate)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
     iterator = iter(loader)
@@ -145,10 +158,12 @@ def child_reference(args, data: Path, vae_dir: Path, out: Path) -> dict:
         captions = [variants[0] for variants in batch["captions"]]
         input_ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length",
                               truncation=True, return_tensors="pt").input_ids  # done in the dataset transform there
+        input_ids = input_ids.to(accelerator.device)
         with accelerator.accumulate(unet):
             latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
             noise = torch.randn_like(latents)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],)).long()
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      device=latents.device).long()
             noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
             encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
             model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
@@ -177,9 +192,12 @@ def run_child(side: str, args, data: Path, vae_dir: Path, workdir: Path, attempt
     ours = args.ours if ours is None else ours
     command = [sys.executable, __file__, "--child", side, "--data", str(data), "--vae", str(vae_dir),
                "--out", str(out), "--preset", args.preset, "--batch", str(batch or args.batch),
+               "--resolution", str(args.resolution), "--vae-preset", args.vae_preset,
                "--steps", str(args.steps), "--warmup", str(args.warmup), *sum((["--ours", o] for o in ours), []),
                *(["--channels-last"] if channels_last else [])]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+    precision = {"ACCELERATE_MIXED_PRECISION": args.mixed_precision} if args.mixed_precision != "no" else {}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, **precision, **(env or {})})
     if result.returncode != 0:
         raise SystemExit(f"{side} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -224,6 +242,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="children per side, alternating")
     parser.add_argument("--ours", action="append", default=[], metavar="key=value", help="trainer config override")
     parser.add_argument("--levers", action="store_true", help="time our trainer under the CPU speed levers (above)")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--vae-preset", default="kl-f4", help="autoencoder shape (random weights)")
+    parser.add_argument("--synthetic", type=int, default=0, help="N synthetic shapes instead of the emoji set")
+    parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"),
+                        help="Accelerate's autocast for both sides")
     parser.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=("ours", "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -238,11 +261,12 @@ def main() -> None:
         fn = child_ours if args.child == "ours" else child_reference
         result = fn(args, Path(args.data), Path(args.vae), Path(args.out))
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
         print(json.dumps(result))
         return
 
     workdir = Path(tempfile.mkdtemp(prefix="train-throughput-"))
-    data, vae_dir = prepare(workdir)
+    data, vae_dir = prepare(workdir, args)
     if args.levers:
         return levers(args, data, vae_dir, workdir)
     results: dict[str, list[dict]] = {"reference": [], "ours": []}
@@ -250,11 +274,13 @@ def main() -> None:
         for side in results:
             results[side].append(run_child(side, args, data, vae_dir, workdir, attempt))
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; U-Net {args.preset}, batch {args.batch}, "
-          f"64 px -> 16x16x4, fp32; {args.repeats} x {args.steps} timed steps per side; ours overrides: "
-          f"{' '.join(args.ours) or 'none'}")
-    print("| trainer | img/s | ratio | GFLOP/img (fwd+bwd) | achieved GFLOP/s | peak RSS MB | setup + warm-up s |")
-    print("|---|---|---|---|---|---|---|")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU threads"
+    print(f"torch {torch.__version__}, {device}; U-Net {args.preset}, batch {args.batch}, {args.resolution} px, "
+          f"autoencoder {args.vae_preset}, {args.mixed_precision if args.mixed_precision != 'no' else 'fp32'}; "
+          f"{args.repeats} x {args.steps} timed steps per side; ours overrides: {' '.join(args.ours) or 'none'}")
+    print("| trainer | img/s | ratio | GFLOP/img (fwd+bwd) | achieved GFLOP/s | peak RSS MB | peak GPU MB | "
+          "setup + warm-up s |")
+    print("|---|---|---|---|---|---|---|---|")
     rates = {}
     for side, runs in results.items():
         seconds = [s for r in runs for s in r["seconds"]]
@@ -263,6 +289,7 @@ def main() -> None:
         flops = runs[0]["flops_per_image"]
         print(f"| {side} | {rates[side]:.1f} | {rates[side] / rates['reference']:.2f} | {flops / 1e9:.2f} | "
               f"{flops * rates[side] / 1e9:.1f} | {max(r['peak_rss_mb'] for r in runs):.0f} | "
+              f"{max(r.get('peak_gpu_mb', 0.0) for r in runs):.0f} | "
               f"{statistics.median(r['setup_seconds'] for r in runs):.1f} |")
 
 

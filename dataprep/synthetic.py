@@ -52,3 +52,19 @@ def write_synthetic_shards(out: str | Path, images: int, size: int = 32, rows_pe
                 image.save(buffer, format="JPEG" if image_format == "jpg" else "PNG", quality=90)
                 writer.write({"__key__": f"{index:09d}", image_format: buffer.getvalue(), "txt": caption.encode()})
     return sorted(out.glob("*.tar"))
+
+
+def write_synthetic_imagefolder(out: str | Path, images: int, size: int = 64) -> Path:
+    """`images` square examples as an imagefolder (`train/` with PNGs and metadata.jsonl), for code that reads one."""
+    import json
+
+    out = Path(out)
+    with atomic_folder(out, what="synthetic imagefolder") as tmp:
+        (tmp / "train").mkdir()
+        lines = []
+        for index in range(images):
+            image, caption = synthetic_example(index, size)
+            image.save(tmp / "train" / f"{index:07d}.png")
+            lines.append(json.dumps({"file_name": f"{index:07d}.png", "caption": caption}))
+        (tmp / "train" / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return out

@@ -14,6 +14,7 @@ not decode, no caption, an empty or non-UTF-8 caption, a broken tar) are skipped
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -145,6 +146,16 @@ def open_source(data: str, split: str = "train", image_column: str = "image", ca
     return DataSource(shards, spec, caption_column)
 
 
+def _files_signature(path: Path) -> str:
+    """A hash of every file's relative name, size and modification time under `path`: a changed file changes it."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        stat = file.stat()
+        digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{stat.st_size}:{stat.st_mtime_ns}\n"
+                      .encode())
+    return digest.hexdigest()
+
+
 def _streaming_source(data: str, split: str, image_column: str, caption_column: str) -> DataSource:
     path = Path(data).expanduser()
     try:
@@ -164,9 +175,10 @@ def _streaming_source(data: str, split: str, image_column: str, caption_column: 
         if isinstance(ds.features[image_column], datasets.Image):
             ds = ds.cast_column(image_column, datasets.Image(decode=False))
     n = ds.num_shards
+    identity = _files_signature(path) if path.exists() else data  # a remote name: its files cannot be listed here
     shards = [SourceShard(f"stream-{i:05d}", _dataset_rows(ds.shard(num_shards=n, index=i), image_column))
               for i in range(n)]
-    return DataSource(shards, {"kind": "streaming", "data": data, "split": split, "shards": n,
+    return DataSource(shards, {"kind": "streaming", "data": identity, "split": split, "shards": n,
                                "image_column": image_column, "caption_column": caption_column}, caption_column)
 
 

@@ -30,7 +30,8 @@ from core.data.dataset import format_captions  # noqa: E402
 from ldm.text_encoders import minilm_path  # noqa: E402
 
 CONFIGS = ("configs/ldm/emoji-64.yaml", "configs/ldm/emoji-64-inpaint.yaml")
-WHEELS = ("diffusers==0.42.1", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "importlib_metadata==10.2.0")
+WHEELS = ("diffusers==0.42.1", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19", "importlib_metadata==10.2.0",
+          "webdataset==1.0.2", "braceexpand==0.1.7")
 OUT = Path(".devcarry")
 
 
