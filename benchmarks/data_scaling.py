@@ -110,7 +110,8 @@ def disk_vs_ram(work: Path, rounds: int, block: int = 8) -> dict:
 
     autoencoder = tiny_autoencoder(work / "ae-kl-f4", "kl-f4", 64)
     config = ldm_config("configs/ldm/emoji-64.yaml", [f"data={shards(work, 2048, 64)}", f"autoencoder={autoencoder}",
-                                                       f"output_dir={work / 'emoji64'}", "resume=never",
+                                                       f"output_dir={work / f'emoji64-{time.time_ns()}'}",
+                                                       f"cache_dir={work / 'emoji64-cache'}", "resume=never",
                                                        'caption_templates=["{caption}"]', "log_every=100000"])
     trainer = LDMTrainer(config)
     trainer.setup()
@@ -119,10 +120,11 @@ def disk_vs_ram(work: Path, rounds: int, block: int = 8) -> dict:
                                              collate_fn=torch.utils.data.default_collate)
     times: dict[str, list[float]] = {"disk": [], "ram": []}
     iterators = {"disk": iter(trainer.loader), "ram": iter(ram_loader)}
-    for _ in range(2):  # warm-up
-        trainer.train_step(next(iterators["disk"]))
-    for _ in range(rounds):
-        for arm in ("disk", "ram"):
+    for arm in ("disk", "ram"):  # warm-up
+        for _ in range(2):
+            trainer.train_step(next(iterators[arm]))
+    for round_ in range(rounds):
+        for arm in ("disk", "ram") if round_ % 2 == 0 else ("ram", "disk"):  # each arm first in every other round
             for _ in range(block):
                 start = time.perf_counter()
                 try:
@@ -137,18 +139,7 @@ def disk_vs_ram(work: Path, rounds: int, block: int = 8) -> dict:
     return {arm: batch / statistics.median(t) for arm, t in times.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="10000,100000")
-    parser.add_argument("--work", default=None, help="folder for shards and caches (default: a new temporary one)")
-    parser.add_argument("--train-steps", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
-    work = Path(args.work or tempfile.mkdtemp(prefix="data-scaling-"))
-    work.mkdir(parents=True, exist_ok=True)
-    print(f"work folder {work}; {os.cpu_count()} CPUs", flush=True)
-    rows = scaling_rows(work, [int(s) for s in args.sizes.split(",")], args.train_steps)
-    speed = disk_vs_ram(work, args.rounds)
+def print_scaling(rows: list[dict]) -> None:
     print("\n| images | cache build img/s, 1 rank | 2 ranks | speed-up | peak RSS per rank, build (1 / 2 ranks) | "
           "peak RSS, training | cache on disk per image |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
@@ -161,6 +152,23 @@ def main() -> None:
         ratio = {k: last[k] / first[k] for k in ("build_rss_mb_1", "build_rss_mb_2", "train_rss_mb")}
         print(f"\nRSS at {last['images']:,} / at {first['images']:,}: build {ratio['build_rss_mb_1']:.2f}x (1 rank), "
               f"{ratio['build_rss_mb_2']:.2f}x (2 ranks); training {ratio['train_rss_mb']:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="10000,100000", help="or 'none': only the disk vs RAM comparison")
+    parser.add_argument("--work", default=None, help="folder for shards and caches (default: a new temporary one)")
+    parser.add_argument("--train-steps", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="data-scaling-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"work folder {work}; {os.cpu_count()} CPUs", flush=True)
+    sizes = [] if args.sizes == "none" else [int(s) for s in args.sizes.split(",")]
+    rows = scaling_rows(work, sizes, args.train_steps)
+    speed = disk_vs_ram(work, args.rounds)
+    if rows:
+        print_scaling(rows)
     print(f"\nemoji-64 shape, batch 32: training from the on-disk cache {speed['disk']:.1f} img/s, from the same rows "
           f"in RAM {speed['ram']:.1f} img/s ({speed['disk'] / speed['ram']:.2f}x)")
     (work / "results.json").write_text(json.dumps({"scaling": rows, "disk_vs_ram": speed}, indent=1))

@@ -86,6 +86,7 @@ def child_ours(args, data: Path, vae_dir: Path, out: Path) -> dict:
     config = load_config(LDMTrainConfig, None, [
         f"data={data}", f"autoencoder={vae_dir}", f"output_dir={out}", f"unet_preset={args.preset}",
         f"batch_size={args.batch}", "text_max_length=32", "resume=never", f"resolution={args.resolution}",
+        f"text_encoder={args.text_encoder}",
         *args.ours])
     trainer = LDMTrainer(config)
     start = time.perf_counter()
@@ -128,7 +129,7 @@ def child_reference(args, data: Path, vae_dir: Path, out: Path) -> dict:
     accelerator = Accelerator()
     torch.manual_seed(0)
     noise_scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    encoder = load_text_encoder("minilm", max_length=32)
+    encoder = load_text_encoder(args.text_encoder, max_length=32)
     tokenizer, text_encoder = encoder.tokenizer, encoder.model
     vae = AutoencoderKL.from_pretrained(vae_dir)
     vae.requires_grad_(False)
@@ -192,7 +193,8 @@ def run_child(side: str, args, data: Path, vae_dir: Path, workdir: Path, attempt
     ours = args.ours if ours is None else ours
     command = [sys.executable, __file__, "--child", side, "--data", str(data), "--vae", str(vae_dir),
                "--out", str(out), "--preset", args.preset, "--batch", str(batch or args.batch),
-               "--resolution", str(args.resolution), "--vae-preset", args.vae_preset,
+               "--resolution", str(args.resolution), "--vae-preset", args.vae_preset, "--text-encoder",
+               args.text_encoder,
                "--steps", str(args.steps), "--warmup", str(args.warmup), *sum((["--ours", o] for o in ours), []),
                *(["--channels-last"] if channels_last else [])]
     precision = {"ACCELERATE_MIXED_PRECISION": args.mixed_precision} if args.mixed_precision != "no" else {}
@@ -244,6 +246,7 @@ def main() -> None:
     parser.add_argument("--levers", action="store_true", help="time our trainer under the CPU speed levers (above)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--vae-preset", default="kl-f4", help="autoencoder shape (random weights)")
+    parser.add_argument("--text-encoder", default="minilm", help="both sides' text encoder (name or folder)")
     parser.add_argument("--synthetic", type=int, default=0, help="N synthetic shapes instead of the emoji set")
     parser.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"),
                         help="Accelerate's autocast for both sides")

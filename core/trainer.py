@@ -41,7 +41,9 @@ class TrainConfig:
     """The settings every stage shares; a stage's config subclasses it (and may change defaults)."""
 
     output_dir: str = ""
-    data: str = ""  # an imagefolder (e.g. from `ldm data emoji`) or a saved datasets.DatasetDict
+    # an imagefolder (e.g. from `ldm data emoji`), a saved datasets.DatasetDict or a dataset name; the LDM stage also
+    # reads WebDataset tar shards (path, glob or brace range) and streamed datasets (docs/data.md)
+    data: str = ""
     image_column: str = "image"
     caption_column: str = "caption"
     train_split: str = "train"

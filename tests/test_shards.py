@@ -251,3 +251,16 @@ def test_fsdp_shard_grad_op_on_two_cpu_ranks_resumes_bit_identically(emoji_dir, 
         + _train_args(emoji_dir, autoencoder_dir, ddp, "max_steps=6", *common), env=CPU)
     a, b, c = (load_file(d / "final/unet/diffusion_pytorch_model.safetensors") for d in (straight, resumed, ddp))
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_cache_shard_that_cannot_be_written_stops_the_build_with_one_line(wide_shards, autoencoder_dir, tmp_path):
+    """A real failed write (a file size limit: EFBIG, as a full disk gives ENOSPC): one line naming the shard and the
+    free space, no partial file taken as a shard, and the next build completes."""
+    args = [LAUNCH[0], "launch", *LAUNCH[2:], "-m", "cli.main", "cache", "--config", "configs/ldm/tiny.yaml",
+            f"data={wide_shards}", f"autoencoder={autoencoder_dir}", f"output_dir={tmp_path / 'run'}"]
+    failed = run(["bash", "-c", 'ulimit -f 100 && exec "$@"', "bash", *args], check=False)  # 100 KB; a shard is 300
+    assert failed.returncode != 0
+    assert "could not write cache shard" in failed.stderr and "the finished shards are kept" in failed.stderr
+    folder = next((tmp_path / "run" / "cache").iterdir())
+    assert not list(folder.glob("shard-*")) and not list(folder.glob(".shard-*.tmp"))
+    assert "96 images in 4 shards" in run(args).stdout
