@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -125,8 +125,9 @@ def encode_shard(inputs: CacheInputs, shard: SourceShard, device: torch.device) 
 
 def _write(target: Path, tensors: dict, metadata: dict[str, str]) -> None:
     """Atomically; a full disk stops the build with one line (finished shards stay, a rerun continues)."""
+    data = save(tensors, metadata=metadata)  # bytes, written by Python: a failed write is an OSError with its errno
     try:
-        atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(target, lambda tmp: tmp.write_bytes(data))
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
