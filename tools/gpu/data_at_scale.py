@@ -124,7 +124,7 @@ def main() -> None:
     seconds, rss = run(launch + ["train_ldm.py", *common, f"output_dir={work / 'train'}", "resume=never",
                                  f"batch_size={args.train_batch}", f"max_minutes={args.train_minutes}",
                                  "max_steps=1000000", "sample_every=1000000", "checkpoint_every=1000000",
-                                 "log_every=20"], out / "train.log", env)
+                                 "log_every=5"], out / "train.log", env)
     rates = re.findall(r"img_s=([\d.]+)", (out / "train.log").read_text())
     lines.append(f"- `train_ldm.py` from the cache, tiny U-Net, batch {args.train_batch}, "
                  f"{'fp32' if args.cpu else 'bf16'}: {rates[-1] if rates else '?'} img/s (last logged), "
