@@ -123,6 +123,10 @@ class LDMTrainConfig(TrainConfig):
             raise UserError(f"unknown unet_preset '{self.unet_preset}'; valid: {', '.join(PRESETS)}")
         if self.cache_dtype not in DTYPES:
             raise UserError(f"cache_dtype must be one of {', '.join(DTYPES)}, got '{self.cache_dtype}'")
+        if self.rows_per_shard < 1:
+            raise UserError(f"rows_per_shard must be at least 1, got {self.rows_per_shard}")
+        if not self.bucket_max_ratio >= 1:
+            raise UserError(f"bucket_max_ratio must be >= 1 (long side / short side), got {self.bucket_max_ratio}")
         if not self.cache_latents and (is_tar_pattern(self.data) or self.streaming or self.aspect_buckets):
             raise UserError("tar shards, streaming=true and aspect_buckets=true are read through the latent cache: "
                             "set cache_latents=true")

@@ -206,7 +206,8 @@ def test_two_ranks_build_the_same_cache_as_one_and_train_from_shards(wide_shards
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
     out = tmp_path / "train"
     result = run(TWO_RANKS + _train_args(wide_shards, autoencoder_dir, out, "aspect_buckets=true", "max_steps=4",
-                                         "checkpoint_every=4", f"cache_dir={tmp_path / 'two' / 'cache'}"), env=CPU)
+                                         "checkpoint_every=4", "num_workers=2",  # workers fetch whole batches
+                                         f"cache_dir={tmp_path / 'two' / 'cache'}"), env=CPU)
     assert "building latent/text cache" not in result.stderr and "differ across ranks" not in result.stderr
     state = json.loads((out / "checkpoints" / "step-00000004" / "trainer_state.json").read_text())
     assert state["batches_seen"] == 4 and (out / "final" / "unet").is_dir()

@@ -52,7 +52,6 @@ class Row:
 class SourceShard:
     name: str
     rows: Callable[[Counter], Iterator[Row]]  # counts tar-level errors into the Counter it is given
-    size: int | None = None  # rows, where known before reading
 
 
 @dataclass
@@ -139,7 +138,7 @@ def open_source(data: str, split: str = "train", image_column: str = "image", ca
     ds = load_image_caption_dataset(data, split, image_column, caption_column)
     shards = [SourceShard(f"rows-{start:09d}", _dataset_rows(ds.select(range(start, min(start + rows_per_shard,
                                                                                          len(ds)))),
-                                                             image_column, start), min(rows_per_shard, len(ds) - start))
+                                                             image_column, start))
               for start in range(0, len(ds), rows_per_shard)]
     spec = {"kind": "dataset", "fingerprint": ds._fingerprint, "rows": len(ds), "rows_per_shard": rows_per_shard,
             "image_column": image_column, "caption_column": caption_column}
