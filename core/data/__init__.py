@@ -1,1 +1,2 @@
-"""Image-caption datasets: the loader and preprocessing used by training, evaluation and the cache."""
+"""Image-caption data: the loader, shard sources (tars, folders, streamed datasets), aspect-ratio buckets, the
+batch sampler and row reads used by training, evaluation and the latent cache."""
