@@ -70,7 +70,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     sample_every: int = 1000
-    num_workers: int = 0
+    num_workers: int = 0  # loader processes: training batches, and decoding images in the LDM's cache build
     max_nonfinite_steps: int = 10
 
     def validate(self) -> None:

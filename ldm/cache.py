@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from core.data.buckets import Bucketer
 from core.data.rows_file import SafetensorsRows
-from core.data.sources import DataSource, SourceShard, prepare
+from core.data.sources import DataSource, SourceShard, prepared_rows
 from core.errors import UserError
 from core.files import atomic_write
 from core.locks import FileLock
@@ -64,6 +64,7 @@ class CacheInputs:
     text_encoder: nn.Module
     dtype: str = "float16"
     batch_size: int = 64
+    workers: int = 0  # loader processes decoding images (the result is the same for any number)
 
     def key(self) -> str:
         """A hash that changes whenever the data, the buckets, the templates or a frozen stage changes."""
@@ -102,10 +103,8 @@ def encode_shard(inputs: CacheInputs, shard: SourceShard, device: torch.device) 
                                                          for c in r.captions] for r in rows]))
         out[bucket]["info"].append(torch.tensor([[r.position, *r.original_size, *r.crop_top_left] for r in rows]))
 
-    for row in shard.rows(counts):
-        prepared = prepare(row, inputs.source.caption_column, inputs.templates, inputs.bucketer, counts)
-        if prepared is None:
-            continue
+    for prepared in prepared_rows(shard, inputs.source.caption_column, inputs.templates, inputs.bucketer, counts,
+                                  inputs.workers):
         bucket = tuple(prepared.pixels.shape[1:])
         pending[bucket].append(prepared)
         if len(pending[bucket]) == inputs.batch_size:

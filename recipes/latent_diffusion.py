@@ -173,7 +173,7 @@ class LDMTrainer(Trainer):
         bucketer = Bucketer(self.resolution, self.factor * self.unet_size_multiple(), config.aspect_buckets,
                             config.bucket_max_ratio)
         inputs = CacheInputs(source, tuple(config.caption_templates), bucketer, self.vae, self.text_encoder,
-                             config.cache_dtype)
+                             config.cache_dtype, workers=config.num_workers)
         return load_or_build_cache(state, inputs, config.cache_dir or Path(config.output_dir) / "cache")
 
     def build_data(self) -> tuple[torch.utils.data.Dataset, Callable]:

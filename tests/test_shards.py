@@ -93,6 +93,29 @@ def test_bad_members_and_a_truncated_tar_are_skipped_and_counted(tmp_path):
         open_source(f"{tmp_path}/nothing-*.tar")
 
 
+def test_decoding_in_loader_workers_gives_the_same_cache(autoencoder_dir, tmp_path):
+    from accelerate import PartialState
+
+    from cli.training_args import ldm_config
+    from recipes.latent_diffusion import LDMTrainer
+
+    write_synthetic_shards(tmp_path / "s", 50, size=32, rows_per_shard=25, aspects=(1.0, 2.0), image_format="png")
+    _tar(tmp_path / "s" / "00002.tar", {"a.png": _png(), "a.txt": b"fine", "b.png": b"broken", "b.txt": b"x",
+                                        "c.png": _png(), "d.png": _png(), "d.txt": b"last"}, truncate_at=None)
+    caches = {}
+    for workers in (0, 2):
+        config = ldm_config("configs/ldm/tiny.yaml", [f"data={tmp_path}/s/*.tar", f"autoencoder={autoencoder_dir}",
+                                                      f"output_dir={tmp_path / str(workers)}", "aspect_buckets=true",
+                                                      f"num_workers={workers}"])
+        caches[workers] = LDMTrainer(config).build_cache(PartialState(cpu=True))
+    serial, parallel = caches[0], caches[2]
+    assert len(serial) == len(parallel) == 52 and serial.skipped == parallel.skipped
+    assert serial.skipped == {"undecodable image": 1, "missing or empty caption": 1}
+    for a, b in zip(sorted(serial.folder.glob("shard-*")), sorted(parallel.folder.glob("shard-*"))):
+        x, y = load_file(a), load_file(b)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 def test_shards_written_from_a_folder_read_back_as_the_same_rows(emoji_dir, tmp_path):
     result = run(["ldm", "data", "shards", "--data", str(emoji_dir), "--out", str(tmp_path / "s"),
                   "--rows-per-shard", "20"])

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import datasets
+import torch
 from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -226,3 +227,50 @@ def prepare(row: Row, caption_column: str, templates: tuple[str, ...], bucketer:
                         f"caption, article, {', '.join(row.fields)}") from err
     fitted = bucketer.fit(to_rgb(image))
     return Prepared(pil_to_tensor(fitted.image), captions, row.position, fitted.original_size, fitted.crop_top_left)
+
+
+class _WorkerRows(torch.utils.data.IterableDataset):
+    """One shard prepared by several loader workers: worker w of k decodes rows w, w + k, ... (each reads the whole
+    shard, which is cheap beside decoding) and yields (row index, Prepared or None), then (-1, its counts)."""
+
+    def __init__(self, shard: SourceShard, caption_column: str, templates: tuple[str, ...], bucketer: Bucketer):
+        self.shard, self.caption_column, self.templates, self.bucketer = shard, caption_column, templates, bucketer
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        shard_counts, row_counts = Counter(), Counter()
+        for index, row in enumerate(self.shard.rows(shard_counts)):
+            if index % workers == worker:
+                yield index, prepare(row, self.caption_column, self.templates, self.bucketer, row_counts)
+        yield -1, row_counts + (shard_counts if worker == 0 else Counter())  # shard-level problems counted once
+
+
+def _unchanged(item):
+    return item
+
+
+def prepared_rows(shard: SourceShard, caption_column: str, templates: tuple[str, ...], bucketer: Bucketer,
+                  counts: Counter, workers: int = 0) -> Iterator[Prepared]:
+    """The usable rows of `shard` in their order, decoded in this process or, with `workers` > 0, in that many
+    loader processes (put back in order here, so the result does not depend on `workers`)."""
+    if workers <= 0:
+        for row in shard.rows(counts):
+            prepared = prepare(row, caption_column, templates, bucketer, counts)
+            if prepared is not None:
+                yield prepared
+        return
+    loader = torch.utils.data.DataLoader(_WorkerRows(shard, caption_column, templates, bucketer), batch_size=None,
+                                         num_workers=workers, collate_fn=_unchanged,
+                                         generator=torch.Generator())  # leaves the global RNG untouched
+    waiting, expected = {}, 0
+    for index, item in loader:
+        if index < 0:
+            counts.update(item)
+            continue
+        waiting[index] = item
+        while expected in waiting:
+            prepared = waiting.pop(expected)
+            expected += 1
+            if prepared is not None:
+                yield prepared

@@ -115,11 +115,13 @@ def main() -> None:
     build_autoencoder("tiny", resolution=32).save_pretrained(work / "ae")
     common = ["--config", "configs/ldm/tiny.yaml", f"data={shards}/*.tar", f"autoencoder={work / 'ae'}",
               f"text_encoder={text}", f"cache_dir={work / 'cache'}"]
-    seconds, rss = run(launch + ["-m", "cli.main", "cache", *common, f"output_dir={work / 'train'}"],
-                       out / "cache.log", env)
+    workers = max(1, (os.cpu_count() or 2) - 2)  # decoding in loader processes; the GPU encodes
+    seconds, rss = run(launch + ["-m", "cli.main", "cache", *common, f"output_dir={work / 'train'}",
+                                 f"num_workers={0 if args.cpu else workers}"], out / "cache.log", env)
     disk = sum(p.stat().st_size for p in (work / "cache").rglob("*") if p.is_file())
-    lines.append(f"- `ldm cache`, 1 process: {seconds:.0f} s = {args.images / seconds:,.0f} img/s (decoding in the "
-                 f"process, encoding on the {'CPU' if args.cpu else 'GPU'}); peak RSS {rss:.0f} MB; "
+    lines.append(f"- `ldm cache`, 1 process: {seconds:.0f} s = {args.images / seconds:,.0f} img/s (decoding in "
+                 f"{'the process' if args.cpu else f'{workers} loader workers'}, encoding on the "
+                 f"{'CPU' if args.cpu else 'GPU'}); peak RSS of the largest process {rss:.0f} MB; "
                  f"{disk / args.images / 1e3:.1f} KB per image on disk")
     seconds, rss = run(launch + ["train_ldm.py", *common, f"output_dir={work / 'train'}", "resume=never",
                                  f"batch_size={args.train_batch}", f"max_minutes={args.train_minutes}",
