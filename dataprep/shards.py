@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 from pathlib import Path
 
 from PIL import Image
@@ -21,9 +20,6 @@ from webdataset import ShardWriter
 from core.data.dataset import load_image_caption_dataset
 from core.errors import UserError
 from core.files import atomic_folder, check_not_nested
-
-logger = logging.getLogger(__name__)
-
 
 def _image_member(value) -> tuple[str, bytes]:
     """(extension, bytes) of one image value as `datasets` gives it undecoded (path and/or bytes) or a PIL image."""

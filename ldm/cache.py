@@ -147,19 +147,19 @@ class CachedLatents(torch.utils.data.Dataset):
         groups = sorted({name.split(".")[0] for f in self.files for name in f.tensors if name.endswith(".info")},
                         key=lambda g: tuple(int(x) for x in g[1:].split("w")))
         self.buckets = [tuple(int(x) for x in g[1:].split("w")) for g in groups]  # pixel (height, width)
-        shard_of, group_of, row_of = [], [], []
         self.skipped: Counter = Counter()
+        runs = []  # (shard, bucket, images) of every bucket group in every shard, in order
         for s, f in enumerate(self.files):
             self.skipped.update(json.loads(f.metadata.get("skipped", "{}")))
-            for g, name in enumerate(groups):
-                n = f.shape(f"{name}.info")[0] if f"{name}.info" in f else 0
-                shard_of += [s] * n
-                group_of += [g] * n
-                row_of += range(n)
+            runs += [(s, g, f.shape(f"{name}.info")[0]) for g, name in enumerate(groups) if f"{name}.info" in f]
         self.groups = groups
         # three int32 per image: 12 bytes (1.2 MB per 100,000 images) is all that grows with the data
-        self.shard_of, self.bucket_of, self.row_of = (torch.tensor(x, dtype=torch.int32)
-                                                      for x in (shard_of, group_of, row_of))
+        shard_ids, bucket_ids, sizes = (torch.tensor([r[i] for r in runs], dtype=torch.int64).reshape(-1)
+                                        for i in range(3))
+        self.shard_of = torch.repeat_interleave(shard_ids, sizes).to(torch.int32)
+        self.bucket_of = torch.repeat_interleave(bucket_ids, sizes).to(torch.int32)
+        self.row_of = (torch.cat([torch.arange(n, dtype=torch.int32) for n in sizes.tolist()]) if runs
+                       else torch.zeros(0, dtype=torch.int32))
 
     def __len__(self) -> int:
         return len(self.row_of)

@@ -212,7 +212,7 @@ class LDMTrainer(Trainer):
         """init_from's U-Net in float32, checked against this run's latents, text encoder and variance setting."""
         init = Path(self.config.init_from)
         unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32, use_safetensors=True)
-        latent_size = self.resolution // downsampling_factor(self.vae)
+        latent_size = self.resolution // self.factor
         if unet.config.sample_size != latent_size:
             raise UserError(f"init_from's U-Net was trained on {unet.config.sample_size}x{unet.config.sample_size} "
                             f"latents; resolution {self.resolution} gives {latent_size}x{latent_size}")
@@ -230,7 +230,7 @@ class LDMTrainer(Trainer):
         if config.init_from:
             unet = self.load_init_unet()
         else:
-            unet = build_unet(config.unet_preset, self.resolution // downsampling_factor(self.vae),
+            unet = build_unet(config.unet_preset, self.resolution // self.factor,
                               self.vae.config.latent_channels, self.text_encoder.hidden_size, config.learned_variance)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
