@@ -53,18 +53,27 @@ def load_image_caption_dataset(data: str, split: str = "train", image_column: st
                         "Without network only local folders and datasets already in the cache load.") from err
     finally:
         datasets.enable_progress_bars()
-    if split not in loaded:
-        raise UserError(f"dataset {data} has no split '{split}'; it has {', '.join(loaded)}")
-    ds = loaded[split]
-    for column, key in ((image_column, "image_column"), (caption_column, "caption_column")):
-        if column not in ds.column_names:
-            raise UserError(f"dataset {data} has no column '{column}' (set {key}=...); its columns: "
-                            f"{', '.join(ds.column_names)}")
+    ds = split_with_columns(loaded, data, split, image_column, caption_column)
     if len(ds) == 0:
         raise UserError(f"split '{split}' of dataset {data} is empty")
     captions = ds[caption_column]
     if all(not isinstance(c, str) or not c.strip() for c in captions):
         raise UserError(f"caption column '{caption_column}' of {data} is empty: every row needs a text caption")
+    return ds
+
+
+def split_with_columns(loaded, data: str, split: str, image_column: str, caption_column: str):
+    """`loaded[split]` (a loaded or streamed dataset) checked for both columns, with images left undecoded (decoded
+    by us, so that one bad file is skipped and counted). A stream whose columns are unknown is not checked."""
+    if split not in loaded:
+        raise UserError(f"dataset {data} has no split '{split}'; it has {', '.join(loaded)}")
+    ds = loaded[split]
+    if ds.column_names is None:
+        return ds
+    for column, key in ((image_column, "image_column"), (caption_column, "caption_column")):
+        if column not in ds.column_names:
+            raise UserError(f"dataset {data} has no column '{column}' (set {key}=...); its columns: "
+                            f"{', '.join(ds.column_names)}")
     if isinstance(ds.features[image_column], datasets.Image):
         ds = ds.cast_column(image_column, datasets.Image(decode=False))
     return ds

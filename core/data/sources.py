@@ -30,7 +30,8 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from core.data.buckets import Bucketer
 from core.data.tar_patterns import expand_tar_pattern, is_tar_pattern
-from core.data.dataset import format_captions, load_image_caption_dataset, pil_to_tensor, to_rgb
+from core.data.dataset import (format_captions, load_image_caption_dataset, pil_to_tensor, split_with_columns,
+                               to_rgb)
 from core.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -165,15 +166,7 @@ def _streaming_source(data: str, split: str, image_column: str, caption_column: 
             loaded = datasets.load_dataset(str(path) if path.exists() else data, streaming=True)
     except Exception as err:  # as in load_image_caption_dataset: every "cannot load" means the same to a user
         raise UserError(f"cannot stream dataset '{data}': {type(err).__name__}: {str(err).splitlines()[0][:300]}")
-    if split not in loaded:
-        raise UserError(f"dataset {data} has no split '{split}'; it has {', '.join(loaded)}")
-    ds = loaded[split]
-    if ds.features is not None:
-        for column in (image_column, caption_column):
-            if column not in ds.features:
-                raise UserError(f"dataset {data} has no column '{column}'; its columns: {', '.join(ds.features)}")
-        if isinstance(ds.features[image_column], datasets.Image):
-            ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    ds = split_with_columns(loaded, data, split, image_column, caption_column)
     n = ds.num_shards
     identity = _files_signature(path) if path.exists() else data  # a remote name: its files cannot be listed here
     shards = [SourceShard(f"stream-{i:05d}", _dataset_rows(ds.shard(num_shards=n, index=i), image_column))
