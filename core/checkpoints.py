@@ -52,14 +52,16 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     output_dir = Path(output_dir)
     existing = list_checkpoints(output_dir)
     if resume in (None, "", "never", "none"):
-        if output_dir.is_dir() and any(p.name != LOCK_NAME for p in output_dir.iterdir()):
+        if output_dir.is_dir() and any(not _is_lock(p.name) for p in output_dir.iterdir()):
             raise UserError(f"output_dir {output_dir} is not empty; pass resume=auto to continue the run in it, "
                             "or choose a new output_dir")
         return None
     if resume == "auto":
         if existing:
             return existing[-1]
-        if output_dir.is_dir() and any(p.name not in REGENERATED for p in output_dir.iterdir()):
+        leftovers = [p for p in output_dir.iterdir() if p.name not in REGENERATED and not _is_lock(p.name)] \
+            if output_dir.is_dir() else []
+        if leftovers:
             raise UserError(f"output_dir {output_dir} holds files but no complete checkpoint to resume from; "
                             "choose a new output_dir or delete it")
         return None
@@ -67,6 +69,11 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     if not (path / "trainer_state.json").is_file():
         raise UserError(f"resume={resume} is not a complete checkpoint folder (no trainer_state.json)")
     return path
+
+
+def _is_lock(name: str) -> bool:
+    """The lock file, or a lock record a killed process left before linking it into place (core/locks.py)."""
+    return name == LOCK_NAME or name.startswith(LOCK_NAME + ".")
 
 
 def lock_output_dir(accelerator: Accelerator, output_dir: str | Path) -> FileLock:

@@ -1,6 +1,8 @@
 """Lock files that keep two processes from writing the same place: a run's output_dir, a shared cache entry.
 
-A lock is a file created with O_EXCL holding its holder's host, pid and process start time. A lock whose holder is
+A lock is a file holding its holder's host, pid and process start time, written to a private file first and then
+hard-linked into place, so it never exists half-written (a process killed between an O_EXCL create and its write
+left an empty lock nobody could judge, and the next run waited on it forever). A lock whose holder is
 gone (same host, no such process, or another process under a reused pid) is stale and taken over; a lock held from
 another host cannot be checked, so the message says which file to delete if that run is over. Written by hand
 because the field's lock libraries (filelock) leave stale-lock detection to the caller.
@@ -18,6 +20,8 @@ from pathlib import Path
 from core.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+HALF_WRITTEN_AFTER_S = 30.0  # an empty lock file this old was left by a writer killed between create and write
 
 
 def _start_time(pid: int) -> str | None:
@@ -58,6 +62,12 @@ class FileLock:
         except (OSError, ValueError):
             return {}
 
+    def _age(self) -> float:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
     def acquire(self) -> None:
         deadline = time.monotonic() + self.wait
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,11 +75,15 @@ class FileLock:
         waited = False
         while True:
             try:
-                handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self._create(me)
             except FileExistsError:
                 holder = self.holder()
                 if holder == me:  # this process took it and did not let go (e.g. a notebook cell run again)
                     logger.warning("%s: this process already holds %s; taking it again", self.what, self.path)
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if not holder and self._age() > HALF_WRITTEN_AFTER_S:  # a filesystem without links, writer killed
+                    logger.warning("taking over the empty lock %s (its writer died before writing it)", self.path)
                     self.path.unlink(missing_ok=True)
                     continue
                 if holder and not _alive(holder):
@@ -87,10 +101,23 @@ class FileLock:
                 raise UserError(f"{self.what} is in use by process {holder.get('pid', '?')} on "
                                 f"{holder.get('host', '?')} (lock file {self.path}); wait for it to finish, or "
                                 "delete that file if no such run is active") from None
-            with os.fdopen(handle, "w") as f:
-                json.dump(me, f)
             self.held = True
             return
+
+    def _create(self, me: dict) -> None:
+        """Create the lock file with `me` inside, all at once; FileExistsError when another holds it."""
+        private = self.path.with_name(f"{self.path.name}.{me['pid']}.{time.monotonic_ns()}")
+        private.write_text(json.dumps(me))
+        try:
+            os.link(private, self.path)  # atomic and exclusive: fails with FileExistsError when taken
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: exclusive create, then write
+            handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(handle, "w") as f:
+                json.dump(me, f)
+        finally:
+            private.unlink(missing_ok=True)
 
     def release(self) -> None:
         if self.held:
