@@ -117,11 +117,21 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
                 height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler)
 
 
+def _lora_kwargs(args: argparse.Namespace) -> dict:
+    """--lora / --lora-scale / --force as Pipeline's keyword arguments."""
+    scales = args.lora_scale or [1.0]
+    if args.lora_scale and not args.lora:
+        raise UserError("--lora-scale needs an adapter: add --lora DIR")
+    return {"lora": args.lora, "lora_scale": scales[0] if len(scales) == 1 else scales, "lora_force": args.force}
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from pipelines import Pipeline
 
     out = _output_path(args)
-    pipe = Pipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle)
+    pipe = Pipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle, **_lora_kwargs(args))
+    if args.fuse and pipe.adapters:
+        pipe.fuse_lora()
     _raise_limits(pipe, args)
     classifier = {} if args.classifier is None else {"classifier": args.classifier, "class_label": args.class_label,
                                                      "classifier_scale": args.classifier_scale}
@@ -134,7 +144,9 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
 
     out = _output_path(args)
     image, mask = open_image(args.image, "--image"), open_image(args.mask, "--mask")
-    pipe = InpaintPipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle)
+    pipe = InpaintPipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle, **_lora_kwargs(args))
+    if args.fuse and pipe.adapters:
+        pipe.fuse_lora()
     _raise_limits(pipe, args)
     _write_images(pipe.generate(image=image, mask_image=mask, strength=args.strength, method=args.method,
                                 repaint_jump_length=args.repaint_jump_length,

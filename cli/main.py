@@ -1,6 +1,6 @@
 """The `ldm` command:
 
-  ldm generate PROMPT              text-to-image with a trained model (default: the embedded one)
+  ldm generate PROMPT [--lora DIR] text-to-image with a trained model (default: the embedded one), LoRA adapters
   ldm inpaint PROMPT --image --mask  fill the white part of a mask (default: the embedded inpainting model)
   ldm serve                        the web page (Gradio) over both
   ldm export --model --out         a slim model folder (fp16, the embedded default's layout)
@@ -223,6 +223,13 @@ def _add_sampling_args(parser: argparse.ArgumentParser, model_help: str) -> None
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickled (.bin) weights")
+    parser.add_argument("--lora", action="append", default=None, metavar="DIR",
+                        help="a LoRA adapter folder (pytorch_lora_weights.safetensors); repeat for several")
+    parser.add_argument("--lora-scale", action="append", type=float, default=None, metavar="S",
+                        help="the adapter's scale (default 1); one for all, or one per --lora in order")
+    parser.add_argument("--force", action="store_true",
+                        help="apply adapters recorded as trained on another base model")
+    parser.add_argument("--fuse", action="store_true", help="merge the adapters into the U-Net before sampling")
     parser.add_argument("--max-images", type=int, default=None,
                         help="raise the limit on images per call (default: Pipeline's, 64)")
     parser.add_argument("--max-megapixels", type=float, default=None,

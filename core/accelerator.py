@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from datetime import timedelta
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -14,12 +15,15 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from core.errors import UserError
 
 
-def make_accelerator(output_dir: str, gradient_accumulation_steps: int = 1,
-                     ddp_timeout_minutes: int = 10) -> Accelerator:
-    """Accelerator with TensorBoard logs in `output_dir/logs`, a seeded resumable shuffling sampler, and a
-    collective timeout so that the other ranks fail (instead of waiting forever) when one rank dies."""
+def make_accelerator(output_dir: str, gradient_accumulation_steps: int = 1, ddp_timeout_minutes: int = 10,
+                     log_with: list[str] | None = None) -> Accelerator:
+    """Accelerator with its trackers' logs in `output_dir/logs` (TensorBoard by default; wandb offline unless
+    WANDB_MODE is set), a seeded resumable shuffling sampler, and a collective timeout so that the other ranks fail
+    (instead of waiting forever) when one rank dies."""
+    os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user asks for it
+    os.environ.setdefault("WANDB_DIR", str(Path(output_dir) / "logs"))
     return Accelerator(
-        log_with="tensorboard",
+        log_with=log_with or ["tensorboard"],
         project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=str(Path(output_dir) / "logs")),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         gradient_accumulation_steps=gradient_accumulation_steps,

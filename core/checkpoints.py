@@ -27,7 +27,7 @@ from core.locks import FileLock
 
 CHECKPOINT_PREFIX = "step-"
 LOCK_NAME = ".lock"  # the running process's lock file in its output_dir (core/locks.py)
-REGENERATED = {"logs", "cache", "samples", LOCK_NAME}  # what a fresh start may find in an output_dir
+REGENERATED = {"logs", "cache", "samples", "best", LOCK_NAME}  # what a fresh start may find in an output_dir
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -89,6 +89,39 @@ def lock_output_dir(accelerator: Accelerator, output_dir: str | Path) -> FileLoc
     if not all_ranks_true(accelerator, error is None):
         raise error or UserError(f"output_dir {output_dir} is in use by another run (see the main process's message)")
     return lock
+
+
+def save_trained_weights_only(accelerator: Accelerator) -> None:
+    """Make Accelerate's checkpoints hold only the trained (`requires_grad`) weights of each prepared model, e.g. a
+    LoRA adapter without its frozen base, and load them back strictly by name (every trained weight, nothing else).
+    Through Accelerate's save/load hooks, as diffusers' LoRA scripts do; the base comes from the config on resume."""
+    from safetensors.torch import load_file
+
+    def kept(model: torch.nn.Module) -> set[str] | None:
+        """The names a checkpoint keeps: trained parameters and buffers, or None (all) without frozen weights."""
+        params = dict(model.named_parameters())
+        if all(p.requires_grad for p in params.values()):
+            return None
+        return {n for n, p in params.items() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for i, model in enumerate(models):
+            keep = kept(model)
+            if keep is not None:
+                weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+    def load_hook(models: list, input_dir: str) -> None:
+        for i, model in enumerate(models):  # all of them here: Accelerate finds a model's file by its index
+            file = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
+            state, keep = load_file(file), kept(model)
+            if keep is not None and set(state) != keep:
+                raise UserError(f"{file} holds other trained weights than this run trains ({len(state)} vs "
+                                f"{len(keep)} tensors): resume with the settings it was written with")
+            model.load_state_dict(state, strict=keep is None)
+        models.clear()  # loaded here: Accelerate's strict load of each whole model is skipped
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, config: Any, states: dict,

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,7 +28,8 @@ from tqdm.auto import tqdm
 
 from core.accelerator import (all_ranks_true, assert_replicas_in_sync, endless_batches, make_accelerator,
                               setup_logging, step_is_finite)
-from core.checkpoints import load_checkpoint, lock_output_dir, resolve_resume, save_checkpoint
+from core.checkpoints import (load_checkpoint, lock_output_dir, resolve_resume, save_checkpoint,
+                              save_trained_weights_only)
 from core.config import save_config
 from core.data.dataset import SkippingCollate, check_data_path
 from core.errors import UserError
@@ -72,6 +75,16 @@ class TrainConfig:
     sample_every: int = 1000
     num_workers: int = 0  # loader processes: training batches, and decoding images in the LDM's cache build
     max_nonfinite_steps: int = 10
+    # the validation loss (docs/training.md#validation-loss): the EMA weights on held-out images with noise and
+    # timesteps fixed per image, so it is comparable across steps and runs; logged as val/loss
+    validation_split: str = "validation"  # the data's held-out split, used when the data has one
+    validation_fraction: float = 0.0  # without such a split: this share of the training images held out (seeded)
+    validation_every: Optional[int] = None  # steps; default checkpoint_every (and once before the first step)
+    validation_max_images: int = 256  # evaluated held-out images at most (an evenly spaced, fixed subset)
+    keep_best: bool = False  # also export the weights of the lowest validation loss as output_dir/best
+    # Accelerate trackers, several allowed: tensorboard, wandb, mlflow, ... (wandb runs offline unless WANDB_MODE
+    # says otherwise; mlflow writes under output_dir/logs unless MLFLOW_TRACKING_URI is set)
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def validate(self) -> None:
         """Checks that need no file or model: run before anything is loaded."""
@@ -90,6 +103,31 @@ class TrainConfig:
             raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise UserError(f"max_minutes must be positive (or null for no limit), got {self.max_minutes}")
+        if not 0 <= self.validation_fraction < 1:
+            raise UserError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        for key in ("validation_every", "validation_max_images"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
+        check_trackers(self.log_with)
+
+
+def check_trackers(names: list[str]) -> None:
+    """Every `log_with` name is one of Accelerate's trackers and installed here."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    if not isinstance(names, list) or not names:
+        raise UserError(f"log_with must be a list of trackers, e.g. [tensorboard], got {names!r}")
+    installed = {str(t) for t in get_available_trackers()}
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise UserError(f"unknown tracker '{name}' in log_with; valid: {', '.join(LOGGER_TYPE_TO_CLASS)}")
+        if name not in installed:
+            raise UserError(f"log_with={name} needs its package, which is not installed: pip install {name}")
+
+
+def trained_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimiser and the EMA see (all of them, or e.g. only a LoRA adapter's)."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 class NonFiniteGuard:
@@ -136,7 +174,8 @@ class Trainer:
         return loader, True
 
     def build_model(self) -> nn.Module:
-        """The module to train (DDP wraps it; its `requires_grad` parameters go to the optimiser, all to the EMA)."""
+        """The module to train (DDP wraps it). Its `requires_grad` parameters go to the optimiser, the EMA and the
+        checkpoints; frozen ones (a LoRA's base) stay out of all three."""
         raise NotImplementedError
 
     def build_extras(self) -> None:
@@ -157,11 +196,20 @@ class Trainer:
         """Write the inference export into `folder` (config.yaml is added by `export`)."""
         raise NotImplementedError
 
+    def build_validation(self) -> list[dict]:
+        """Held-out batches, fixed for the run and small (built once, kept on the device); [] = no validation."""
+        return []
+
+    def validation_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """Per-image losses of `model` on one held-out batch. Random draws (noise, masks) come from torch's RNG,
+        seeded per batch by `validate`, so they are the same at every step and in every run."""
+        raise NotImplementedError
+
     # ---- the loop ----------------------------------------------------------------------------------------------
     def setup(self) -> None:
         config = self.config
         self.accelerator = make_accelerator(config.output_dir, config.gradient_accumulation_steps,
-                                            config.ddp_timeout_minutes)
+                                            config.ddp_timeout_minutes, config.log_with)
         setup_logging(self.accelerator)
         self.run_lock = lock_output_dir(self.accelerator, config.output_dir)
         resume_from = resolve_resume(config.output_dir, config.resume)
@@ -170,7 +218,7 @@ class Trainer:
 
         set_seed(config.seed)  # the same initial weights on every rank, whatever ran before
         model = self.build_model()
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        trainable = trained_parameters(model)
         logger.info("%s: %.2fM parameters, %.2fM trained", type(model).__name__,
                     sum(p.numel() for p in model.parameters()) / 1e6, sum(p.numel() for p in trainable) / 1e6)
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
@@ -184,23 +232,30 @@ class Trainer:
             (self.model, self.optimizer), self.loader = self.accelerator.prepare(model, optimizer), loader
         self.build_extras()
         self.ema = None
+        if len(trainable) < len(list(model.parameters())):  # e.g. LoRA: checkpoints hold the adapter alone
+            save_trained_weights_only(self.accelerator)
         if config.use_ema:  # EMA of every rank starts from the same (prepared, rank-0-broadcast) weights
-            self.ema = EMAModel(model.parameters(), decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
+            self.ema = EMAModel(trainable, decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
             self.ema.to(self.accelerator.device)
         set_seed(config.seed, device_specific=True)  # each rank draws its own noise, timesteps and dropout
 
+        self.validation_batches = self.build_validation()
         self.step, self.batches_seen, self.skipped_images = 0, 0, 0
+        self.best_validation_loss = math.inf
         self.guard = NonFiniteGuard(config.max_nonfinite_steps)
         if resume_from is not None:
             state = load_checkpoint(self.accelerator, resume_from, self.checkpointed_states())
             self.step, self.batches_seen = state["step"], state["batches_seen"]
             self.guard.total = state.get("nonfinite_steps", 0)
             self.skipped_images = state.get("skipped_images", 0)
+            self.best_validation_loss = state.get("best_validation_loss", math.inf)
             if self.ema is not None:  # its state loads onto the CPU
                 self.ema.to(self.accelerator.device)
             logger.info("resumed from %s at step %d", resume_from, self.step)
         self.accelerator.init_trackers(self.name, config={k: v for k, v in dataclasses.asdict(config).items()
                                                           if isinstance(v, (int, float, str, bool))})
+        if self.step == 0:
+            self.validate()  # where the run starts from: the base's loss for a fine-tune
 
     def train_step(self, batch: dict) -> dict[str, torch.Tensor] | None:
         """Forward + backward on one batch; at the end of an accumulation cycle, one optimiser step.
@@ -222,7 +277,7 @@ class Trainer:
         if not stepped:
             return None
         if self.ema is not None:
-            self.ema.step(self.model.parameters())
+            self.ema.step(trained_parameters(self.model))
         self.after_optimizer_step(batch, losses)
         return losses
 
@@ -263,6 +318,8 @@ class Trainer:
             out_of_time = deadline is not None and not all_ranks_true(self.accelerator,
                                                                       time.perf_counter() < deadline)
             last = self.step == config.max_steps or out_of_time
+            if self.step % (config.validation_every or config.checkpoint_every) == 0 or last:
+                self.validate()
             if self.step % config.sample_every == 0 or last:
                 self.save_samples()
             if self.step % config.checkpoint_every == 0 or last:
@@ -277,7 +334,7 @@ class Trainer:
         """An eval-mode copy of the trained module with the EMA weights (or the raw weights without EMA)."""
         model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
         if self.ema is not None:
-            self.ema.copy_to(model.parameters())
+            self.ema.copy_to(trained_parameters(model))
         return model
 
     @torch.no_grad()
@@ -289,8 +346,33 @@ class Trainer:
         folder = Path(self.config.output_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         grid.save(folder / f"step-{self.step:08d}.png")
-        tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
-        tracker.add_image(tag, pil_to_uint8_array(grid), self.step, dataformats="HWC")
+        if "tensorboard" in self.config.log_with:
+            tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            tracker.add_image(tag, pil_to_uint8_array(grid), self.step, dataformats="HWC")
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """The mean validation loss of the EMA weights, logged as val/loss; batches are dealt to ranks and summed.
+        With keep_best, a new lowest loss exports these weights as output_dir/best."""
+        if not self.validation_batches:
+            return None
+        model, rank, world = self.inference_model(), self.accelerator.process_index, self.accelerator.num_processes
+        total = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        for b in range(rank, len(self.validation_batches), world):
+            with torch.random.fork_rng(devices=devices):  # the training RNG stream is left as it was
+                torch.manual_seed(self.config.seed * 1_000_003 + b)
+                losses = self.validation_loss(model, self.validation_batches[b])
+            total += torch.stack([losses.double().sum(), torch.tensor(float(len(losses)), dtype=torch.float64,
+                                                                      device=total.device)])
+        total = self.accelerator.reduce(total, reduction="sum")
+        loss = (total[0] / total[1]).item()
+        self.accelerator.log({"val/loss": loss}, step=self.step)
+        logger.info("step %d: validation loss %.5f over %d images", self.step, loss, int(total[1].item()))
+        if self.config.keep_best and loss < self.best_validation_loss:
+            self.export("best", {"step": self.step, "validation_loss": loss})
+        self.best_validation_loss = min(self.best_validation_loss, loss)
+        return loss
 
     def checkpointed_states(self) -> dict:
         """What the checkpoint holds beside Accelerate's state, by file name: the LR schedule and the EMA (saved and
@@ -301,13 +383,15 @@ class Trainer:
         path = save_checkpoint(self.accelerator, self.config.output_dir, self.step, self.config,
                                self.checkpointed_states(),
                                {"batches_seen": self.batches_seen, "skipped_images": self.skipped_images,
-                                "nonfinite_steps": self.guard.total}, self.config.keep_checkpoints)
+                                "nonfinite_steps": self.guard.total,
+                                "best_validation_loss": self.best_validation_loss}, self.config.keep_checkpoints)
         logger.info("saved checkpoint %s", path)
 
     @torch.no_grad()
-    def export(self) -> Path:
-        """`output_dir/final`, written atomically from the EMA weights after checking every rank holds the same."""
-        final = Path(self.config.output_dir) / "final"
+    def export(self, name: str = "final", record: dict | None = None) -> Path:
+        """`output_dir/NAME` (final, or best), written atomically from the EMA weights after checking every rank
+        holds the same; `record` is written beside them as validation.json."""
+        final = Path(self.config.output_dir) / name
         assert_replicas_in_sync(self.accelerator, self.model.parameters(), "model weights")
         if self.ema is not None:
             assert_replicas_in_sync(self.accelerator, self.ema.shadow_params, "EMA weights")
@@ -317,6 +401,8 @@ class Trainer:
                                what="training export") as tmp:
                 self.write_export(tmp)
                 save_config(self.config, tmp / "config.yaml")
+                if record is not None:
+                    (tmp / "validation.json").write_text(json.dumps(record, indent=2) + "\n")
             logger.info("exported to %s", final)
         self.accelerator.wait_for_everyone()
         return final

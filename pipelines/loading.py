@@ -70,6 +70,14 @@ def resolve_model_path(model: str | Path | None, inpainting: bool = False) -> Pa
                     "path of a local model folder")
 
 
+def base_model_name(path: Path) -> str:
+    """How a model folder is named in messages and adapter records: `default` for the embedded ones, else its path."""
+    for name, folder in (("default", DEFAULT_MODEL_DIR), ("default inpainting", DEFAULT_INPAINT_MODEL_DIR)):
+        if Path(path).resolve() == folder.resolve():
+            return name
+    return str(path)
+
+
 def check_model_folder(path: Path, allow_pickle: bool = False) -> None:
     """Name the first missing file or malformed index, refuse pickled weights unless allowed, and check the recorded
     checksums."""

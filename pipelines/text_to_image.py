@@ -7,6 +7,7 @@ the same model folder, seed, scheduler, steps and guidance both give the same im
 from __future__ import annotations
 
 import inspect
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +27,7 @@ from ldm.text_encoders import load_text_encoder
 from pipelines.arguments import MAX_SEED, Limits, real, text_list, whole
 from pipelines.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
 from pipelines.guidance import ClassifierFreeGuidance, ClassifierGuidance
-from pipelines.loading import check_model_folder, resolve_model_path, text_encoder_spec
+from pipelines.loading import base_model_name, check_model_folder, resolve_model_path, text_encoder_spec
 from pipelines.schedulers import load_scheduler, make_scheduler, uses_learned_variance
 
 OUTPUT_TYPES = ("pil", "numpy", "torch", "latent")
@@ -37,20 +38,25 @@ class Pipeline:
 
     `Pipeline("a cat")` loads the embedded default model; `Pipeline(prompt, model=PATH)` a local model folder;
     `Pipeline(vae=..., text_encoder=..., unet=..., scheduler=...)` wraps components already in memory.
+    `lora=DIR` (or a list) adds LoRA adapters at `lora_scale` (one number, or one per adapter); see `load_lora`.
     """
 
     inpainting_default = False  # which embedded default `model=None` loads
 
     def __init__(self, prompt: str | list[str] | None = None, model: str | Path | None = None, *,
                  vae: AutoencoderKL | None = None, text_encoder=None, unet: UNet2DConditionModel | None = None,
-                 scheduler: SchedulerMixin | None = None, allow_pickle: bool = False) -> None:
+                 scheduler: SchedulerMixin | None = None, allow_pickle: bool = False,
+                 lora: str | Path | list[str | Path] | None = None, lora_scale: float | list[float] = 1.0,
+                 lora_force: bool = False) -> None:
         self.prompt = prompt
+        self.model_name = "the given components"
         given = [c is not None for c in (vae, text_encoder, unet, scheduler)]
         if any(given) and not all(given):
             raise UserError("pass all four components (vae, text_encoder, unet, scheduler) or none")
         if not any(given):
             path = resolve_model_path(model, inpainting=self.inpainting_default)
             check_model_folder(path, allow_pickle)
+            self.model_name = base_model_name(path)
             use_safetensors = None if allow_pickle else True
             try:  # fp32 whatever the files hold (the embedded default is stored in fp16); `.to(dtype=...)` to change
                 vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=use_safetensors,
@@ -69,6 +75,15 @@ class Pipeline:
         self._empty_embedding: torch.Tensor | None = None
         self._unet_forward = self.unet  # replaced by a compiled forward after `compile()`; self.unet stays plain
         self.limits = Limits()  # what one call may ask for; raise on purpose
+        self.adapters: dict[str, float] = {}  # loaded LoRA adapters and their scales
+        self._base_fingerprint: str | None = None
+        folders = [] if lora is None else [lora] if isinstance(lora, (str, Path)) else list(lora)
+        scales = lora_scale if isinstance(lora_scale, (list, tuple)) else [lora_scale] * len(folders)
+        if len(scales) != len(folders):
+            raise UserError(f"lora_scale has {len(scales)} values for {len(folders)} adapters: give one per adapter "
+                            "(or one number for all)")
+        for folder, scale in zip(folders, scales):
+            self.load_lora(folder, scale, force=lora_force)
 
     def check_unet(self) -> None:
         """Text-to-image needs a U-Net whose input is the latent alone."""
@@ -87,6 +102,44 @@ class Pipeline:
     def predicts_variance(self) -> bool:
         """A learned-variance U-Net (improved DDPM): the prediction channels, then the variance interpolation."""
         return self.unet.config.out_channels == 2 * self.vae.config.latent_channels
+
+    def load_lora(self, folder: str | Path, scale: float = 1.0, name: str | None = None,
+                  force: bool = False) -> str:
+        """Add a LoRA adapter (this project's export, or any diffusers-format `pytorch_lora_weights.safetensors`)
+        at `scale`, beside those already loaded; returns its name. An adapter recorded as trained on another base
+        model is refused unless `force`."""
+        from ldm.lora import base_fingerprint, check_base, load_adapter, read_adapter_info
+
+        scale = real("lora_scale", scale, -math.inf)
+        info = read_adapter_info(Path(folder))
+        name = name or f"adapter_{len(self.adapters)}"
+        if name in self.adapters:
+            raise UserError(f"an adapter named '{name}' is already loaded; pick another name")
+        if self._base_fingerprint is None:  # of the base, before any adapter changes what the U-Net computes
+            self._base_fingerprint = base_fingerprint(self.unet)
+        check_base(info, self.unet, self._base_fingerprint, self.model_name, force)
+        load_adapter(self.unet, info["folder"], name)
+        self.adapters[name] = scale
+        self.unet.set_adapters(list(self.adapters), list(self.adapters.values()))
+        self.unet.eval().requires_grad_(False)
+        return name
+
+    def set_lora_scale(self, scales: dict[str, float] | float) -> None:
+        """New scales for loaded adapters: one number for all, or {name: scale}."""
+        scales = {n: scales for n in self.adapters} if not isinstance(scales, dict) else scales
+        unknown = set(scales) - set(self.adapters)
+        if unknown:
+            raise UserError(f"no loaded adapter named {sorted(unknown)}; loaded: {sorted(self.adapters) or 'none'}")
+        self.adapters.update({n: real("lora_scale", v, -math.inf) for n, v in scales.items()})
+        self.unet.set_adapters(list(self.adapters), list(self.adapters.values()))
+
+    def fuse_lora(self) -> "Pipeline":
+        """Merge the loaded adapters at their scales into the U-Net's weights (diffusers' fuse_lora): sampling then
+        costs what the base costs. Scales cannot change afterwards."""
+        if not self.adapters:
+            raise UserError("no LoRA adapter is loaded: nothing to fuse")
+        self.unet.fuse_lora(lora_scale=1.0, adapter_names=list(self.adapters))
+        return self
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, allow_pickle: bool = False) -> "Pipeline":

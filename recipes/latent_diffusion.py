@@ -30,11 +30,13 @@ from core.trainer import TrainConfig, Trainer
 from ldm.cache import DTYPES, CacheInputs, CachedLatents, load_or_build_cache
 from ldm.diffusion import (BETA_SCHEDULES, NoiseSchedule, diffusion_loss, sample_noise, sample_timesteps,
                            vlb_term)
+from ldm.lora import DEFAULT_TARGETS, add_lora, base_fingerprint, check_lora_settings, write_adapter
 from ldm.text_encoders import DEFAULT_TEXT_ENCODER, load_text_encoder
 from ldm.unet import PRESETS, build_unet, enable_xformers, size_multiple
 from pipelines import Pipeline
 from pipelines.defaults import DEFAULT_SCHEDULER
-from pipelines.loading import check_model_folder, read_model_index, resolve_model_path, write_model_folder
+from pipelines.loading import (base_model_name, check_model_folder, read_model_index, resolve_model_path,
+                               write_model_folder)
 from pipelines.schedulers import SCHEDULERS
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,14 @@ class LDMTrainConfig(TrainConfig):
     # start the U-Net from a text-to-image model's weights (train_ldm.py's final/ or an `ldm export` folder; its
     # optimiser state is not kept): a fine-tune on new data, or a run continued elsewhere. unet_preset is then unused
     init_from: str = ""
+    # LoRA (ldm/lora.py, docs/adapters.md): train a low-rank adapter on init_from's frozen U-Net instead of every
+    # weight; checkpoints hold the adapter, final/ is diffusers' pytorch_lora_weights.safetensors + adapter.json
+    lora: bool = False
+    lora_rank: int = 4
+    lora_alpha: Optional[float] = None  # default: lora_rank (scale 1)
+    # module names (or their last parts); attention projections by default, add e.g. conv1, conv2 for convolutions
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    lora_dropout: float = 0.0
     inpainting: bool = False  # true: the inpainting fine-tune (recipes/inpainting.py; train_ldm.py dispatches on it)
     autoencoder: str = ""  # output_dir (or final/) of train_autoencoder.py, or any diffusers AutoencoderKL folder;
     # default with init_from: its vae/
@@ -83,6 +93,7 @@ class LDMTrainConfig(TrainConfig):
     # of the autoencoder factor x the U-Net's downsampling) and only the remainder cropped; false = centre square
     aspect_buckets: bool = False
     bucket_max_ratio: float = 2.0  # longest / shortest side of the most elongated bucket
+    validation_timesteps: int = 8  # the validation loss averages L_simple over this fixed grid of timesteps
     sample_prompts: list[str] = field(default_factory=lambda: ["a cat", "red apple", "rocket", "smiling face"])
     sample_num_inference_steps: int = 25
     sample_guidance_scale: float = 4.0
@@ -110,7 +121,7 @@ class LDMTrainConfig(TrainConfig):
         super().validate()
         if not self.autoencoder:
             raise UserError("autoencoder is required: add autoencoder=DIR (the output_dir of train_autoencoder.py)")
-        for key in ("sample_num_inference_steps", "text_max_length", "num_train_timesteps"):
+        for key in ("sample_num_inference_steps", "text_max_length", "num_train_timesteps", "validation_timesteps"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
         if self.vlb_weight < 0:
@@ -130,6 +141,10 @@ class LDMTrainConfig(TrainConfig):
         if not self.cache_latents and (is_tar_pattern(self.data) or self.streaming or self.aspect_buckets):
             raise UserError("tar shards, streaming=true and aspect_buckets=true are read through the latent cache: "
                             "set cache_latents=true")
+        if self.lora:
+            if not self.init_from:
+                raise UserError("lora=true adapts a trained model: add init_from=DIR (e.g. pipelines/default_model)")
+            check_lora_settings(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_target_modules)
         if self.attention not in ("sdpa", "xformers"):
             raise UserError(f"attention must be sdpa or xformers, got '{self.attention}'")
         self.noise_schedule()
@@ -182,12 +197,81 @@ class LDMTrainer(Trainer):
         self.cache = None
         if config.cache_latents:
             self.cache = self.build_cache(self.accelerator)
-            return self.cache, torch.utils.data.default_collate
-        train_ds = load_image_caption_dataset(config.data, config.train_split, config.image_column,
+            dataset, collate = self.cache, torch.utils.data.default_collate
+        else:
+            train_ds = load_image_caption_dataset(config.data, config.train_split, config.image_column,
+                                                  config.caption_column)
+            check_caption_templates(train_ds, config.caption_column, tuple(config.caption_templates))
+            dataset, collate = ImageCaptionDataset(train_ds, self.resolution, config.image_column,
+                                                   config.caption_column, tuple(config.caption_templates)), self.collate
+        self.held_out = held_out_indices(len(dataset), config.validation_fraction, config.seed)
+        self.validation_rows = self.held_out_rows(dataset)
+        if self.cache is None and len(self.held_out):
+            kept = torch.ones(len(dataset), dtype=torch.bool)
+            kept[self.held_out] = False
+            dataset = torch.utils.data.Subset(dataset, torch.nonzero(kept).flatten().tolist())
+        return dataset, collate
+
+    def held_out_rows(self, dataset) -> list[dict]:
+        """The validation images' rows: of the held-out share of the training data, or of the data's validation
+        split (folders and loaded datasets); at most validation_max_images, evenly spaced."""
+        config = self.config
+        if len(self.held_out):
+            chosen = spread(self.held_out.tolist(), config.validation_max_images)
+            return [row for row in (dataset[i] for i in chosen) if row is not None]
+        if is_tar_pattern(config.data) or config.streaming:
+            return []  # shards have no splits: use validation_fraction
+        try:
+            held = load_image_caption_dataset(config.data, config.validation_split, config.image_column,
                                               config.caption_column)
-        check_caption_templates(train_ds, config.caption_column, tuple(config.caption_templates))
-        return ImageCaptionDataset(train_ds, self.resolution, config.image_column, config.caption_column,
-                                   tuple(config.caption_templates)), self.collate
+        except UserError:
+            logger.info("no '%s' split in %s and validation_fraction=0: no validation loss", config.validation_split,
+                        config.data)
+            return []
+        images = ImageCaptionDataset(held, self.resolution, config.image_column, config.caption_column,
+                                     tuple(config.caption_templates))
+        return [row for row in (images[i] for i in spread(range(len(images)), config.validation_max_images))
+                if row is not None]
+
+    @torch.no_grad()
+    def build_validation(self) -> list[dict]:
+        """The held-out rows encoded once: posterior means (no sampling) and the first caption variant's states."""
+        rows, device = self.validation_rows, self.accelerator.device
+        per_batch = max(1, self.config.batch_size // self.config.validation_timesteps)
+        batches = []
+        for start in range(0, len(rows), per_batch):
+            chunk = rows[start:start + per_batch]
+            if "latent_mean" in chunk[0]:  # cache rows
+                mean = torch.stack([r["latent_mean"] for r in chunk]).to(device)
+                context = torch.stack([r["text_states"][0] for r in chunk]).to(device)
+                batch = {}
+            else:
+                pixels = torch.stack([r["pixel_values"] for r in chunk]).to(device)
+                mean = self.vae.encode(pixels).latent_dist.mean
+                context = self.text_encoder.encode([r["captions"][0] for r in chunk]).hidden_states
+                batch = {"pixel_values": pixels}
+            batches.append({**batch, "latents": mean.float() * self.vae.config.scaling_factor,
+                            "context": context.float()})
+        if batches:
+            logger.info("validation: %d held-out images x %d timesteps", len(rows), self.config.validation_timesteps)
+        return batches
+
+    def validation_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """L_simple (unweighted MSE of the prediction target) per image, averaged over a fixed timestep grid."""
+        k, count = self.config.validation_timesteps, len(batch["latents"])
+        steps = ((torch.arange(k) + 0.5) * self.schedule.num_train_timesteps / k).long()
+        latents = batch["latents"].repeat_interleave(k, 0)
+        timesteps = steps.repeat(count).to(latents.device)
+        noise = torch.randn(latents.shape, device=latents.device)
+        noisy = self.schedule.add_noise(latents, noise, timesteps)
+        repeated = {key: v.repeat_interleave(k, 0) for key, v in batch.items() if key == "pixel_values"}
+        extra = self.extra_inputs(repeated, latents)
+        model_input = noisy if extra is None else torch.cat([noisy, extra], dim=1)
+        prediction = model(model_input, timesteps, encoder_hidden_states=batch["context"].repeat_interleave(k, 0))
+        prediction = prediction.sample[:, :latents.shape[1]]  # the mean part of a learned-variance output
+        target = self.schedule.target(latents, noise, timesteps)
+        per_row = (prediction.float() - target.float()).square().flatten(1).mean(1)
+        return per_row.reshape(count, k).mean(1)
 
     def build_loader(self, dataset: torch.utils.data.Dataset, collate: Callable) -> tuple[torch.utils.data.DataLoader,
                                                                                             bool]:
@@ -195,7 +279,8 @@ class LDMTrainer(Trainer):
         if self.cache is None:
             return super().build_loader(dataset, collate)
         sampler = BucketBatchSampler(self.cache.bucket_of, self.config.batch_size, self.config.seed,
-                                     self.accelerator.process_index, self.accelerator.num_processes)
+                                     self.accelerator.process_index, self.accelerator.num_processes,
+                                     exclude=self.held_out)
         # its own generator: starting an iterator (each epoch, and on resume) then leaves the global RNG untouched
         return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                            num_workers=self.config.num_workers,
@@ -232,6 +317,9 @@ class LDMTrainer(Trainer):
         else:
             unet = build_unet(config.unet_preset, self.resolution // self.factor,
                               self.vae.config.latent_channels, self.text_encoder.hidden_size, config.learned_variance)
+        if config.lora:
+            self.base_fingerprint = base_fingerprint(unet)
+            add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_target_modules, config.lora_dropout)
         if config.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if config.attention == "xformers":
@@ -312,9 +400,29 @@ class LDMTrainer(Trainer):
         return "samples", make_grid(images, columns=len(images))
 
     def write_export(self, folder: Path) -> None:
-        """A diffusers StableDiffusionPipeline folder with the EMA U-Net."""
+        """A diffusers StableDiffusionPipeline folder with the EMA U-Net; for LoRA, the EMA adapter alone."""
+        if self.config.lora:
+            write_adapter(folder, self.inference_model(), {"base_model": base_model_name(Path(self.config.init_from)),
+                                                           "base_fingerprint": self.base_fingerprint})
+            return
         pipe = self.inference_pipeline()
         write_model_folder(folder, pipe.vae, pipe.text_encoder, pipe.unet, pipe.scheduler)
+
+
+def held_out_indices(count: int, fraction: float, seed: int) -> torch.Tensor:
+    """A seeded `fraction` of range(count), the same for the same data and seed, never trained on."""
+    if fraction <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + 7919))
+    return order[:max(1, round(fraction * count))].sort().values
+
+
+def spread(indices, limit: int) -> list[int]:
+    """At most `limit` of `indices`, evenly spaced (all of them when there are fewer)."""
+    indices = list(indices)
+    if len(indices) <= limit:
+        return indices
+    return [indices[int(j * len(indices) / limit)] for j in range(limit)]
 
 
 def run(config: LDMTrainConfig) -> Path:

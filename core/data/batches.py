@@ -20,11 +20,14 @@ class BucketBatchSampler:
     """Batches of indices for one rank; `bucket_of[i]` is item i's bucket."""
 
     def __init__(self, bucket_of: Sequence[int] | torch.Tensor, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.bucket_of = torch.as_tensor(bucket_of, dtype=torch.int64)
+                 world_size: int = 1, exclude: torch.Tensor | None = None) -> None:
+        self.bucket_of = torch.as_tensor(bucket_of, dtype=torch.int64).clone()
+        if exclude is not None and len(exclude):  # held-out items (the validation share) are never drawn
+            self.bucket_of[exclude] = -1
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.epoch, self.skip = 0, 0
-        counts = torch.bincount(self.bucket_of) if len(self.bucket_of) else torch.zeros(0, dtype=torch.int64)
+        drawn = self.bucket_of[self.bucket_of >= 0]
+        counts = torch.bincount(drawn) if len(drawn) else torch.zeros(0, dtype=torch.int64)
         self.per_rank = int((counts // batch_size).sum()) // world_size
         if self.per_rank == 0:
             raise UserError(f"no bucket holds a full batch of {batch_size} images for each of {world_size} rank(s) "
@@ -44,7 +47,7 @@ class BucketBatchSampler:
         """All ranks' batches of `epoch`, in order (rank r takes every world_size-th, from r)."""
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         batches = []
-        for bucket in torch.unique(self.bucket_of).tolist():
+        for bucket in torch.unique(self.bucket_of[self.bucket_of >= 0]).tolist():
             items = torch.nonzero(self.bucket_of == bucket).flatten()
             items = items[torch.randperm(len(items), generator=generator)]
             full = len(items) // self.batch_size * self.batch_size

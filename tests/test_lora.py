@@ -1,0 +1,181 @@
+"""LoRA adapters: training through `accelerate launch train_ldm.py`, diffusers-format export and parity with
+diffusers' `load_lora_weights`, resume, two ranks, and one clear line for each bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from cli.main import main as ldm_main
+from core.config import load_config
+from core.errors import UserError
+from ldm.lora import WEIGHTS_NAME, add_lora
+from ldm.unet import build_unet
+from pipelines import InpaintPipeline, Pipeline
+from recipes.latent_diffusion import LDMTrainConfig
+from helpers import LAUNCH, ROOT, run
+
+
+@pytest.fixture(autouse=True)
+def _repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, text_encoder):
+    """A seeded tiny text-to-image model folder: the base the adapters are trained on."""
+    from autoencoder.model import build_autoencoder
+    from ldm.diffusion import NoiseSchedule
+    from pipelines.defaults import DEFAULT_SCHEDULER
+    from pipelines.schedulers import SCHEDULERS
+
+    torch.manual_seed(0)
+    vae = build_autoencoder("tiny", resolution=32)
+    vae.register_to_config(scaling_factor=0.75)
+    unet = build_unet("tiny", latent_size=16, latent_channels=4, cross_attention_dim=text_encoder.hidden_size)
+    scheduler = SCHEDULERS[DEFAULT_SCHEDULER].from_config(NoiseSchedule().to_scheduler_config())
+    folder = tmp_path_factory.mktemp("base") / "model"
+    return Pipeline(vae=vae, text_encoder=text_encoder, unet=unet, scheduler=scheduler).save_pretrained(folder)
+
+
+def _args(emoji_dir, base_dir, output_dir, *extra):
+    # a high learning rate so that 12 steps move the images well away from the base's
+    return ["train_ldm.py", "--config", "configs/ldm/tiny.yaml", f"data={emoji_dir}", f"init_from={base_dir}",
+            f"output_dir={output_dir}", "lora=true", "lora_rank=4", "lora_alpha=8", "learning_rate=0.05",
+            "sample_every=1000", "checkpoint_every=5", *extra]
+
+
+@pytest.fixture(scope="module")
+def lora_run(emoji_dir, base_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lora") / "run"
+    run(LAUNCH + _args(emoji_dir, base_dir, out, "max_steps=12"))
+    return out
+
+
+def _sample(pipe, **kwargs):
+    return pipe.generate(["a cat", "red apple"], num_inference_steps=5, guidance_scale=3.0, output_type="numpy",
+                         seed=3, progress=False, **kwargs)
+
+
+def test_a_lora_run_saves_only_the_adapter_and_resumes_bit_exactly(emoji_dir, base_dir, lora_run, tmp_path):
+    final = lora_run / "final"
+    assert sorted(p.name for p in final.iterdir()) == ["adapter.json", "config.yaml", WEIGHTS_NAME]
+    weights = load_file(final / WEIGHTS_NAME)
+    assert weights and all(k.startswith("unet.") and ".lora" in k for k in weights)
+    assert all(v.dtype == torch.float16 for v in weights.values())
+    checkpoint = load_file(lora_run / "checkpoints" / "step-00000012" / "model.safetensors")
+    assert checkpoint and all("lora_" in k for k in checkpoint)  # the adapter alone, no frozen base weights
+    assert sum(v.numel() for v in checkpoint.values()) == sum(v.numel() for v in weights.values())
+    info = json.loads((final / "adapter.json").read_text())
+    assert (info["rank"], info["alpha"], info["base_model"]) == (4, 8, str(base_dir))
+
+    resumed = tmp_path / "resumed"
+    run(LAUNCH + _args(emoji_dir, base_dir, resumed, "max_steps=7"))
+    result = run(LAUNCH + _args(emoji_dir, base_dir, resumed, "max_steps=12",
+                                f"resume={resumed / 'checkpoints' / 'step-00000005'}"))
+    assert "at step 5" in result.stderr
+    for name in (f"final/{WEIGHTS_NAME}", "checkpoints/step-00000012/model.safetensors"):
+        a, b = load_file(lora_run / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_diffusers_load_lora_weights_draws_the_same_images_at_full_and_half_scale(base_dir, lora_run):
+    theirs = StableDiffusionPipeline.from_pretrained(base_dir, safety_checker=None)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_lora_weights(lora_run / "final", adapter_name="new")
+    base = _sample(Pipeline(model=base_dir))
+    for scale in (1.0, 0.5):
+        theirs.set_adapters(["new"], [scale])
+        expected = theirs(["a cat", "red apple"], num_inference_steps=5, guidance_scale=3.0, output_type="np",
+                          generator=torch.Generator().manual_seed(3)).images
+        ours = Pipeline(model=base_dir, lora=lora_run / "final", lora_scale=scale)
+        got = _sample(ours)
+        assert np.abs(got - expected).max() <= 1 / 255, scale  # within one 8-bit level
+        assert np.abs(got - base).max() > 20 / 255, scale  # and the adapter does change the images
+    fused = _sample(ours.fuse_lora())
+    assert np.abs(fused - got).max() <= 1 / 255
+
+
+def test_two_adapters_with_their_own_scales_and_the_command_line(base_dir, lora_run, tmp_path):
+    one = Pipeline(model=base_dir, lora=lora_run / "final", lora_scale=0.3)
+    two = Pipeline(model=base_dir, lora=[lora_run / "final", lora_run / "final"], lora_scale=[0.2, 0.1])
+    assert np.abs(_sample(one) - _sample(two)).max() <= 1 / 255  # two copies at 0.2 and 0.1 = one at 0.3
+    two.set_lora_scale({"adapter_1": 0.0})
+    assert np.abs(_sample(two) - _sample(Pipeline(model=base_dir, lora=lora_run, lora_scale=0.2))).max() <= 1 / 255
+    out = tmp_path / "cat.png"
+    ldm_main(["generate", "a cat", "--model", str(base_dir), "--lora", str(lora_run), "--lora-scale", "0.5",
+              "--fuse", "--steps", "3", "-o", str(out)])
+    assert out.is_file()
+
+
+def test_an_adapter_for_another_base_is_refused_with_both_names_unless_forced(base_dir, lora_run, tmp_path):
+    other = Pipeline(model=base_dir)
+    with torch.no_grad():
+        other.unet.conv_out.bias.add_(1e-3)  # one weight changed: another base
+    other_dir = other.save_pretrained(tmp_path / "other")
+    with pytest.raises(UserError, match=f"was trained on base {base_dir} .*not on this model {other_dir} .*"
+                                        r"--force"):
+        Pipeline(model=other_dir, lora=lora_run)
+    Pipeline(model=other_dir, lora=lora_run, lora_force=True)  # a deliberate transfer
+
+
+def test_a_text_to_image_adapter_on_an_inpainting_model_is_refused(lora_run, tiny_components):
+    base = tiny_components["unet"]
+    unet = type(base).from_config({**base.config, "in_channels": 9})
+    with pytest.raises(UserError, match="trained on a U-Net with 4 input channels .*this model's U-Net takes 9"):
+        InpaintPipeline(**{**tiny_components, "unet": unet}, lora=lora_run, lora_force=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lora_rank=0", "lora_rank must be a whole number of at least 1, got 0"),
+    ("lora_rank=-2", "lora_rank must be a whole number of at least 1, got -2"),
+    ("lora_alpha=-1", "lora_alpha must be a positive number"),
+    ("lora_dropout=1.5", r"lora_dropout must be in \[0, 1\)"),
+])
+def test_bad_lora_settings_are_one_line_each(emoji_dir, base_dir, tmp_path, override, message):
+    with pytest.raises(UserError, match=message):
+        load_config(LDMTrainConfig, "configs/ldm/tiny.yaml", [f"data={emoji_dir}", f"init_from={base_dir}",
+                                                              f"output_dir={tmp_path}", "lora=true", override])
+
+
+def test_lora_needs_a_base_and_target_modules_that_exist(emoji_dir, tmp_path):
+    with pytest.raises(UserError, match="lora=true adapts a trained model: add init_from"):
+        load_config(LDMTrainConfig, "configs/ldm/tiny.yaml", [f"data={emoji_dir}", "autoencoder=x",
+                                                              f"output_dir={tmp_path}", "lora=true"])
+    unet = build_unet("tiny", latent_size=16, latent_channels=4, cross_attention_dim=384)
+    with pytest.raises(UserError, match=r"\['to_qq'\] match no Linear or Conv2d module .* to_k, to_out.0, to_q"):
+        add_lora(unet, 4, None, ["to_q", "to_qq"])
+
+
+def test_bad_adapter_folders_and_scales(base_dir, lora_run, tmp_path):
+    with pytest.raises(UserError, match="lora_scale must be a finite number"):
+        Pipeline(model=base_dir, lora=lora_run, lora_scale=math.nan)
+    with pytest.raises(UserError, match="is not a folder on disk"):
+        Pipeline(model=base_dir, lora=tmp_path / "nowhere")
+    with pytest.raises(UserError, match=f"is not a LoRA adapter folder: {WEIGHTS_NAME} is missing"):
+        Pipeline(model=base_dir, lora=tmp_path)
+    with pytest.raises(UserError, match="lora_scale has 2 values for 1 adapters"):
+        Pipeline(model=base_dir, lora=lora_run, lora_scale=[1.0, 0.5])
+    broken = tmp_path / "broken"
+    shutil.copytree(lora_run / "final", broken)
+    (broken / WEIGHTS_NAME).write_bytes((broken / WEIGHTS_NAME).read_bytes()[:100])
+    with pytest.raises(UserError, match="cannot load the LoRA adapter"):
+        Pipeline(model=base_dir, lora=broken)
+
+
+def test_two_ranks_train_one_adapter(emoji_dir, base_dir, tmp_path):
+    out = tmp_path / "ddp"
+    launch = [LAUNCH[0], "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = run(launch + _args(emoji_dir, base_dir, out, "max_steps=6", "checkpoint_every=3"),
+                 env={"ACCELERATE_USE_CPU": "1"})
+    assert "differ across ranks" not in result.stderr
+    assert (out / "final" / WEIGHTS_NAME).is_file()
+    assert all("lora_" in k for k in load_file(out / "checkpoints" / "step-00000006" / "model.safetensors"))
