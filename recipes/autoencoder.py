@@ -24,6 +24,7 @@ from autoencoder.model import build_autoencoder, estimate_scaling_factor, load_a
 from autoencoder.perceptual import PERCEPTUAL_CHOICES, make_perceptual
 from core.accelerator import all_ranks_true
 from core.data.dataset import ImageCaptionDataset, load_image_caption_dataset
+from core.data.validation import held_out_indices, spread, validation_rows, without
 from core.errors import UserError
 from core.images import make_grid, tensor_to_pil
 from core.trainer import TrainConfig, Trainer
@@ -35,14 +36,14 @@ logger = logging.getLogger(__name__)
 class AutoencoderTrainConfig(TrainConfig):
     """Every setting of an autoencoder run; saved as config.yaml beside each checkpoint and the export."""
 
-    renamed: ClassVar[dict[str, str]] = {"preset": "autoencoder_preset"}  # old spellings still read
+    renamed: ClassVar[dict[str, str]] = {"preset": "autoencoder_preset",  # old spellings still read
+                                         "val_split": "validation_split"}
 
     batch_size: int = 16
     adam_beta1: float = 0.5
     adam_beta2: float = 0.9
     weight_decay: float = 0.0
     use_ema: bool = False
-    val_split: str = "validation"
     resolution: int = 64
     autoencoder_preset: str = "kl-f4"  # autoencoder/model.py PRESETS
     latent_channels: int = 4
@@ -94,17 +95,32 @@ class AutoencoderTrainer(Trainer):
         train_ds = load_image_caption_dataset(config.data, config.train_split, config.image_column,
                                               config.caption_column)
         self.train_data = ImageCaptionDataset(train_ds, config.resolution, config.image_column, config.caption_column)
-        try:
-            val_ds = load_image_caption_dataset(config.data, config.val_split, config.image_column,
-                                                config.caption_column)
-        except UserError:
-            logger.warning("no '%s' split in %s: reconstruction grids use training images", config.val_split,
-                           config.data)
-            val_ds = train_ds
-        val_data = ImageCaptionDataset(val_ds, config.resolution, config.image_column, config.caption_column)
-        rows = [val_data[i] for i in range(min(config.num_sample_images, len(val_data)))]
-        self.sample_images = torch.stack([r["pixel_values"] for r in rows if r is not None])
-        return self.train_data, self.collate
+        held_out = held_out_indices(len(self.train_data), config.validation_fraction, config.seed)
+        self.validation_rows = validation_rows(self.train_data, held_out, self.open_validation_split,
+                                               config.validation_max_images, config.data)
+        # reconstruction grids: held-out images where there are any
+        first = range(min(config.num_sample_images, len(self.train_data)))
+        rows = self.validation_rows or [r for r in (self.train_data[i] for i in first) if r is not None]
+        self.sample_images = torch.stack([r["pixel_values"] for r in spread(rows, config.num_sample_images)])
+        return without(self.train_data, held_out), self.collate
+
+    def open_validation_split(self) -> ImageCaptionDataset:
+        config = self.config
+        held = load_image_caption_dataset(config.data, config.validation_split, config.image_column,
+                                          config.caption_column)
+        return ImageCaptionDataset(held, config.resolution, config.image_column, config.caption_column)
+
+    def build_validation(self) -> list[dict]:
+        rows, size = self.validation_rows, self.config.batch_size
+        return [{"pixel_values": torch.stack([r["pixel_values"] for r in rows[i:i + size]]).to(self.accelerator.device)}
+                for i in range(0, len(rows), size)]
+
+    def validation_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """Per image, the weighted L1 + L2 reconstruction error of the posterior mean (no sampling: deterministic)."""
+        images = batch["pixel_values"]
+        reconstructions = model.vae.decode(model.vae.encode(images).latent_dist.mean).sample
+        error = (reconstructions.float() - images.float()).flatten(1)
+        return self.config.l1_weight * error.abs().mean(1) + self.config.l2_weight * error.square().mean(1)
 
     def build_model(self) -> nn.Module:
         config = self.config

@@ -20,6 +20,7 @@ from torch import nn
 
 from autoencoder.model import downsampling_factor, load_autoencoder
 from core.data.dataset import ImageCaptionDataset, load_image_caption_dataset
+from core.data.validation import held_out_indices, validation_rows, without
 from core.errors import UserError
 from core.images import captioned_grid
 from core.trainer import TrainConfig, Trainer
@@ -82,7 +83,43 @@ class ClassifierTrainer(Trainer):
         rows = (data[i] for i in range(min(config.num_sample_images, len(data))))
         self.sample_rows = [r for r in rows if r is not None]
         logger.info("%d classes from column '%s'", len(self.labels), config.label_column)
-        return data, self.collate
+        held_out = held_out_indices(len(data), config.validation_fraction, config.seed)
+        rows = validation_rows(data, held_out, self.open_validation_split, config.validation_max_images, config.data)
+        # rows of the held-out split carry their label in "label"; held-out training rows are looked up by index
+        self.validation_rows = [(r, r.get("label", self.label_ids[r["index"]])) for r in rows
+                                if r.get("label", 0) is not None]
+        return without(data, held_out), self.collate
+
+    def open_validation_split(self) -> list[dict | None]:
+        """The held-out split's rows with their label id (None for a label training never saw: left out)."""
+        config = self.config
+        held = load_image_caption_dataset(config.data, config.validation_split, config.image_column,
+                                          config.caption_column)
+        position = {label: i for i, label in enumerate(self.labels)}
+        data = ImageCaptionDataset(held, self.resolution, config.image_column, config.caption_column)
+        labels = [position.get(v) for v in held[config.label_column]] if config.label_column in held.column_names \
+            else [None] * len(held)
+        return _Labelled(data, labels)
+
+    def build_validation(self) -> list[dict]:
+        rows, size, device = self.validation_rows, self.config.batch_size, self.accelerator.device
+        batches = []
+        for i in range(0, len(rows), size):
+            pixels = torch.stack([r["pixel_values"] for r, _ in rows[i:i + size]]).to(device)
+            latents = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+            batches.append({"latents": latents, "labels": torch.tensor([int(y) for _, y in rows[i:i + size]],
+                                                                       device=device)})
+        return batches
+
+    def validation_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """Per image, the cross-entropy averaged over a fixed grid of 8 timesteps (noise from the seeded RNG)."""
+        latents, k = batch["latents"], 8
+        steps = ((torch.arange(k) + 0.5) * self.schedule.num_train_timesteps / k).long().to(latents.device)
+        repeated = latents.repeat_interleave(k, 0)
+        timesteps = steps.repeat(len(latents))
+        noisy = self.schedule.add_noise(repeated, torch.randn(repeated.shape, device=latents.device), timesteps)
+        losses = F.cross_entropy(model(noisy, timesteps), batch["labels"].repeat_interleave(k), reduction="none")
+        return losses.reshape(len(latents), k).mean(1)
 
     def build_model(self) -> nn.Module:
         schedule = {k: v for k, v in self.schedule.to_scheduler_config().items()
@@ -126,6 +163,20 @@ class ClassifierTrainer(Trainer):
     def write_export(self, folder: Path) -> None:
         """The classifier in diffusers' ModelMixin layout (config.json with labels, latent probe and schedule)."""
         self.inference_model().save_pretrained(folder, safe_serialization=True)
+
+
+class _Labelled:
+    """Rows of a held-out split with their label id added (None where the image or the label is unusable)."""
+
+    def __init__(self, data: ImageCaptionDataset, labels: list[int | None]) -> None:
+        self.data, self.labels = data, labels
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict | None:
+        row = self.data[i]
+        return None if row is None else {**row, "label": self.labels[i]}
 
 
 def run(config: ClassifierTrainConfig) -> Path:

@@ -24,6 +24,7 @@ from core.data.batches import BucketBatchSampler
 from core.data.buckets import Bucketer
 from core.data.dataset import ImageCaptionDataset, check_caption_templates, load_image_caption_dataset
 from core.data.sources import is_tar_pattern, open_source
+from core.data.validation import held_out_indices, validation_rows, without
 from core.errors import UserError
 from core.images import make_grid
 from core.trainer import TrainConfig, Trainer
@@ -205,33 +206,19 @@ class LDMTrainer(Trainer):
             dataset, collate = ImageCaptionDataset(train_ds, self.resolution, config.image_column,
                                                    config.caption_column, tuple(config.caption_templates)), self.collate
         self.held_out = held_out_indices(len(dataset), config.validation_fraction, config.seed)
-        self.validation_rows = self.held_out_rows(dataset)
-        if self.cache is None and len(self.held_out):
-            kept = torch.ones(len(dataset), dtype=torch.bool)
-            kept[self.held_out] = False
-            dataset = torch.utils.data.Subset(dataset, torch.nonzero(kept).flatten().tolist())
-        return dataset, collate
+        self.validation_rows = validation_rows(dataset, self.held_out, self.open_validation_split,
+                                               config.validation_max_images, config.data)
+        return (dataset if self.cache is not None else without(dataset, self.held_out)), collate
 
-    def held_out_rows(self, dataset) -> list[dict]:
-        """The validation images' rows: of the held-out share of the training data, or of the data's validation
-        split (folders and loaded datasets); at most validation_max_images, evenly spaced."""
+    def open_validation_split(self) -> ImageCaptionDataset:
+        """The data's validation split as training reads it (folders and loaded datasets; shards have no splits)."""
         config = self.config
-        if len(self.held_out):
-            chosen = spread(self.held_out.tolist(), config.validation_max_images)
-            return [row for row in (dataset[i] for i in chosen) if row is not None]
         if is_tar_pattern(config.data) or config.streaming:
-            return []  # shards have no splits: use validation_fraction
-        try:
-            held = load_image_caption_dataset(config.data, config.validation_split, config.image_column,
-                                              config.caption_column)
-        except UserError:
-            logger.info("no '%s' split in %s and validation_fraction=0: no validation loss", config.validation_split,
-                        config.data)
-            return []
-        images = ImageCaptionDataset(held, self.resolution, config.image_column, config.caption_column,
-                                     tuple(config.caption_templates))
-        return [row for row in (images[i] for i in spread(range(len(images)), config.validation_max_images))
-                if row is not None]
+            raise UserError("tar shards and streamed datasets have no splits")
+        held = load_image_caption_dataset(config.data, config.validation_split, config.image_column,
+                                          config.caption_column)
+        return ImageCaptionDataset(held, self.resolution, config.image_column, config.caption_column,
+                                   tuple(config.caption_templates))
 
     @torch.no_grad()
     def build_validation(self) -> list[dict]:
@@ -407,22 +394,6 @@ class LDMTrainer(Trainer):
             return
         pipe = self.inference_pipeline()
         write_model_folder(folder, pipe.vae, pipe.text_encoder, pipe.unet, pipe.scheduler)
-
-
-def held_out_indices(count: int, fraction: float, seed: int) -> torch.Tensor:
-    """A seeded `fraction` of range(count), the same for the same data and seed, never trained on."""
-    if fraction <= 0:
-        return torch.zeros(0, dtype=torch.int64)
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed + 7919))
-    return order[:max(1, round(fraction * count))].sort().values
-
-
-def spread(indices, limit: int) -> list[int]:
-    """At most `limit` of `indices`, evenly spaced (all of them when there are fewer)."""
-    indices = list(indices)
-    if len(indices) <= limit:
-        return indices
-    return [indices[int(j * len(indices) / limit)] for j in range(limit)]
 
 
 def run(config: LDMTrainConfig) -> Path:

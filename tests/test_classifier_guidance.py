@@ -13,7 +13,7 @@ from ldm.diffusion import classifier_guided_epsilon
 from pipelines import Pipeline
 from pipelines.guidance import ClassifierGuidance
 
-from helpers import LAUNCH, run
+from helpers import LAUNCH, run, scalars
 
 
 def test_the_guidance_term_is_the_scaled_gradient_of_log_p():
@@ -51,6 +51,11 @@ def pipe(tiny_components, autoencoder_dir):
     from autoencoder.model import load_autoencoder
 
     return Pipeline(**{**tiny_components, "vae": load_autoencoder(autoencoder_dir)})
+
+
+def test_the_classifier_logs_a_validation_loss_that_falls(classifier_dir):
+    losses = scalars(classifier_dir, "val/loss")  # held-out names, labelled by style; fixed noise and timesteps
+    assert len(losses) == 2 and losses[1] < losses[0]
 
 
 def test_a_trained_classifier_pulls_samples_toward_its_label(classifier_dir, pipe):
