@@ -86,13 +86,18 @@ class TrainConfig:
     # says otherwise; mlflow writes under output_dir/logs unless MLFLOW_TRACKING_URI is set)
     log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
 
+    def needs_data(self) -> bool:
+        """Whether `data` is required (a recipe that trains on other inputs says no)."""
+        return True
+
     def validate(self) -> None:
         """Checks that need no file or model: run before anything is loaded."""
         if not self.output_dir:
             raise UserError("output_dir is required: add output_dir=DIR")
-        if not self.data:
+        if self.needs_data() and not self.data:
             raise UserError("data is required: add data=DIR (an imagefolder, e.g. built by `ldm data emoji`)")
-        check_data_path(self.data)
+        if self.data:
+            check_data_path(self.data)
         for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "checkpoint_every", "log_every",
                     "sample_every", "max_nonfinite_steps", "ddp_timeout_minutes"):
             if getattr(self, key) < 1:

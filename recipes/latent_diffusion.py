@@ -35,6 +35,8 @@ from ldm.lora import DEFAULT_TARGETS, add_lora, base_fingerprint, check_lora_set
 from ldm.text_encoders import DEFAULT_TEXT_ENCODER, load_text_encoder
 from ldm.unet import PRESETS, build_unet, enable_xformers, size_multiple
 from pipelines import Pipeline
+from recipes.dreambooth import (DreamBoothDataset, class_images, dreambooth_collate, image_files, load_image,
+                                prior_weights)
 from pipelines.defaults import DEFAULT_SCHEDULER
 from pipelines.loading import (base_model_name, check_model_folder, read_model_index, resolve_model_path,
                                write_model_folder)
@@ -62,6 +64,17 @@ class LDMTrainConfig(TrainConfig):
     # module names (or their last parts); attention projections by default, add e.g. conv1, conv2 for convolutions
     lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
     lora_dropout: float = 0.0
+    # DreamBooth (recipes/dreambooth.py, docs/adapters.md): a folder of a few images of one subject, all captioned
+    # instance_prompt, which must contain identifier (a rare word naming the subject); LoRA or full, from init_from
+    instance_data: str = ""
+    instance_prompt: str = ""
+    identifier: str = ""
+    # prior preservation: num_class_images drawn once by the base model from these prompts (cycled), trained beside
+    # the instance images with weight prior_loss_weight; [] = off
+    class_prompts: list[str] = field(default_factory=list)
+    num_class_images: int = 100
+    class_data_dir: Optional[str] = None  # default output_dir/class_images
+    prior_loss_weight: float = 1.0
     inpainting: bool = False  # true: the inpainting fine-tune (recipes/inpainting.py; train_ldm.py dispatches on it)
     autoencoder: str = ""  # output_dir (or final/) of train_autoencoder.py, or any diffusers AutoencoderKL folder;
     # default with init_from: its vae/
@@ -142,6 +155,8 @@ class LDMTrainConfig(TrainConfig):
         if not self.cache_latents and (is_tar_pattern(self.data) or self.streaming or self.aspect_buckets):
             raise UserError("tar shards, streaming=true and aspect_buckets=true are read through the latent cache: "
                             "set cache_latents=true")
+        if self.instance_data:
+            self.check_dreambooth()
         if self.lora:
             if not self.init_from:
                 raise UserError("lora=true adapts a trained model: add init_from=DIR (e.g. pipelines/default_model)")
@@ -149,6 +164,25 @@ class LDMTrainConfig(TrainConfig):
         if self.attention not in ("sdpa", "xformers"):
             raise UserError(f"attention must be sdpa or xformers, got '{self.attention}'")
         self.noise_schedule()
+
+    def needs_data(self) -> bool:
+        return not self.instance_data  # DreamBooth trains on instance_data; data then only gives validation images
+
+    def check_dreambooth(self) -> None:
+        if not self.init_from:
+            raise UserError("instance_data (DreamBooth) adapts a trained model: add init_from=DIR")
+        if self.inpainting:
+            raise UserError("instance_data (DreamBooth) trains the text-to-image recipe; set inpainting=false")
+        if not self.identifier or not self.identifier.strip():
+            raise UserError("identifier is required with instance_data: the rare word that names your subject in "
+                            "instance_prompt, e.g. identifier=sks with instance_prompt='a sks dog'")
+        if self.identifier not in self.instance_prompt.split():
+            raise UserError(f"instance_prompt '{self.instance_prompt}' does not contain the identifier "
+                            f"'{self.identifier}' as a word; e.g. instance_prompt='a {self.identifier} dog'")
+        if self.class_prompts and self.num_class_images < 1:
+            raise UserError(f"num_class_images must be at least 1 with class_prompts, got {self.num_class_images}")
+        if not (math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0):
+            raise UserError(f"prior_loss_weight must be a number >= 0, got {self.prior_loss_weight}")
 
     def noise_schedule(self) -> NoiseSchedule:
         try:
@@ -196,6 +230,8 @@ class LDMTrainer(Trainer):
         config = self.config
         self.load_frozen_stages(self.accelerator.device)
         self.cache = None
+        if config.instance_data:
+            return self.build_dreambooth_data()
         if config.cache_latents:
             self.cache = self.build_cache(self.accelerator)
             dataset, collate = self.cache, torch.utils.data.default_collate
@@ -210,9 +246,34 @@ class LDMTrainer(Trainer):
                                                config.validation_max_images, config.data)
         return (dataset if self.cache is not None else without(dataset, self.held_out)), collate
 
+    def build_dreambooth_data(self) -> tuple[torch.utils.data.Dataset, Callable]:
+        """The instance images (and class images, drawn on the main process first), read as pixels; validation
+        images from data's validation split when data is given."""
+        config = self.config
+        instance = [load_image(f, self.resolution) for f in image_files(config.instance_data, "instance_data")]
+        paths = []
+        if config.class_prompts:
+            folder = Path(config.class_data_dir or Path(config.output_dir) / "class_images")
+            if self.accelerator.is_main_process:
+                class_images(folder, list(config.class_prompts), config.num_class_images,
+                             lambda: Pipeline(model=config.init_from).to(self.accelerator.device),
+                             config.sample_num_inference_steps, config.sample_guidance_scale, config.seed)
+            self.accelerator.wait_for_everyone()
+            paths = [folder / f"class-{i:05d}.png" for i in range(config.num_class_images)]
+        logger.info("DreamBooth: %d instance images of '%s'%s", len(instance), config.instance_prompt,
+                    f", {len(paths)} class images (prior_loss_weight {config.prior_loss_weight:g})" if paths else "")
+        dataset = DreamBoothDataset(instance, config.instance_prompt, paths, list(config.class_prompts),
+                                    self.resolution, config.batch_size * self.accelerator.num_processes)
+        self.held_out = torch.zeros(0, dtype=torch.int64)
+        self.validation_rows = validation_rows(dataset, self.held_out, self.open_validation_split,
+                                               config.validation_max_images, config.data or "instance_data")
+        return dataset, dreambooth_collate
+
     def open_validation_split(self) -> ImageCaptionDataset:
         """The data's validation split as training reads it (folders and loaded datasets; shards have no splits)."""
         config = self.config
+        if not config.data:
+            raise UserError("no data given")
         if is_tar_pattern(config.data) or config.streaming:
             raise UserError("tar shards and streamed datasets have no splits")
         held = load_image_caption_dataset(config.data, config.validation_split, config.image_column,
@@ -359,6 +420,8 @@ class LDMTrainer(Trainer):
         prediction = self.unet_forward(model_input, timesteps, encoder_hidden_states=context).sample
         target = self.schedule.target(latents, noise, timesteps)
         weights = self.schedule.loss_weights(timesteps, self.config.min_snr_gamma)
+        if "prior" in batch:  # DreamBooth: instance + prior_loss_weight x class images
+            weights = weights * prior_weights(batch["prior"], self.config.prior_loss_weight).to(weights.device)
         if not self.config.learned_variance:
             return {"loss": diffusion_loss(prediction, target, weights)}
         mean_output, variance_output = prediction.split(latents.shape[1], dim=1)

@@ -20,7 +20,7 @@ from ldm.lora import WEIGHTS_NAME, add_lora
 from ldm.unet import build_unet
 from pipelines import InpaintPipeline, Pipeline
 from recipes.latent_diffusion import LDMTrainConfig
-from helpers import LAUNCH, ROOT, run
+from helpers import LAUNCH, ROOT, run, scalars
 
 
 @pytest.fixture(autouse=True)
@@ -179,3 +179,57 @@ def test_two_ranks_train_one_adapter(emoji_dir, base_dir, tmp_path):
     assert "differ across ranks" not in result.stderr
     assert (out / "final" / WEIGHTS_NAME).is_file()
     assert all("lora_" in k for k in load_file(out / "checkpoints" / "step-00000006" / "model.safetensors"))
+
+
+def _instance_folder(emoji_dir, folder, count=3):
+    folder.mkdir()
+    for path in sorted((emoji_dir / "train").glob("*.png"))[:count]:
+        shutil.copy(path, folder / path.name)
+    return folder
+
+
+def test_dreambooth_with_prior_preservation_draws_class_images_once(emoji_dir, base_dir, tmp_path):
+    instance = _instance_folder(emoji_dir, tmp_path / "subject")
+    args = ["train_ldm.py", "--config", "configs/ldm/tiny.yaml", f"init_from={base_dir}", f"data={emoji_dir}",
+            f"instance_data={instance}", "instance_prompt=a sks face", "identifier=sks", "class_prompts=[a face]",
+            "num_class_images=4", f"class_data_dir={tmp_path / 'class'}", "max_steps=4", "checkpoint_every=4",
+            "sample_every=1000", "batch_size=2"]
+    run(LAUNCH + args + [f"output_dir={tmp_path / 'lora'}", "lora=true"])
+    drawn = sorted((tmp_path / "class").glob("class-*.png"))
+    assert len(drawn) == 4 and json.loads((tmp_path / "class" / "prompts.json").read_text()) == ["a face"]
+    assert (tmp_path / "lora" / "final" / WEIGHTS_NAME).is_file()
+    stamps = [p.stat().st_mtime_ns for p in drawn]
+    result = run(LAUNCH + args + [f"output_dir={tmp_path / 'full'}"])  # a full fine-tune, the same class images
+    assert [p.stat().st_mtime_ns for p in drawn] == stamps and "drawing" not in result.stderr
+    assert (tmp_path / "full" / "final" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert len(scalars(tmp_path / "full", "val/loss")) == 2  # validation images from data's held-out split
+
+
+def test_the_prior_loss_is_instance_plus_weighted_class_loss():
+    from recipes.dreambooth import prior_weights
+
+    losses = torch.tensor([1.0, 3.0, 10.0, 20.0])  # two instance images, then their two class images
+    weights = prior_weights(torch.tensor([False, False, True, True]), 0.5)
+    assert (weights * losses).mean().item() == pytest.approx(2.0 + 0.5 * 15.0)
+
+
+def test_bad_dreambooth_inputs_are_one_line_each(emoji_dir, base_dir, tmp_path):
+    from recipes.latent_diffusion import LDMTrainer
+
+    def config(*extra):
+        return load_config(LDMTrainConfig, "configs/ldm/tiny.yaml", [f"init_from={base_dir}",
+                                                                     f"output_dir={tmp_path / 'run'}", *extra])
+
+    with pytest.raises(UserError, match="does not contain the identifier 'sks'"):
+        config(f"instance_data={tmp_path}", "instance_prompt=a photo of a dog", "identifier=sks")
+    with pytest.raises(UserError, match="identifier is required with instance_data"):
+        config(f"instance_data={tmp_path}", "instance_prompt=a photo of a dog")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = _instance_folder(emoji_dir, tmp_path / "broken", count=2)
+    (broken / "zz-bad.png").write_bytes(b"not a png")
+    for folder, message in ((empty, f"instance_data {empty} holds no images"),
+                            (broken, f"image {broken / 'zz-bad.png'} does not decode")):
+        trainer = LDMTrainer(config(f"instance_data={folder}", "instance_prompt=a sks face", "identifier=sks"))
+        with pytest.raises(UserError, match=message):
+            trainer.run()
