@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None, help="text-to-image model folder (default: the embedded default)")
     serve.add_argument("--inpaint-model", default=None,
                        help="inpainting or text-to-image model folder (default: the embedded inpainting default)")
+    serve.add_argument("--lora-dir", default=None,
+                       help="a folder of LoRA adapter folders the Generate tab offers (those that fit --model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--auth", default=os.environ.get("LDM_SERVE_AUTH"),

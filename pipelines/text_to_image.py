@@ -133,6 +133,17 @@ class Pipeline:
         self.adapters.update({n: real("lora_scale", v, -math.inf) for n, v in scales.items()})
         self.unet.set_adapters(list(self.adapters), list(self.adapters.values()))
 
+    def activate_lora(self, scales: dict[str, float]) -> None:
+        """Sample with exactly these loaded adapters at these scales ({} = the base alone); the others stay loaded."""
+        unknown = set(scales) - set(self.adapters)
+        if unknown:
+            raise UserError(f"no loaded adapter named {sorted(unknown)}; loaded: {sorted(self.adapters) or 'none'}")
+        if not scales:
+            self.unet.disable_adapters()
+            return
+        self.unet.enable_adapters()
+        self.unet.set_adapters(list(scales), [real("lora_scale", v, -math.inf) for v in scales.values()])
+
     def fuse_lora(self) -> "Pipeline":
         """Merge the loaded adapters at their scales into the U-Net's weights (diffusers' fuse_lora): sampling then
         costs what the base costs. Scales cannot change afterwards."""

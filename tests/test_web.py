@@ -305,3 +305,57 @@ def test_a_login_must_name_user_and_password(capsys):
     with pytest.raises(SystemExit):
         ldm_main(["serve", "--auth", "alice"])
     assert "--auth takes USER:PASSWORD" in capsys.readouterr().err
+
+
+def _adapter_for(folder: Path, fingerprint_from=None) -> Path:
+    """A LoRA adapter for the embedded default with seeded random weights (a visible change), written as training
+    writes one; `fingerprint_from`: record another base instead."""
+    import torch
+
+    from ldm.lora import add_lora, base_fingerprint, write_adapter
+    from pipelines import Pipeline
+
+    unet = Pipeline().unet
+    fingerprint = base_fingerprint(fingerprint_from or unet)
+    add_lora(unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    folder.mkdir(parents=True)
+    write_adapter(folder, unet, {"base_model": "default", "base_fingerprint": fingerprint})
+    return folder
+
+
+@browser
+def test_an_adapter_picked_on_the_page_changes_the_image_and_is_recorded(tmp_path, chromium):
+    import torch
+
+    from ldm.unet import build_unet
+
+    adapters = tmp_path / "adapters"
+    _adapter_for(adapters / "subject")
+    torch.manual_seed(1)
+    other = build_unet("emoji-s", latent_size=16, latent_channels=4, cross_attention_dim=384)
+    _adapter_for(adapters / "for-another-base", fingerprint_from=other)
+    with running_server(tmp_path / "serve.log", "--lora-dir", str(adapters)) as url:
+        page = _open(chromium, url)
+        page.locator("#gen-num input").fill("1")
+        page.locator("#gen-seed input").fill("5")
+        page.locator("#generate").click()
+        _wait_for(page, "#gallery img >> nth=0")
+        plain = _fetch_png(page, "#gallery img >> nth=0")
+        page.locator("#adapter input").click()
+        options = [t.split("\n")[-1] for t in page.get_by_role("option").all_inner_texts()]
+        assert options == ["none", "subject"]  # the adapter for another base is left out
+        page.get_by_role("option", name="subject").click()
+        page.locator("#generate").click()
+        _wait_for(page, "#gallery img >> nth=1")
+        adapted = _fetch_png(page, "#gallery img >> nth=0")
+    settings = json.loads(adapted.text["parameters"])
+    assert (settings["lora"], settings["lora_scale"], settings["seed"]) == ("subject", 1.0, 5)
+    assert json.loads(plain.text["parameters"])["lora"] == ""
+    difference = np.abs(np.asarray(adapted.convert("RGB"), dtype=int) - np.asarray(plain.convert("RGB"), dtype=int))
+    assert difference.mean() > 5
+    assert "LoRA adapter" in (tmp_path / "serve.log").read_text() and "left out" in (tmp_path / "serve.log").read_text()

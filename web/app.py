@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -37,6 +38,7 @@ QUEUE_SIZE = 16  # waiting requests per server; the next one is refused with "qu
 CACHE_SECONDS = 3600  # Gradio's cached uploads and results older than this are deleted, checked this often
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 GALLERY_SIZE = 32  # results kept per browser tab
+MAX_LORA_SCALE = 2.0
 
 # system fonts only: the default theme's web fonts would be fetched from the internet at every page load
 FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
@@ -54,12 +56,40 @@ def _gradio():
     return gr
 
 
-def build_app(model: str | None = None, inpaint_model: str | None = None):
-    """The page as a `gr.Blocks` (launch it, or mount it in a FastAPI app). Models load once, here."""
+NO_ADAPTER = "none"
+
+
+def load_adapters(pipe, lora_dir: str | None) -> list[str]:
+    """Every LoRA adapter folder directly in `lora_dir` (or a run's final/) that fits the page's model, loaded once
+    by folder name; one that does not fit (another base, a damaged file) is left out with a warning."""
+    from ldm.lora import WEIGHTS_NAME
+
+    if lora_dir is None:
+        return []
+    folder = Path(lora_dir).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"--lora-dir {folder} is not a folder")
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if not ((sub / WEIGHTS_NAME).is_file() or (sub / "final" / WEIGHTS_NAME).is_file()):
+            continue
+        try:
+            pipe.load_lora(sub, name=sub.name)
+        except UserError as err:
+            logger.warning("LoRA adapter %s left out: %s", sub, err)
+    pipe.activate_lora({})
+    if not pipe.adapters:
+        logger.warning("no usable LoRA adapter folder in %s", folder)
+    return list(pipe.adapters)
+
+
+def build_app(model: str | None = None, inpaint_model: str | None = None, lora_dir: str | None = None):
+    """The page as a `gr.Blocks` (launch it, or mount it in a FastAPI app). Models (and the adapters in `lora_dir`,
+    for the Generate tab) load once, here."""
     gr = _gradio()
     from pipelines import InpaintPipeline, Pipeline
 
     pipe = Pipeline(model=model)
+    adapters = load_adapters(pipe, lora_dir)
     inpaint_pipe = InpaintPipeline(model=inpaint_model)
     names = {"generate": model or "embedded default", "inpaint": inpaint_model or "embedded inpainting default"}
     factor, default_size = pipe.vae_scale_factor, pipe.default_size()
@@ -81,9 +111,18 @@ def build_app(model: str | None = None, inpaint_model: str | None = None):
 
     @page_errors
     def generate(prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, num_images, size, history,
-                 progress=gr.Progress(track_tqdm=True)):
+                 adapter=NO_ADAPTER, adapter_scale=1.0, progress=gr.Progress(track_tqdm=True)):
+        if adapter not in (NO_ADAPTER, *adapters):
+            raise UserError(f"no adapter named '{adapter}' on this server")
+        if adapter_scale is None or not -MAX_LORA_SCALE <= adapter_scale <= MAX_LORA_SCALE:
+            raise UserError(f"the adapter scale must be from {-MAX_LORA_SCALE} to {MAX_LORA_SCALE}, got "
+                            f"{adapter_scale}")
         settings = check_settings(prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, num_images,
                                   size, factor, names["generate"])
+        if adapter != NO_ADAPTER:
+            settings.lora, settings.lora_scale = adapter, float(adapter_scale)
+        if adapters:  # one request at a time per model (the concurrency group), so this cannot race
+            pipe.activate_lora({adapter: float(adapter_scale)} if adapter != NO_ADAPTER else {})
         images = pipe.generate(settings.prompt, **settings.pipeline_kwargs())
         new = [(with_settings(image, settings, i), _caption(settings, i)) for i, image in enumerate(images)]
         history = (new + (history or []))[:GALLERY_SIZE]
@@ -119,13 +158,19 @@ def build_app(model: str | None = None, inpaint_model: str | None = None):
                     negative = gr.Textbox(label="Negative prompt", elem_id="negative")
                     sampling = _sampling_controls(gr, default_size, "gen")
                     num_images = gr.Number(label="Number of images", value=4, precision=0, elem_id="gen-num")
+                    with gr.Row(visible=bool(adapters)):
+                        adapter = gr.Dropdown([NO_ADAPTER, *adapters], value=NO_ADAPTER, label="LoRA adapter",
+                                              elem_id="adapter")
+                        adapter_scale = gr.Slider(-MAX_LORA_SCALE, MAX_LORA_SCALE, value=1.0, step=0.05,
+                                                  label="Adapter scale", elem_id="adapter-scale")
                     button = gr.Button("Generate", variant="primary", elem_id="generate")
                 with gr.Column():
                     gallery = gr.Gallery(label="Results (newest first; PNGs carry their settings)", format="png",
                                          columns=4, object_fit="contain", height=480, elem_id="gallery")
             history = gr.State([])
             button.click(generate, [prompt, negative, sampling.sampler, sampling.steps, sampling.guidance,
-                                    sampling.seed, sampling.random_seed, num_images, sampling.size, history],
+                                    sampling.seed, sampling.random_seed, num_images, sampling.size, history,
+                                    adapter, adapter_scale],
                          [gallery, history, sampling.seed], concurrency_limit=1, concurrency_id="generate")
         with gr.Tab("Inpaint"):
             with gr.Row():
@@ -189,7 +234,7 @@ def _caption(settings: Settings, index: int) -> str:
 
 
 def serve(model: str | None = None, inpaint_model: str | None = None, host: str = "127.0.0.1",
-          port: int = 7860, auth: str | None = None) -> None:
+          port: int = 7860, auth: str | None = None, lora_dir: str | None = None) -> None:
     """Build the page and serve it until interrupted (loopback only unless `host` says otherwise). `auth`
     ("USER:PASSWORD") asks every visitor for that login (Gradio's basic login page)."""
     gr = _gradio()
@@ -203,7 +248,7 @@ def serve(model: str | None = None, inpaint_model: str | None = None, host: str 
         logger.warning("serving on %s without a login: anyone who can reach port %d can use this machine's models; "
                        "pass --auth USER:PASSWORD (or set LDM_SERVE_AUTH), or keep the default loopback host", host,
                        port)
-    app = build_app(model, inpaint_model)
+    app = build_app(model, inpaint_model, lora_dir)
     try:
         app.launch(server_name=host, server_port=port, theme=gr.themes.Default(**FONTS), css=CSS, show_error=True,
                    share=False, inbrowser=False, auth=credentials, max_file_size=f"{MAX_UPLOAD_MB}mb")

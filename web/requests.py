@@ -44,6 +44,8 @@ class Settings:
     num_images: int
     size: int
     model: str
+    lora: str = ""  # the adapter used ("" = none) and its scale
+    lora_scale: float = 1.0
     strength: float = 1.0
     method: str = ""
     paste_back: bool = True
