@@ -51,6 +51,16 @@ def pick_names(held, count: int) -> list[str]:
     return [full[int(j * len(full) / count)] for j in range(count)]
 
 
+def image_of(row: dict):
+    """A row's image (the loader leaves images undecoded: {"bytes", "path"})."""
+    import io
+
+    from PIL import Image
+
+    value = row["image"]
+    return Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"]).convert("RGB")
+
+
 def alignment(features: np.ndarray, gallery: np.ndarray, names: list[str], target: str) -> dict[str, float]:
     """Top-1 / top-5 nearest-real-image hits of `target`, and their chance levels."""
     from evaluation.real_images import squared_distances
@@ -86,14 +96,16 @@ def train(name: str, variant: str, folder: Path, out: Path, args, class_prompts:
     """The real command; returns its wall seconds."""
     identifier = name.replace("-", " ").split()[-1]
     command = [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision",
-               "no", "--dynamo_backend", "no", "train_ldm.py", "--config", CONFIG, f"output_dir={out}",
+               "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", str(args.threads), "train_ldm.py",
+               "--config", CONFIG, f"output_dir={out}",
                f"instance_data={folder}", f"instance_prompt={name}", f"identifier={identifier}",
                f"max_steps={args.steps}", f"checkpoint_every={args.steps}", f"sample_every={args.steps}",
                f"data={args.data}", "resume=never"]
     if variant.endswith("prior"):
         command += [f"class_prompts={json.dumps(class_prompts)}", f"class_data_dir={args.out / 'class_images'}"]
-    if variant.startswith("full"):
-        command += ["lora=false", f"learning_rate={args.full_lr}"]
+    command += ["lora=false", f"learning_rate={args.full_lr}"] if variant.startswith("full") else \
+        [f"learning_rate={args.lora_lr}"]
+    out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as log:
         result = subprocess.run(command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
@@ -109,12 +121,14 @@ def main() -> None:
     parser.add_argument("--name", action="append", default=None, help="these names instead (repeat)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--lora-lr", type=float, default=1e-3)
     parser.add_argument("--full-lr", type=float, default=1e-4)
     parser.add_argument("--samples", type=int, default=16, help="samples of each new name's prompt")
     parser.add_argument("--forgetting-prompts", type=int, default=200)
     parser.add_argument("--inference-steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each training run")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-adaptation"))
     args = parser.parse_args()
     variants = [v for v in args.variants.split(",") if v]
@@ -130,7 +144,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     metrics_file = args.out / "metrics.json"
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "variants", "name", "names")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "variants", "name", "names", "threads")}
     settings["data"] = str(settings["data"])
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     if metrics.get("settings") != settings:
@@ -157,10 +171,10 @@ def main() -> None:
         concepts[key] = samples(base, [name] * 4, args.seed, args.inference_steps, args.guidance)
     for name in names:
         folder = args.out / "instances" / name.replace(" ", "_")
-        if not folder.is_dir():
-            folder.mkdir(parents=True)
+        if not any(folder.glob("*.png")):
+            folder.mkdir(parents=True, exist_ok=True)
             for i in [i for i, n in enumerate(list(held["name"])) if n == name]:
-                held[i]["image"].convert("RGB").save(folder / f"{held[i]['style']}.png")
+                image_of(held[i]).save(folder / f"{held[i]['style']}.png")
         for variant in variants:
             key = f"{name}|{variant}"
             run_dir = args.out / "runs" / f"{name.replace(' ', '_')}-{variant}"
@@ -191,7 +205,7 @@ def main() -> None:
     tiles, captions = [], []
     for name in names:
         first = list(held["name"]).index(name)
-        real = held[first]["image"].convert("RGB").resize((64, 64))
+        real = image_of(held[first]).resize((64, 64))
         real = torch.from_numpy(np.asarray(real)).permute(2, 0, 1).float() / 127.5 - 1
         adapted = concepts.get(f"{name}|adapted", torch.zeros(0, 3, 64, 64))
         row = [real, *concepts[f"{name}|base"], *adapted]

@@ -16,8 +16,8 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
+from diffusers import UNet2DConditionModel
 from PIL import Image
-from torch import nn
 
 from core.errors import UserError
 from core.images import make_grid, tensor_to_pil
@@ -25,7 +25,7 @@ from ldm.inpainting import encode_masked_image, grey_hole_image, mask_at_latent_
 from ldm.masks import MaskGenerator
 from ldm.unet import inpainting_unet_from
 from pipelines.inpaint import InpaintPipeline
-from pipelines.loading import text_encoder_spec
+from pipelines.loading import check_model_folder, read_model_index, resolve_model_path, text_encoder_spec
 from recipes.latent_diffusion import LDMTrainConfig, LDMTrainer
 
 
@@ -57,6 +57,17 @@ class InpaintTrainConfig(LDMTrainConfig):
                             "with every step's mask (leave it false)")
         super().validate()
 
+    def resolve_init(self) -> Path:
+        """A text-to-image model to widen, or with lora=true also an inpainting model to adapt."""
+        init = resolve_model_path(self.init_from)
+        check_model_folder(init)
+        if read_model_index(init).get("_class_name") == "StableDiffusionInpaintPipeline":
+            if not self.lora:
+                raise UserError(f"init_from {init} is already an inpainting model: add lora=true to adapt it with a "
+                                "LoRA, or fine-tune from its text-to-image model")
+            return init
+        return super().resolve_init()
+
     def fill_from_init(self, init: Path) -> None:
         """The autoencoder, and the text encoder and its length, from init_from when not set."""
         super().fill_from_init(init)
@@ -83,8 +94,12 @@ class InpaintTrainer(LDMTrainer):
         self.sample_rows = [r for r in rows if r is not None]  # the sample grid's inputs
         return dataset, collate
 
-    def build_model(self) -> nn.Module:
-        return inpainting_unet_from(self.load_init_unet(), self.vae.config.latent_channels)
+    def initial_unet(self) -> UNet2DConditionModel:
+        """init_from's text-to-image U-Net widened to 9 input channels, or (a LoRA on an inpainting model) as is."""
+        unet = self.load_init_unet()
+        if unet.config.in_channels == 2 * self.vae.config.latent_channels + 1:
+            return unet  # an inpainting model to adapt (the config allows it with lora=true only)
+        return inpainting_unet_from(unet, self.vae.config.latent_channels)
 
     def draw_masks(self, count: int) -> torch.Tensor:
         """(count, 1, H, W) masks, one seed per image drawn from torch's RNG (so resume replays them)."""

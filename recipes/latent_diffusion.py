@@ -358,13 +358,17 @@ class LDMTrainer(Trainer):
                             f"encoder {self.config.text_encoder} gives {self.text_encoder.hidden_size}")
         return unet
 
-    def build_model(self) -> nn.Module:
+    def initial_unet(self) -> UNet2DConditionModel:
+        """The U-Net training starts from: init_from's, or a fresh `unet_preset`."""
         config = self.config
         if config.init_from:
-            unet = self.load_init_unet()
-        else:
-            unet = build_unet(config.unet_preset, self.resolution // self.factor,
-                              self.vae.config.latent_channels, self.text_encoder.hidden_size, config.learned_variance)
+            return self.load_init_unet()
+        return build_unet(config.unet_preset, self.resolution // self.factor, self.vae.config.latent_channels,
+                          self.text_encoder.hidden_size, config.learned_variance)
+
+    def build_model(self) -> nn.Module:
+        config = self.config
+        unet = self.initial_unet()
         if config.lora:
             self.base_fingerprint = base_fingerprint(unet)
             add_lora(unet, config.lora_rank, config.lora_alpha, config.lora_target_modules, config.lora_dropout)

@@ -19,6 +19,7 @@ from core.errors import UserError
 from ldm.lora import WEIGHTS_NAME, add_lora
 from ldm.unet import build_unet
 from pipelines import InpaintPipeline, Pipeline
+from recipes.inpainting import InpaintTrainConfig
 from recipes.latent_diffusion import LDMTrainConfig
 from helpers import LAUNCH, ROOT, run, scalars
 
@@ -233,3 +234,44 @@ def test_bad_dreambooth_inputs_are_one_line_each(emoji_dir, base_dir, tmp_path):
         trainer = LDMTrainer(config(f"instance_data={folder}", "instance_prompt=a sks face", "identifier=sks"))
         with pytest.raises(UserError, match=message):
             trainer.run()
+
+
+def test_a_lora_on_an_inpainting_model_trains_loads_like_diffusers_and_refuses_the_wrong_kind(emoji_dir, base_dir,
+                                                                                              lora_run, tmp_path):
+    from diffusers import StableDiffusionInpaintPipeline
+    from PIL import Image
+
+    from ldm.unet import inpainting_unet_from
+
+    base = Pipeline(model=base_dir)
+    torch.manual_seed(1)
+    unet = inpainting_unet_from(base.unet, 4)
+    with torch.no_grad():
+        unet.conv_in.weight[:, 4:].normal_(0, 0.2)
+    inpaint_dir = InpaintPipeline(vae=base.vae, text_encoder=base.text_encoder, unet=unet,
+                                  scheduler=base.scheduler).save_pretrained(tmp_path / "inpaint-base")
+    with pytest.raises(UserError, match="already an inpainting model: add lora=true"):
+        load_config(InpaintTrainConfig, "configs/ldm/tiny-inpaint.yaml",
+                    [f"data={emoji_dir}", f"init_from={inpaint_dir}", f"output_dir={tmp_path / 'x'}"])
+    out = tmp_path / "run"
+    run(LAUNCH + ["train_ldm.py", "--config", "configs/ldm/tiny-inpaint.yaml", f"data={emoji_dir}",
+                  f"init_from={inpaint_dir}", f"output_dir={out}", "lora=true", "learning_rate=0.05", "max_steps=6",
+                  "checkpoint_every=6", "sample_every=6"])
+    assert json.loads((out / "final" / "adapter.json").read_text())["in_channels"] == 9
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 4:20] = 255
+    mask = Image.fromarray(mask)
+    kwargs = dict(num_inference_steps=5, guidance_scale=3.0, output_type="numpy", seed=2, paste_back=False,
+                  progress=False)
+    plain = InpaintPipeline(model=inpaint_dir).generate("a cat", image=image, mask=mask, **kwargs)
+    got = InpaintPipeline(model=inpaint_dir, lora=out).generate("a cat", image=image, mask=mask, **kwargs)
+    theirs = StableDiffusionInpaintPipeline.from_pretrained(inpaint_dir, safety_checker=None)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_lora_weights(out / "final")
+    expected = theirs("a cat", image=image, mask_image=mask, num_inference_steps=5, guidance_scale=3.0,
+                      output_type="np", generator=torch.Generator().manual_seed(2)).images
+    assert np.abs(got - expected).max() <= 1 / 255 and np.abs(got - plain).max() > 10 / 255
+    with pytest.raises(UserError, match="trained on a U-Net with 4 input channels"):
+        InpaintPipeline(model=inpaint_dir, lora=lora_run, lora_force=True)
