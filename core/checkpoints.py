@@ -105,7 +105,7 @@ def save_trained_weights_only(accelerator: Accelerator) -> None:
         return {n for n, p in params.items() if p.requires_grad} | {n for n, _ in model.named_buffers()}
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
-        for i, model in enumerate(models):
+        for i, model in enumerate(models[:len(weights)]):  # FSDP / DeepSpeed save their own way (no weights here)
             keep = kept(model)
             if keep is not None:
                 weights[i] = {k: v for k, v in weights[i].items() if k in keep}

@@ -253,7 +253,8 @@ class Trainer:
             self.step, self.batches_seen = state["step"], state["batches_seen"]
             self.guard.total = state.get("nonfinite_steps", 0)
             self.skipped_images = state.get("skipped_images", 0)
-            self.best_validation_loss = state.get("best_validation_loss", math.inf)
+            best = state.get("best_validation_loss")
+            self.best_validation_loss = math.inf if best is None else best
             if self.ema is not None:  # its state loads onto the CPU
                 self.ema.to(self.accelerator.device)
             logger.info("resumed from %s at step %d", resume_from, self.step)
@@ -389,7 +390,8 @@ class Trainer:
                                self.checkpointed_states(),
                                {"batches_seen": self.batches_seen, "skipped_images": self.skipped_images,
                                 "nonfinite_steps": self.guard.total,
-                                "best_validation_loss": self.best_validation_loss}, self.config.keep_checkpoints)
+                                "best_validation_loss": None if math.isinf(self.best_validation_loss)
+                                else self.best_validation_loss}, self.config.keep_checkpoints)
         logger.info("saved checkpoint %s", path)
 
     @torch.no_grad()
