@@ -18,10 +18,14 @@ from core.errors import UserError
 def make_accelerator(output_dir: str, gradient_accumulation_steps: int = 1, ddp_timeout_minutes: int = 10,
                      log_with: list[str] | None = None) -> Accelerator:
     """Accelerator with its trackers' logs in `output_dir/logs` (TensorBoard by default; wandb offline unless
-    WANDB_MODE is set), a seeded resumable shuffling sampler, and a collective timeout so that the other ranks fail
-    (instead of waiting forever) when one rank dies."""
-    os.environ.setdefault("WANDB_MODE", "offline")  # no network unless the user asks for it
-    os.environ.setdefault("WANDB_DIR", str(Path(output_dir) / "logs"))
+    WANDB_MODE is set; mlflow's file store there unless MLFLOW_TRACKING_URI is set), a seeded resumable shuffling
+    sampler, and a collective timeout so that the other ranks fail (instead of waiting forever) when one rank dies."""
+    logs = Path(output_dir) / "logs"
+    if "wandb" in (log_with or []):  # no network unless the user asks for it
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", str(logs))
+    if "mlflow" in (log_with or []):  # a local file store beside the run instead of ./mlruns
+        os.environ.setdefault("MLFLOW_TRACKING_URI", (logs / "mlruns").resolve().as_uri())
     return Accelerator(
         log_with=log_with or ["tensorboard"],
         project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=str(Path(output_dir) / "logs")),
