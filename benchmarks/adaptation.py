@@ -82,13 +82,18 @@ def samples(pipe, prompts: list[str], seed: int, steps: int, guidance: float, ba
     return torch.cat(out)
 
 
-def measure(pipe, network, name: str, args, gallery, gallery_names, forget_prompts, forget_real) -> dict:
+def measure(pipe, network, name: str, args, gallery, gallery_names, forget_prompts, forget_real,
+            fid: float | None = None) -> dict:
+    """Alignment of the name's samples, and the FID of the other prompts' samples (`fid` when already known: the
+    base's is the same for every name)."""
     from evaluation.fid import frechet_distance, inception_features
 
     concept = samples(pipe, [name] * args.samples, args.seed, args.inference_steps, args.guidance)
     row = alignment(inception_features(network, concept), gallery, gallery_names, name)
-    forgetting = samples(pipe, forget_prompts, args.seed + 10_000, args.inference_steps, args.guidance)
-    row["fid_other_prompts"] = frechet_distance(inception_features(network, forgetting), forget_real)
+    if fid is None:
+        forgetting = samples(pipe, forget_prompts, args.seed + 10_000, args.inference_steps, args.guidance)
+        fid = frechet_distance(inception_features(network, forgetting), forget_real)
+    row["fid_other_prompts"] = fid
     return row, concept
 
 
@@ -164,8 +169,9 @@ def main() -> None:
     for name in names:
         key = f"{name}|base"
         if key not in metrics["rows"]:
+            known = [r["fid_other_prompts"] for k, r in metrics["rows"].items() if k.endswith("|base")]
             row, concept = measure(base, network, name, args, gallery.features, gallery.names, forget.captions,
-                                   forget.features)
+                                   forget.features, known[0] if known else None)
             metrics["rows"][key] = row
             save_metrics(metrics_file, metrics)
         concepts[key] = samples(base, [name] * 4, args.seed, args.inference_steps, args.guidance)
