@@ -171,6 +171,7 @@ def test_bad_adapter_folders_and_scales(base_dir, lora_run, tmp_path):
         Pipeline(model=base_dir, lora=broken)
 
 
+@pytest.mark.slow
 def test_two_ranks_train_one_adapter(emoji_dir, base_dir, tmp_path):
     out = tmp_path / "ddp"
     launch = [LAUNCH[0], "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

@@ -39,6 +39,7 @@ def test_the_same_weights_give_the_same_loss_and_the_training_rng_is_left_alone(
     assert losses[0] == losses[1] and 0.1 < losses[0] < 10
 
 
+@pytest.mark.slow
 def test_one_and_two_ranks_log_the_same_loss_and_keep_best_exports_its_minimum(emoji_dir, autoencoder_dir,
                                                                                tmp_path):
     args = ["train_ldm.py", "--config", "configs/ldm/tiny.yaml", f"data={emoji_dir}", f"autoencoder={autoencoder_dir}",
