@@ -11,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LAUNCH = [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
           "--mixed_precision", "no", "--dynamo_backend", "no"]
+TWO_RANKS = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no"]  # with env ACCELERATE_USE_CPU=1 on a CPU machine
 
 
 def run(args: list[str], check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ from autoencoder.model import encodes_identically, estimate_scaling_factor
 from autoencoder.perceptual import SSIMDistance, make_perceptual
 from core.errors import UserError
 from evaluation.fid import frechet_distance
-from helpers import BIN, LAUNCH, run
+from helpers import BIN, LAUNCH, TWO_RANKS, run
 
 ROOT = os.path.dirname(os.path.dirname(__file__))
 
@@ -94,8 +94,7 @@ def _ae_args(emoji_dir, output_dir, *extra):
 
 def test_two_processes_with_discriminator_and_ema(emoji_dir, tmp_path):
     out = tmp_path / "ddp"
-    launch = [LAUNCH[0], "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = TWO_RANKS
     result = run(launch + _ae_args(emoji_dir, out, "max_steps=6", "checkpoint_every=3", "disc_start=2",
                                    "use_ema=true"), env={"ACCELERATE_USE_CPU": "1"})
     checkpoint = out / "checkpoints" / "step-00000006"

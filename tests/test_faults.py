@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import BIN, LAUNCH, ROOT, run
+from helpers import LAUNCH, ROOT, TWO_RANKS, run
 
 STEPS = ["max_steps=12", "checkpoint_every=4", "keep_checkpoints=3", "sample_every=1000", "log_every=4"]
 # Loaded by every Python process whose path holds this folder: SIGKILL the process at the rename that would
@@ -110,8 +110,7 @@ def _children(pid: int) -> list[int]:
 def test_killing_one_of_two_ranks_stops_the_other_and_resume_skips_partial_work(emoji_dir, autoencoder_dir,
                                                                                   tmp_path):
     out = tmp_path / "ddp"
-    launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+    launch = TWO_RANKS + ["--num_cpu_threads_per_process", "1"]
     args = _train_args(emoji_dir, autoencoder_dir, out) + ["ddp_timeout_minutes=1"]
     process = _start(launch + args, ACCELERATE_USE_CPU="1")
     _wait_for(out / "checkpoints" / "step-00000004" / "trainer_state.json", process)

@@ -227,7 +227,7 @@ def test_bad_inpainting_input(inpaint_components, tiny_components, caplog):
 def test_inpainting_fine_tune_through_accelerate_launch_resumes_and_exports(emoji_dir, autoencoder_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from helpers import LAUNCH, run
+    from helpers import LAUNCH, TWO_RANKS, run
 
     t2i = tmp_path / "t2i"
     run(LAUNCH + ["train_ldm.py", "--config", "configs/ldm/tiny.yaml", f"data={emoji_dir}",
@@ -257,8 +257,7 @@ def test_inpainting_fine_tune_through_accelerate_launch_resumes_and_exports(emoj
     assert np.array_equal(np.asarray(slim[0]), np.asarray(out[0]))
     refused = run(LAUNCH + common + [f"output_dir={tmp_path / 'again'}", f"init_from={final}"], check=False)
     assert "is not a text-to-image model folder" in refused.stderr
-    two_ranks = [LAUNCH[0], "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
+    two_ranks = TWO_RANKS + ["--num_cpu_threads_per_process", "1"]
     ddp = run(two_ranks + common + [f"output_dir={tmp_path / 'ddp'}", "max_steps=2", "sample_every=1000"],
               env={"ACCELERATE_USE_CPU": "1"})
     assert "differ across ranks" not in ddp.stderr  # weights and EMA identical on both ranks at export

@@ -21,7 +21,7 @@ from ldm.unet import build_unet
 from pipelines import InpaintPipeline, Pipeline
 from recipes.inpainting import InpaintTrainConfig
 from recipes.latent_diffusion import LDMTrainConfig
-from helpers import LAUNCH, ROOT, run, scalars
+from helpers import LAUNCH, ROOT, TWO_RANKS, run, scalars
 
 
 @pytest.fixture(autouse=True)
@@ -174,8 +174,7 @@ def test_bad_adapter_folders_and_scales(base_dir, lora_run, tmp_path):
 @pytest.mark.slow
 def test_two_ranks_train_one_adapter(emoji_dir, base_dir, tmp_path):
     out = tmp_path / "ddp"
-    launch = [LAUNCH[0], "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = TWO_RANKS
     result = run(launch + _args(emoji_dir, base_dir, out, "max_steps=6", "checkpoint_every=3"),
                  env={"ACCELERATE_USE_CPU": "1"})
     assert "differ across ranks" not in result.stderr

@@ -23,10 +23,9 @@ from core.data.buckets import Bucketer, fit_to_bucket, make_buckets, nearest_buc
 from core.data.sources import open_source, prepare
 from core.errors import UserError
 from dataprep.synthetic import write_synthetic_shards
-from helpers import LAUNCH, ROOT, run
+from helpers import LAUNCH, ROOT, TWO_RANKS, run
 
-TWO_RANKS = [LAUNCH[0], "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-             "no", "--dynamo_backend", "no"]
+TWO_RANKS = TWO_RANKS
 CPU = {"ACCELERATE_USE_CPU": "1"}
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from core.config import load_config
 from core.errors import UserError
 from recipes.latent_diffusion import LDMTrainConfig, LDMTrainer
-from helpers import LAUNCH, run
+from helpers import LAUNCH, TWO_RANKS, run
 
 
 @pytest.fixture(autouse=True)
@@ -41,8 +41,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(emoji_dir, autoe
 
 def test_two_processes(emoji_dir, autoencoder_dir, tmp_path):
     out = tmp_path / "ddp"
-    launch = [LAUNCH[0], "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = TWO_RANKS
     result = run(launch + _args(emoji_dir, autoencoder_dir, out, "max_steps=6", "checkpoint_every=3"),
                  env={"ACCELERATE_USE_CPU": "1"})
     checkpoint = out / "checkpoints" / "step-00000006"

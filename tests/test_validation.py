@@ -12,7 +12,7 @@ from core.config import load_config
 from core.data.batches import BucketBatchSampler
 from core.errors import UserError
 from recipes.latent_diffusion import LDMTrainConfig, LDMTrainer
-from helpers import LAUNCH, ROOT, run, scalars
+from helpers import LAUNCH, ROOT, TWO_RANKS, run, scalars
 
 
 @pytest.fixture(autouse=True)
@@ -45,8 +45,7 @@ def test_one_and_two_ranks_log_the_same_loss_and_keep_best_exports_its_minimum(e
     args = ["train_ldm.py", "--config", "configs/ldm/tiny.yaml", f"data={emoji_dir}", f"autoencoder={autoencoder_dir}",
             "max_steps=6", "checkpoint_every=3", "sample_every=1000", "learning_rate=0.01", "batch_size=4"]
     run(LAUNCH + args + [f"output_dir={tmp_path / 'one'}", "keep_best=true"])
-    launch = [LAUNCH[0], "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launch = TWO_RANKS
     run(launch + args + [f"output_dir={tmp_path / 'two'}"], env={"ACCELERATE_USE_CPU": "1"})
     one, two = scalars(tmp_path / "one", "val/loss"), scalars(tmp_path / "two", "val/loss")
     assert len(one) == len(two) == 3  # steps 0, 3 and 6
