@@ -256,7 +256,7 @@ def test_inpainting_fine_tune_through_accelerate_launch_resumes_and_exports(emoj
                                                                        num_inference_steps=3, seed=0, progress=False)
     assert np.array_equal(np.asarray(slim[0]), np.asarray(out[0]))
     refused = run(LAUNCH + common + [f"output_dir={tmp_path / 'again'}", f"init_from={final}"], check=False)
-    assert "is not a text-to-image model folder" in refused.stderr
+    assert "is already an inpainting model: add lora=true" in refused.stderr
     two_ranks = TWO_RANKS + ["--num_cpu_threads_per_process", "1"]
     ddp = run(two_ranks + common + [f"output_dir={tmp_path / 'ddp'}", "max_steps=2", "sample_every=1000"],
               env={"ACCELERATE_USE_CPU": "1"})
