@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--name", action="append", default=None, help="these names instead (repeat)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--lora-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--full-lr", type=float, default=1e-4)
     parser.add_argument("--samples", type=int, default=16, help="samples of each new name's prompt")
     parser.add_argument("--forgetting-prompts", type=int, default=200)

@@ -127,17 +127,18 @@ class Pipeline:
     def set_lora_scale(self, scales: dict[str, float] | float) -> None:
         """New scales for loaded adapters: one number for all, or {name: scale}."""
         scales = {n: scales for n in self.adapters} if not isinstance(scales, dict) else scales
-        unknown = set(scales) - set(self.adapters)
-        if unknown:
-            raise UserError(f"no loaded adapter named {sorted(unknown)}; loaded: {sorted(self.adapters) or 'none'}")
+        self._check_adapter_names(scales)
         self.adapters.update({n: real("lora_scale", v, -math.inf) for n, v in scales.items()})
         self.unet.set_adapters(list(self.adapters), list(self.adapters.values()))
 
-    def activate_lora(self, scales: dict[str, float]) -> None:
-        """Sample with exactly these loaded adapters at these scales ({} = the base alone); the others stay loaded."""
-        unknown = set(scales) - set(self.adapters)
+    def _check_adapter_names(self, names) -> None:
+        unknown = set(names) - set(self.adapters)
         if unknown:
             raise UserError(f"no loaded adapter named {sorted(unknown)}; loaded: {sorted(self.adapters) or 'none'}")
+
+    def activate_lora(self, scales: dict[str, float]) -> None:
+        """Sample with exactly these loaded adapters at these scales ({} = the base alone); the others stay loaded."""
+        self._check_adapter_names(scales)
         if not scales:
             self.unet.disable_adapters()
             return
