@@ -3,10 +3,13 @@ output_dir=runs/ldm autoencoder=runs/ae data=data/emoji [key=value ...]
 
 `init_from=DIR` (a text-to-image model folder) starts the U-Net from that model's weights; with `inpainting: true`
 (set in configs/ldm/*-inpaint.yaml) it fine-tunes an inpainting U-Net from that model instead
-(recipes/inpainting.py)."""
+(recipes/inpainting.py); with `distill: true` (configs/ldm/*-lcm.yaml) it distils that model into a consistency
+student that samples in 1-8 steps (recipes/consistency.py)."""
 
 from cli.training_args import ldm_config, parse_training_args
 from core.errors import exit_on_user_error
+from recipes.consistency import DistillTrainConfig
+from recipes.consistency import run as run_distillation
 from recipes.inpainting import InpaintTrainConfig
 from recipes.inpainting import run as run_inpainting
 from recipes.latent_diffusion import run as run_text_to_image
@@ -15,7 +18,12 @@ from recipes.latent_diffusion import run as run_text_to_image
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     config = ldm_config(*parse_training_args(__doc__, argv))
-    (run_inpainting if isinstance(config, InpaintTrainConfig) else run_text_to_image)(config)
+    if isinstance(config, InpaintTrainConfig):
+        run_inpainting(config)
+    elif isinstance(config, DistillTrainConfig):
+        run_distillation(config)
+    else:
+        run_text_to_image(config)
 
 
 if __name__ == "__main__":

@@ -129,7 +129,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from pipelines import Pipeline
 
     out = _output_path(args)
-    pipe = Pipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle, **_lora_kwargs(args))
+    pipe = Pipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle, fast=args.fast,
+                    **_lora_kwargs(args))
     if args.fuse and pipe.adapters:
         pipe.fuse_lora()
     _raise_limits(pipe, args)
@@ -192,17 +193,34 @@ def _scale_list(text: str, flag: str = "--guidance-scales") -> tuple[float, ...]
 
 def cmd_eval_generate(args: argparse.Namespace) -> None:
     from pipelines import Pipeline
-    from evaluation.generation import evaluate_generation, format_tables
+    from evaluation.generation import evaluate_generation, format_tables, plot_quality_vs_time
+    from pipelines import defaults as D
 
-    pipe = Pipeline(model=args.model)
-    out = args.out or (str(Path(args.model) / "eval") if args.model else "eval-default-model")
+    pipe = Pipeline(model=args.model, fast=args.fast)
+    out = args.out or (str(Path(args.model) / "eval") if args.model else
+                       "eval-default-fast-model" if args.fast else "eval-default-model")
+    student = pipe.is_consistency_student
+    samplers = (args.samplers or ",".join(f"lcm:{s}" for s in D.FAST_SAMPLER_SWEEP)) if student else args.samplers
     metrics = evaluate_generation(
-        pipe, args.data, out, num_images=args.num_images, sweep_images=args.sweep_images, scheduler=args.scheduler,
-        num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+        pipe, args.data, out, num_images=args.num_images, sweep_images=args.sweep_images,
+        scheduler=args.scheduler or ("lcm" if student else D.EVAL_SCHEDULER),
+        num_inference_steps=args.num_inference_steps or (D.FAST_NUM_INFERENCE_STEPS if student
+                                                         else D.EVAL_NUM_INFERENCE_STEPS),
+        guidance_scale=args.guidance_scale,
         heldout_split=None if args.heldout_split == "none" else args.heldout_split,
-        samplers=_sampler_list(args.samplers), guidance_scales=_scale_list(args.guidance_scales), seed=args.seed,
-        batch_size=args.batch_size, cache_dir=args.cache_dir)
+        samplers=_sampler_list(samplers or ",".join(f"{n}:{s}" for n, s in D.SAMPLER_SWEEP)),
+        guidance_scales=_scale_list(args.guidance_scales), seed=args.seed, batch_size=args.batch_size,
+        cache_dir=args.cache_dir, full_rows=_sampler_list(args.full_rows))
     print(format_tables(metrics))
+    if args.compare:
+        models = {metrics["model_name"]: metrics}
+        for folder in args.compare:
+            try:
+                other = json.loads((Path(folder) / "metrics.json").read_text())
+            except (OSError, ValueError) as err:
+                raise UserError(f"--compare {folder}: no readable metrics.json there ({err})") from err
+            models[other.get("model_name", folder)] = other
+        plot_quality_vs_time(models, Path(out) / "quality-vs-time.png")
     print(f"wrote {out}/metrics.json and its plots")
 
 

@@ -87,15 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen_eval.add_argument("--sweep-images", type=int, default=D.EVAL_SWEEP_IMAGES,
                           help="N for each sweep setting (default %(default)s)")
     gen_eval.add_argument("--heldout-split", default="validation", help="held-out split, or none (default validation)")
-    gen_eval.add_argument("--scheduler", default=D.EVAL_SCHEDULER,
-                          help="sampler of the main FIDs (default %(default)s)")
-    gen_eval.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int,
-                          default=D.EVAL_NUM_INFERENCE_STEPS, help="its steps (default %(default)s; --steps: old name)")
+    gen_eval.add_argument("--fast", action="store_true", help="evaluate the embedded distilled default")
+    gen_eval.add_argument("--scheduler", default=None,
+                          help=f"sampler of the main FIDs (default {D.EVAL_SCHEDULER}; lcm for a consistency student)")
+    gen_eval.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=None,
+                          help=f"its steps (default {D.EVAL_NUM_INFERENCE_STEPS}; {D.FAST_NUM_INFERENCE_STEPS} for a "
+                               "consistency student; --steps: old name)")
+    gen_eval.add_argument("--full-rows", default="none",
+                          help="more NAME:STEPS,... measured like the main setting (N training and held-out prompts), "
+                               "e.g. lcm:1,lcm:2,lcm:8 (default none)")
+    gen_eval.add_argument("--compare", action="append", default=None, metavar="EVAL_DIR",
+                          help="another model's results folder: quality-vs-time.png draws both models' rows")
     gen_eval.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float,
                           default=D.EVAL_GUIDANCE_SCALE,
                           help="classifier-free guidance scale (default %(default)s; --guidance: old name)")
-    gen_eval.add_argument("--samplers", default=",".join(f"{n}:{s}" for n, s in D.SAMPLER_SWEEP),
-                          help="sampler sweep as NAME:STEPS,... or none (default: %(default)s)")
+    gen_eval.add_argument("--samplers", default=None,
+                          help="sampler sweep as NAME:STEPS,... or none (default: "
+                               f"{','.join(f'{n}:{s}' for n, s in D.SAMPLER_SWEEP)}; for a consistency student "
+                               f"{','.join(f'lcm:{s}' for s in D.FAST_SAMPLER_SWEEP)})")
     gen_eval.add_argument("--guidance-scales", default=",".join(f"{g:g}" for g in D.GUIDANCE_SWEEP),
                           help="guidance sweep, or none (default: %(default)s)")
     gen_eval.add_argument("--seed", type=int, default=0)
@@ -167,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = subcommands.add_parser("generate", help="text-to-image with a trained model")
     _add_sampling_args(generate, "model folder (default: the embedded default model)")
+    generate.add_argument("--fast", action="store_true",
+                          help=f"the embedded distilled default: lcm sampler, {D.FAST_NUM_INFERENCE_STEPS} steps, one "
+                               "U-Net call per step")
     generate.add_argument("--classifier", default=None, help="classifier guidance: a train_classifier.py output")
     generate.add_argument("--class-label", default=None, help="the class to guide toward (e.g. 'Animals & Nature')")
     generate.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale (default 1)")
@@ -212,8 +224,9 @@ def _add_sampling_args(parser: argparse.ArgumentParser, model_help: str) -> None
     parser.add_argument("--model", help=model_help)
     parser.add_argument("-o", "--output", help="PNG to write (default: <prompt>.png); a grid when N > 1")
     parser.add_argument("--num-images", "-n", type=int, default=1)
-    parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int,
-                        default=D.NUM_INFERENCE_STEPS, help="sampling steps (default %(default)s; --steps: old name)")
+    parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=None,
+                        help=f"sampling steps (default {D.NUM_INFERENCE_STEPS}, {D.FAST_NUM_INFERENCE_STEPS} for a "
+                             "consistency-distilled student; --steps: old name)")
     parser.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float,
                         default=D.GUIDANCE_SCALE,
                         help="classifier-free guidance scale (default %(default)s; --guidance: old name)")

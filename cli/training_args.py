@@ -20,11 +20,17 @@ def parse_training_args(description: str, argv: list[str] | None = None) -> tupl
 
 def ldm_config(path: str | Path | None, overrides: list[str] | None = None,
                validate: bool = True):
-    """A text-to-image (`LDMTrainConfig`) or, with `inpainting: true`, an inpainting fine-tune config
-    (`InpaintTrainConfig`): the file read once. The recipes load here, not for the other training scripts."""
+    """A text-to-image (`LDMTrainConfig`), with `inpainting: true` an inpainting fine-tune config
+    (`InpaintTrainConfig`), with `distill: true` a consistency distillation config (`DistillTrainConfig`): the file
+    read once. The recipes load here, not for the other training scripts."""
+    from recipes.consistency import DistillTrainConfig
     from recipes.inpainting import InpaintTrainConfig
     from recipes.latent_diffusion import LDMTrainConfig
 
     values, sources = read_config(path, overrides)
-    cls = InpaintTrainConfig if values.get("inpainting") is True else LDMTrainConfig
+    if values.get("inpainting") is True and values.get("distill") is True:
+        from core.errors import UserError
+        raise UserError("inpainting=true and distill=true: distillation supports text-to-image teachers only")
+    cls = (InpaintTrainConfig if values.get("inpainting") is True
+           else DistillTrainConfig if values.get("distill") is True else LDMTrainConfig)
     return build_config(cls, values, sources, validate=validate)

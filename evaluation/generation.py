@@ -6,6 +6,8 @@
 - Prompt alignment without CLIP: for each sample of a training caption, the nearest real images (of the same N, in
   Inception feature space) carry the prompt's name (top-1, top-5) or its category; chance levels beside.
 - Quality vs sampler and steps, and a guidance-scale sweep: FID, alignment and seconds per image.
+- `full_rows`: more samplers / step counts measured like the main one (N training and held-out prompts), e.g. a
+  consistency student at 1, 2, 4 and 8 steps; `plot_quality_vs_time` draws several models' rows on one plot.
 
 Writes `metrics.json`, `samplers.png`, `guidance.png` and `samples.png` (prompts under images) to `--out`.
 """
@@ -85,7 +87,7 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
                         samplers: tuple[tuple[str, int], ...] = D.SAMPLER_SWEEP,
                         guidance_scales: tuple[float, ...] = D.GUIDANCE_SWEEP, seed: int = 0,
                         batch_size: int = D.EVAL_BATCH_SIZE,
-                        cache_dir: str | Path | None = None) -> dict:
+                        cache_dir: str | Path | None = None, full_rows: tuple[tuple[str, int], ...] = ()) -> dict:
     """Run every measurement; returns the metrics dict (also written to `out/metrics.json`). Real images'
     features are cached in `cache_dir` (default `out/cache`), so evaluating several models on the same data and N
     computes them once."""
@@ -94,10 +96,11 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
     # every argument and split checked before the first image: a typo must not cost the 20-minute main FID
     if num_images < 2 or sweep_images < 2:
         raise UserError("--num-images and --sweep-images must be at least 2 (FID needs a covariance)")
-    for name, steps in ((scheduler, num_inference_steps), *samplers):
-        make_scheduler(name, pipe.scheduler)  # an unknown sampler name is refused here, with the valid ones
+    for name, steps in ((scheduler, num_inference_steps), *samplers, *full_rows):
         if steps < 1:
             raise UserError(f"{name} needs at least 1 step, got {steps}")
+        # an unknown sampler name, or one that does not fit the model (lcm and students), is refused here
+        pipe.check_sampler(make_scheduler(name, pipe.scheduler), steps)
     if not all(math.isfinite(g) and g >= 0 for g in (guidance_scale, *guidance_scales)):
         raise UserError(f"guidance scales must be finite numbers >= 0, got {(guidance_scale, *guidance_scales)}")
     train = load_image_caption_dataset(data, "train")
@@ -117,7 +120,7 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
     settings = {"model": module_digest(pipe.unet), "scheduler": scheduler, "num_inference_steps": num_inference_steps,
                 "guidance_scale": guidance_scale, "heldout_split": heldout_split, "sweep_images": sweep_images}
     metrics: dict = {"data": str(data), "num_images": num_images, "resolution": size, "notes": notes, "seed": seed,
-                     "settings": settings}
+                     "settings": settings, "model_name": pipe.model_name}
     earlier = _earlier_results(out / "metrics.json", metrics)
 
     def measure(part: str, key, compute):
@@ -130,6 +133,8 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
             notes.append(f"{part} {key}: reused from the earlier, interrupted run in {out}")
         if part in ("train", "heldout"):
             metrics[part] = row
+        elif part in ("full_train", "full_heldout"):
+            metrics.setdefault(part, {"rows": []})["rows"].append(row)
         else:
             metrics.setdefault(part, {"images": len(sweep_set.captions), "fid_real_vs_real": sweep_floor,
                                       "rows": []})["rows"].append(row)
@@ -161,6 +166,15 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
 
         measure("heldout", "main", heldout_row)
 
+    for name, count in full_rows:  # like the main row: N training prompts, and the held-out ones
+        measure("full_train", f"{name}:{count}", lambda name=name, count=count: {**evaluate_setting(
+            pipe, network, prompts_set, name, count, guidance_scale, seed, batch_size)[0],
+            "fid_real_vs_real": metrics["train"]["fid_real_vs_real"]})
+        if heldout_ds is not None:
+            measure("full_heldout", f"{name}:{count}", lambda name=name, count=count: {**evaluate_setting(
+                pipe, network, heldout, name, count, guidance_scale, seed, batch_size)[0],
+                "fid_real_vs_real": metrics["heldout"]["fid_real_vs_real"]})
+
     for name, count in samplers:
         measure("samplers", f"{name}:{count}", lambda name=name, count=count: evaluate_setting(
             pipe, network, sweep_set, name, count, guidance_scale, seed, batch_size)[0])
@@ -179,8 +193,9 @@ def _earlier_results(path: Path, metrics: dict) -> dict:
     (part, key); nothing when there is no such run."""
     earlier = earlier_metrics(path, metrics, ("data", "num_images", "resolution", "seed", "settings"))
     found = {(part, "main"): earlier[part] for part in ("train", "heldout") if part in earlier}
-    for row in earlier.get("samplers", {}).get("rows", []):
-        found["samplers", f"{row['scheduler']}:{row['steps']}"] = row
+    for part in ("samplers", "full_train", "full_heldout"):
+        for row in earlier.get(part, {}).get("rows", []):
+            found[part, f"{row['scheduler']}:{row['steps']}"] = row
     for row in earlier.get("guidance", {}).get("rows", []):
         found["guidance", f"{row['guidance_scale']:g}"] = row
     return found
@@ -205,6 +220,37 @@ def plot_samplers(rows: list[dict], floor: float, path: Path) -> None:
     right.axhline(rows[0]["chance_name_top5"], color="gray", linestyle="--", label="chance")
     right.set(xscale="log", xlabel="seconds per image", ylabel="name in top-5 nearest real")
     right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def quality_rows(metrics: dict, part: str = "train") -> list[dict]:
+    """A model's rows at the main N on `part` (train or heldout): the main setting and the full rows, fastest first."""
+    rows = ([metrics[part]] if part in metrics else []) + metrics.get(f"full_{part}", {}).get("rows", [])
+    return sorted(rows, key=lambda r: r["seconds_per_image"])
+
+
+def plot_quality_vs_time(models: dict[str, dict], path: Path) -> None:
+    """FID (training and held-out prompts) against seconds per image, one curve per model's metrics.json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for axis, part, title in zip(axes, ("train", "heldout"), ("training prompts", "held-out prompts")):
+        for label, metrics in models.items():
+            rows = quality_rows(metrics, part)
+            if not rows:
+                continue
+            axis.plot([r["seconds_per_image"] for r in rows], [r["fid"] for r in rows], marker="o", label=label)
+            for r in rows:
+                axis.annotate(f"{r['scheduler']} {r['steps']}", (r["seconds_per_image"], r["fid"]), fontsize=7)
+            floor = rows[0]["fid_real_vs_real"]
+        axis.axhline(floor, color="gray", linestyle="--", label="real vs real")
+        axis.set(xscale="log", xlabel="seconds per image", ylabel=f"FID (N = {rows[0]['images']})", title=title)
+        axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -245,9 +291,11 @@ def format_tables(metrics: dict) -> str:
     for key, title in (("train", "training prompts vs their images"), ("heldout", "held-out prompts vs their images")):
         if key in metrics:
             parts.append(f"{title}\n\n{header}\n{row(metrics[key], metrics[key]['fid_real_vs_real'])}")
-    for key, title in (("samplers", "sampler and steps"), ("guidance", "guidance scale")):
+    for key, title in (("full_train", "more settings, training prompts"), ("full_heldout", "more settings, held-out "
+                       "prompts"), ("samplers", "sampler and steps"), ("guidance", "guidance scale")):
         if key in metrics:
-            rows = "\n".join(row(r, metrics[key]["fid_real_vs_real"]) for r in metrics[key]["rows"])
+            rows = "\n".join(row(r, r.get("fid_real_vs_real", metrics[key].get("fid_real_vs_real")))
+                             for r in metrics[key]["rows"])
             parts.append(f"{title}\n\n{header}\n{rows}")
     notes = "".join(f"\nnote: {n}" for n in metrics.get("notes", []))
     return "\n\n".join(parts) + notes

@@ -117,6 +117,13 @@ class NoiseSchedule:
         frac = (output + 1) / 2
         return torch.exp(frac * max_log + (1 - frac) * min_log)
 
+    def predicted_noise(self, xt: torch.Tensor, timesteps: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        """eps implied by the network's eps or v prediction at x_t."""
+        if self.prediction_type == "epsilon":
+            return model_output
+        alpha_bar = self.alpha_bar(timesteps, xt)
+        return alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * xt
+
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         alpha_bar = self.alphas_cumprod.to(timesteps.device)[timesteps]
         return alpha_bar / (1 - alpha_bar)
@@ -231,3 +238,64 @@ def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torc
     """Weighted MSE, mean over latent cells per sample, then over the batch; computed in fp32."""
     per_sample = (prediction.float() - target.float()).square().flatten(1).mean(1)
     return (weights.float() * per_sample).mean()
+
+
+# ---- consistency distillation (latent consistency models, Luo et al. 2023) ---------------------------------------
+# The student f(x_t, t, w, c) maps any point of the teacher's guided probability-flow ODE to its end x_0. Its output
+# is c_skip(t) x_t + c_out(t) x0_hat (the boundary condition f(x, 0) = x), trained so that f at x_{t_n+k} equals the
+# EMA target's f at x_{t_n}, one skipping DDIM step of the teacher earlier. diffusers' LCMScheduler samples with the
+# same c_skip / c_out, timestep grid and guidance embedding (tests/test_consistency.py checks each against it).
+
+def solver_timesteps(num_train_timesteps: int, num_solver_steps: int) -> torch.Tensor:
+    """The skipping-step grid t_1 < ... < t_N (k = T / N apart, ending at T - 1): LCMScheduler's training grid for
+    `original_inference_steps` = N."""
+    skip = num_train_timesteps // num_solver_steps
+    return torch.arange(1, num_solver_steps + 1) * skip - 1
+
+
+def consistency_scalings(timesteps: torch.Tensor, timestep_scaling: float = 10.0, sigma_data: float = 0.5
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) per timestep (LCM eq. 9 with t scaled by `timestep_scaling`): c_skip(0) = 1, c_out(0) = 0."""
+    scaled = timestep_scaling * timesteps.double()
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
+    return c_skip.float(), c_out.float()
+
+
+def guidance_embedding(scale: torch.Tensor, dim: int) -> torch.Tensor:
+    """The sinusoidal embedding of w = guidance_scale - 1 (times 1000) that a w-conditioned student takes as
+    `timestep_cond`: the embedding diffusers' StableDiffusionPipeline computes for such a U-Net."""
+    w = (scale.float() - 1) * 1000.0
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    angles = w[:, None] * frequencies.to(w.device)[None, :]
+    embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(embedding, (0, 1)) if dim % 2 else embedding
+
+
+def guided_ddim_step(schedule: NoiseSchedule, xt: torch.Tensor, timesteps: torch.Tensor, previous: torch.Tensor,
+                     cond_output: torch.Tensor, uncond_output: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step of the classifier-free guided teacher from t to `previous` (< t, >= 0):
+    x0 and eps each guided as uncond + s (cond - uncond), then x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps."""
+    s = scale.view(-1, *([1] * (xt.ndim - 1))).to(xt.dtype)
+    x0 = [schedule.predicted_x0(xt, timesteps, o) for o in (cond_output, uncond_output)]
+    eps = [schedule.predicted_noise(xt, timesteps, o) for o in (cond_output, uncond_output)]
+    x0_guided = x0[1] + s * (x0[0] - x0[1])
+    eps_guided = eps[1] + s * (eps[0] - eps[1])
+    alpha_bar_prev = schedule.alpha_bar(previous, xt)
+    return alpha_bar_prev.sqrt() * x0_guided + (1 - alpha_bar_prev).sqrt() * eps_guided
+
+
+def consistency_output(schedule: NoiseSchedule, xt: torch.Tensor, timesteps: torch.Tensor, model_output: torch.Tensor,
+                       timestep_scaling: float = 10.0) -> torch.Tensor:
+    """f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat(x_t, t): the consistency function from the network's output."""
+    c_skip, c_out = consistency_scalings(timesteps, timestep_scaling)
+    shape = (-1, *([1] * (xt.ndim - 1)))
+    x0 = schedule.predicted_x0(xt, timesteps, model_output)
+    return c_skip.to(xt.device).view(shape) * xt + c_out.to(xt.device).view(shape) * x0
+
+
+def pseudo_huber_loss(prediction: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
+    """mean(sqrt((a - b)^2 + c^2) - c), computed in fp32: L2-like below c, L1-like above (consistency models'
+    improved training; LCM-LoRA)."""
+    return (torch.sqrt((prediction.float() - target.float()).square() + c * c) - c).mean()

@@ -5,10 +5,13 @@ No torch or diffusers here: `ldm --help` reads these without paying for the heav
 
 from __future__ import annotations
 
-SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++", "euler", "euler_a", "unipc")  # pipelines/schedulers.py maps them
+SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++", "euler", "euler_a", "unipc", "lcm")  # pipelines/schedulers.py maps them
 DEFAULT_SCHEDULER = "dpm++"  # what a training export saves, so diffusers and `generate` sample alike by default
 NUM_INFERENCE_STEPS = 30
 GUIDANCE_SCALE = 5.0
+# a consistency-distilled student (recipes/consistency.py, `fast=True`): the lcm sampler, 1-8 steps
+FAST_NUM_INFERENCE_STEPS = 4
+LCM_MAX_STEPS = 8
 
 # `ldm eval generate`: the main FIDs' settings and the two sweeps
 EVAL_NUM_IMAGES = 1000
@@ -21,6 +24,7 @@ EVAL_BATCH_SIZE = 50
 SAMPLER_SWEEP = (("ddpm", 1000), ("ddpm", 250), ("ddim", 50), ("dpm++", 20), ("dpm++", 10), ("euler", 30),
                  ("unipc", 10))
 GUIDANCE_SWEEP = (1.0, 2.0, 3.0, 4.0, 5.0, 7.0, 9.0)
+FAST_SAMPLER_SWEEP = (1, 2, 4, 8)  # lcm steps of a consistency student's sweep
 
 # inpainting: the methods (by the model's U-Net) and how blend / repaint take the pixel mask to latent cells
 INPAINT_METHODS = ("unet", "blend", "repaint")

@@ -43,6 +43,17 @@ class ClassifierFreeGuidance:
         return torch.cat([guided, cond[:, k:]], dim=1) if k < cond.shape[1] else guided
 
 
+class EmbeddedGuidance:
+    """A w-conditioned consistency student: the guidance scale's embedding is a U-Net input (`timestep_cond`), so a
+    step is one call on the conditional prompt (diffusers' StableDiffusionPipeline does the same for such a U-Net)."""
+
+    def __init__(self, denoiser, cond: torch.Tensor, embedding: torch.Tensor) -> None:
+        self.denoiser, self.cond, self.embedding = denoiser, cond, embedding
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.denoiser(x, t, self.cond, self.embedding)
+
+
 class ClassifierGuidance:
     """Adds s sqrt(1 - alpha_bar_t) grad log p(y | x_t) to the (possibly classifier-free guided) eps prediction; the
     gradient goes through the classifier only. Any extra output channels (a learned variance) pass unchanged."""

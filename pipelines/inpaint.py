@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from core.errors import UserError
 from ldm.inpainting import encode_masked_image, mask_at_latent_size, unet_conditioning
 from pipelines.arguments import image_input, mask_input, real, whole
-from pipelines.defaults import GUIDANCE_SCALE, INPAINT_METHODS, LATENT_MASKS, NUM_INFERENCE_STEPS
+from pipelines.defaults import GUIDANCE_SCALE, INPAINT_METHODS, LATENT_MASKS
 from pipelines.guidance import ClassifierFreeGuidance
 from pipelines.text_to_image import Pipeline, images_to_pil
 
@@ -64,11 +64,14 @@ class InpaintPipeline(Pipeline):
         if self.unet.config.in_channels not in (latent, 2 * latent + 1):
             raise UserError(f"the U-Net takes {self.unet.config.in_channels} input channels; inpainting needs "
                             f"{2 * latent + 1} (an inpainting fine-tune) or {latent} (text-to-image, method='blend')")
+        if self.embeds_guidance:
+            raise UserError("a consistency-distilled student (fast model) cannot inpaint here; use the inpainting "
+                            "default or the model it was distilled from")
         self.check_output_channels()
 
     @torch.inference_mode()
     def generate(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
-                 num_images: int = 1, num_inference_steps: int = NUM_INFERENCE_STEPS,
+                 num_images: int = 1, num_inference_steps: int | None = None,
                  guidance_scale: float = GUIDANCE_SCALE, height: int | None = None, width: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
@@ -83,6 +86,7 @@ class InpaintPipeline(Pipeline):
         any of its pixels is masked); `feather`: paste-back edge blur in pixels. Image and mask are resized to
         `height` x `width` (default: the image's size)."""
         # 1. check inputs
+        num_inference_steps = self.default_steps() if num_inference_steps is None else num_inference_steps
         if not (negative_prompt is None or isinstance(negative_prompt, (str, list, tuple))):
             raise UserError("the second positional argument of generate is negative_prompt, as in Pipeline.generate; "
                             "pass the image and mask by name: generate(prompt, image=..., mask_image=...)")

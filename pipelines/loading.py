@@ -19,6 +19,7 @@ from core.files import atomic_folder
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_INPAINT_MODEL_DIR = Path(__file__).parent / "default_inpaint_model"  # fine-tuned from the one above
+DEFAULT_FAST_MODEL_DIR = Path(__file__).parent / "default_fast_model"  # distilled from it (consistency student)
 TEXT_ENCODER_REFERENCE = "text_encoder.json"
 CHECKSUMS = "checksums.json"
 COMPONENT_FILES = {
@@ -47,11 +48,12 @@ def read_json(path: Path) -> dict:
     return value
 
 
-def resolve_model_path(model: str | Path | None, inpainting: bool = False) -> Path:
-    """The model folder for `model`: None = the embedded default (the inpainting one if `inpainting`), a folder, or a
-    training output_dir (its final/)."""
+def resolve_model_path(model: str | Path | None, inpainting: bool = False, fast: bool = False) -> Path:
+    """The model folder for `model`: None = the embedded default (the inpainting one if `inpainting`, the distilled
+    student if `fast`), a folder, or a training output_dir (its final/)."""
     if model is None:
-        default = DEFAULT_INPAINT_MODEL_DIR if inpainting else DEFAULT_MODEL_DIR
+        default = (DEFAULT_INPAINT_MODEL_DIR if inpainting else DEFAULT_FAST_MODEL_DIR if fast
+                   else DEFAULT_MODEL_DIR)
         if not (default / "model_index.json").is_file():
             raise MissingFileError(f"the embedded default model is missing ({default}/model_index.json); restore it "
                                    f"with `git checkout -- pipelines/{default.name}` (or reinstall the package), or "
@@ -72,7 +74,8 @@ def resolve_model_path(model: str | Path | None, inpainting: bool = False) -> Pa
 
 def base_model_name(path: Path) -> str:
     """How a model folder is named in messages and adapter records: `default` for the embedded ones, else its path."""
-    for name, folder in (("default", DEFAULT_MODEL_DIR), ("default inpainting", DEFAULT_INPAINT_MODEL_DIR)):
+    for name, folder in (("default", DEFAULT_MODEL_DIR), ("default inpainting", DEFAULT_INPAINT_MODEL_DIR),
+                         ("default fast", DEFAULT_FAST_MODEL_DIR)):
         if Path(path).resolve() == folder.resolve():
             return name
     return str(path)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import diffusers
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, UniPCMultistepScheduler)
+                       EulerDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from core.errors import UserError
@@ -25,6 +25,7 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
     "unipc": UniPCMultistepScheduler,
+    "lcm": LCMScheduler,  # a consistency-distilled student's sampler, 1-8 steps (recipes/consistency.py)
 }
 assert tuple(SCHEDULERS) == SCHEDULER_NAMES
 

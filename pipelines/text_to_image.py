@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
@@ -25,8 +26,9 @@ from core.errors import UserError
 from ldm.classifier import NoisyLatentClassifier, load_classifier
 from ldm.text_encoders import load_text_encoder
 from pipelines.arguments import MAX_SEED, Limits, real, text_list, whole
-from pipelines.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
-from pipelines.guidance import ClassifierFreeGuidance, ClassifierGuidance
+from ldm.diffusion import guidance_embedding
+from pipelines.defaults import FAST_NUM_INFERENCE_STEPS, GUIDANCE_SCALE, LCM_MAX_STEPS, NUM_INFERENCE_STEPS
+from pipelines.guidance import ClassifierFreeGuidance, ClassifierGuidance, EmbeddedGuidance
 from pipelines.loading import base_model_name, check_model_folder, resolve_model_path, text_encoder_spec
 from pipelines.schedulers import load_scheduler, make_scheduler, uses_learned_variance
 
@@ -39,6 +41,8 @@ class Pipeline:
     `Pipeline("a cat")` loads the embedded default model; `Pipeline(prompt, model=PATH)` a local model folder;
     `Pipeline(vae=..., text_encoder=..., unet=..., scheduler=...)` wraps components already in memory.
     `lora=DIR` (or a list) adds LoRA adapters at `lora_scale` (one number, or one per adapter); see `load_lora`.
+    `fast=True` loads the embedded consistency-distilled student of the default model (the `lcm` sampler, 4 steps
+    by default, one U-Net call per step).
     """
 
     inpainting_default = False  # which embedded default `model=None` loads
@@ -47,14 +51,17 @@ class Pipeline:
                  vae: AutoencoderKL | None = None, text_encoder=None, unet: UNet2DConditionModel | None = None,
                  scheduler: SchedulerMixin | None = None, allow_pickle: bool = False,
                  lora: str | Path | list[str | Path] | None = None, lora_scale: float | list[float] = 1.0,
-                 lora_force: bool = False) -> None:
+                 lora_force: bool = False, fast: bool = False) -> None:
         self.prompt = prompt
         self.model_name = "the given components"
         given = [c is not None for c in (vae, text_encoder, unet, scheduler)]
         if any(given) and not all(given):
             raise UserError("pass all four components (vae, text_encoder, unet, scheduler) or none")
+        if fast and (model is not None or any(given)):
+            raise UserError("fast=True loads the embedded distilled default; for your own student pass only "
+                            "model=STUDENT_DIR (its folder samples with the lcm sampler by itself)")
         if not any(given):
-            path = resolve_model_path(model, inpainting=self.inpainting_default)
+            path = resolve_model_path(model, inpainting=self.inpainting_default, fast=fast)
             check_model_folder(path, allow_pickle)
             self.model_name = base_model_name(path)
             use_safetensors = None if allow_pickle else True
@@ -76,6 +83,7 @@ class Pipeline:
         self._unet_forward = self.unet  # replaced by a compiled forward after `compile()`; self.unet stays plain
         self.limits = Limits()  # what one call may ask for; raise on purpose
         self.adapters: dict[str, float] = {}  # loaded LoRA adapters and their scales
+        self.consistency_adapter = False  # an LCM-LoRA adapter is loaded (the base then samples with lcm)
         self._base_fingerprint: str | None = None
         folders = [] if lora is None else [lora] if isinstance(lora, (str, Path)) else list(lora)
         scales = lora_scale if isinstance(lora_scale, (list, tuple)) else [lora_scale] * len(folders)
@@ -99,6 +107,19 @@ class Pipeline:
                             f"outputs {latent} (a prediction) or {2 * latent} (prediction and learned variance)")
 
     @property
+    def embeds_guidance(self) -> bool:
+        """A w-conditioned consistency student: the guidance scale is a U-Net input, one call per step."""
+        return self.unet.config.get("time_cond_proj_dim") is not None
+
+    @property
+    def is_consistency_student(self) -> bool:
+        """A consistency-distilled model (recipes/consistency.py): a full student, or a base with an LCM-LoRA."""
+        return self.embeds_guidance or self.consistency_adapter
+
+    def default_steps(self) -> int:
+        return FAST_NUM_INFERENCE_STEPS if self.is_consistency_student else NUM_INFERENCE_STEPS
+
+    @property
     def predicts_variance(self) -> bool:
         """A learned-variance U-Net (improved DDPM): the prediction channels, then the variance interpolation."""
         return self.unet.config.out_channels == 2 * self.vae.config.latent_channels
@@ -119,6 +140,12 @@ class Pipeline:
             self._base_fingerprint = base_fingerprint(self.unet)
         check_base(info, self.unet, self._base_fingerprint, self.model_name, force)
         load_adapter(self.unet, info["folder"], name)
+        if info.get("consistency"):  # an LCM-LoRA: the model now samples with the lcm sampler it was distilled for
+            self.consistency_adapter = True
+            lcm = info["consistency"]
+            self.scheduler = LCMScheduler.from_config({**self.scheduler.config,
+                                                       "original_inference_steps": lcm["original_inference_steps"],
+                                                       "timestep_scaling": lcm["timestep_scaling"]})
         self.adapters[name] = scale
         self.unet.set_adapters(list(self.adapters), list(self.adapters.values()))
         self.unet.eval().requires_grad_(False)
@@ -209,7 +236,7 @@ class Pipeline:
 
     @torch.inference_mode()
     def generate(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
-                 num_images: int = 1, num_inference_steps: int = NUM_INFERENCE_STEPS,
+                 num_images: int = 1, num_inference_steps: int | None = None,
                  guidance_scale: float = GUIDANCE_SCALE, height: int | None = None, width: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
@@ -218,12 +245,17 @@ class Pipeline:
         """Sample images for `prompt` ("" = unconditional). Returns PIL images, an array, a tensor or latents.
 
         `scheduler`: a name from pipelines/schedulers.py, a diffusers scheduler, or None for the model's own.
+        `num_inference_steps`: default 30, or 4 for a consistency student (`fast=True`).
         `classifier` (a folder from train_classifier.py, or the model), `class_label`, `classifier_scale`: classifier
         guidance, alone (prompt "") or on top of classifier-free guidance.
         """
+        num_inference_steps = self.default_steps() if num_inference_steps is None else num_inference_steps
         prompts, negative, height, width = self.check_inputs(prompt, negative_prompt, num_images, num_inference_steps,
                                                              guidance_scale, height, width, output_type, seed,
                                                              scheduler)
+        if classifier is not None and self.is_consistency_student:
+            raise UserError("classifier guidance is not available for a consistency-distilled student; use the "
+                            "model it was distilled from")
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
         cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
@@ -273,15 +305,35 @@ class Pipeline:
                       guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text hidden states per image; the negative prompts' only when guidance needs the second branch."""
         cond = self.text_embeddings(prompts).repeat_interleave(num_images, dim=0).to(self.unet.dtype)
-        if not ClassifierFreeGuidance.needs_unconditional(guidance_scale):
+        if self.embeds_guidance or not ClassifierFreeGuidance.needs_unconditional(guidance_scale):
             return cond, None
         return cond, self.text_embeddings(negative).repeat_interleave(num_images, dim=0).to(self.unet.dtype)
 
     def prepare_scheduler(self, scheduler: str | SchedulerMixin | None, num_inference_steps: int) -> SchedulerMixin:
-        """A fresh sampler (schedulers keep state) with its timesteps set."""
+        """A fresh sampler (schedulers keep state) with its timesteps set; lcm for consistency students only."""
         sampler = make_scheduler(scheduler, self.scheduler)
+        self.check_sampler(sampler, num_inference_steps)
         sampler.set_timesteps(num_inference_steps, device=self.device)
         return sampler
+
+    def check_sampler(self, sampler: SchedulerMixin, num_inference_steps: int) -> None:
+        """The lcm sampler for consistency students and only for them, within the student's timestep grid."""
+        lcm = isinstance(sampler, LCMScheduler)
+        if lcm and not self.is_consistency_student:
+            raise UserError(f"the lcm sampler needs a consistency-distilled model, and {self.model_name} is not one: "
+                            "use `Pipeline(fast=True)` / `ldm generate --fast` for the embedded student, or your "
+                            "student's folder (train_ldm.py --config configs/ldm/emoji-64-lcm.yaml)")
+        if self.is_consistency_student and not lcm:
+            raise UserError(f"{self.model_name} is a consistency-distilled student: it samples with the lcm sampler "
+                            f"(its default; 1-{LCM_MAX_STEPS} steps), not {type(sampler).__name__}")
+        if lcm:
+            original = sampler.config.original_inference_steps
+            if num_inference_steps > original:
+                raise UserError(f"num_inference_steps={num_inference_steps} is more than this student's "
+                                f"{original}-point timestep grid allows; use 1-{LCM_MAX_STEPS}")
+            if num_inference_steps > LCM_MAX_STEPS:
+                warnings.warn(f"num_inference_steps={num_inference_steps}: a consistency student is distilled for "
+                              f"1-{LCM_MAX_STEPS} steps; more rarely helps", stacklevel=4)
 
     def prepare_latents(self, batch: int, height: int, width: int, generator: torch.Generator | None,
                         latents: torch.Tensor | None, sampler: SchedulerMixin) -> torch.Tensor:
@@ -295,7 +347,12 @@ class Pipeline:
 
     def guidance(self, denoiser, cond: torch.Tensor, uncond: torch.Tensor | None,
                  guidance_scale: float) -> ClassifierFreeGuidance:
-        """Classifier-free guidance of the prediction channels (a learned variance is taken from the cond branch)."""
+        """Classifier-free guidance of the prediction channels (a learned variance is taken from the cond branch); a
+        w-conditioned student takes the scale as an input instead (one U-Net call)."""
+        if self.embeds_guidance:
+            scale = torch.full((cond.shape[0],), float(guidance_scale))
+            embedding = guidance_embedding(scale, self.unet.config.time_cond_proj_dim)
+            return EmbeddedGuidance(denoiser, cond, embedding.to(self.device, cond.dtype))
         channels = self.latent_channels if self.predicts_variance else None
         return ClassifierFreeGuidance(denoiser, cond, uncond, guidance_scale, guided_channels=channels)
 
@@ -317,9 +374,12 @@ class Pipeline:
             classifier = classifier.to(self.device).eval().requires_grad_(False)
         return ClassifierGuidance(guided, classifier, label, scale, sampler.alphas_cumprod, self.latent_channels)
 
-    def denoiser(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The U-Net as a denoiser callable (x_t, t, context) -> its prediction."""
-        return self._unet_forward(x, t, encoder_hidden_states=context).sample
+    def denoiser(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                 timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The U-Net as a denoiser callable (x_t, t, context[, a student's guidance embedding]) -> its prediction."""
+        if timestep_cond is None:
+            return self._unet_forward(x, t, encoder_hidden_states=context).sample
+        return self._unet_forward(x, t, encoder_hidden_states=context, timestep_cond=timestep_cond).sample
 
     def denoise(self, latents: torch.Tensor, guided: ClassifierFreeGuidance, sampler: SchedulerMixin,
                 generator: torch.Generator | None, progress: bool, timesteps: torch.Tensor | None = None,

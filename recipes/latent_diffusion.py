@@ -76,6 +76,7 @@ class LDMTrainConfig(TrainConfig):
     class_data_dir: Optional[str] = None  # default output_dir/class_images
     prior_loss_weight: float = 1.0
     inpainting: bool = False  # true: the inpainting fine-tune (recipes/inpainting.py; train_ldm.py dispatches on it)
+    distill: bool = False  # true: consistency distillation of init_from (recipes/consistency.py)
     autoencoder: str = ""  # output_dir (or final/) of train_autoencoder.py, or any diffusers AutoencoderKL folder;
     # default with init_from: its vae/
     text_encoder: str = DEFAULT_TEXT_ENCODER
@@ -129,6 +130,9 @@ class LDMTrainConfig(TrainConfig):
     def validate(self) -> None:
         if self.inpainting and type(self) is LDMTrainConfig:
             raise UserError("inpainting=true selects the inpainting recipe (recipes/inpainting.py), which "
+                            "train_ldm.py picks from the config")
+        if self.distill and type(self) is LDMTrainConfig:
+            raise UserError("distill=true selects the distillation recipe (recipes/consistency.py), which "
                             "train_ldm.py picks from the config")
         if self.init_from:
             self.fill_from_init(self.resolve_init())  # checked once: checksums hash every weight file
