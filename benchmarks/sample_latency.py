@@ -14,6 +14,13 @@ channels_last memory format for the U-Net and VAE; torch.compile (inductor); tor
 (weights folded in as constants, oneDNN convolutions prepacked). `--threads` sets torch's intra-op threads. Each
 variant's calls alternate with diffusers' call by call; its ratio is against the diffusers calls of its own phase (the
 two compiled variants run in separate phases: dynamo would otherwise reuse one variant's graph for the other).
+
+`--student DIR` times a consistency-distilled student (recipes/consistency.py; the lcm sampler, one U-Net call per
+step) against its teacher (`--model`, default the embedded default) at `--teacher-steps` DPM-Solver++ steps, each on
+our Pipeline and on diffusers' StableDiffusionPipeline, calls alternating; plus the fixed costs every call pays (prompt
+encoding, decoding the latents):
+
+    python benchmarks/sample_latency.py --student pipelines/default_fast_model --student-steps 1 2 4 8 --batch 1 8
 """
 
 from __future__ import annotations
@@ -130,6 +137,66 @@ def levers(args) -> None:
                       f"{first[name]:.1f} |", flush=True)
 
 
+def student_rows(args) -> None:
+    """ms/image of the student at each step count and the teacher at --teacher-steps, ours and diffusers', and the
+    ratios; the fixed costs measured alone."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    from pipelines import Pipeline
+    from pipelines.loading import resolve_model_path
+
+    diffusers_logging.set_verbosity_error()
+    teacher_dir, student_dir = resolve_model_path(args.model), resolve_model_path(args.student)
+    teacher, student = Pipeline(model=teacher_dir), Pipeline(model=student_dir)
+    theirs = {name: StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+              for name, folder in (("teacher", teacher_dir), ("student", student_dir))}
+    theirs["teacher"].scheduler = DPMSolverMultistepScheduler.from_config(theirs["teacher"].scheduler.config)
+    for pipe in theirs.values():
+        pipe.set_progress_bar_config(disable=True)
+    steps_t = args.teacher_steps
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; teacher {teacher_dir} (dpm++ {steps_t}), "
+          f"student {student_dir} (lcm); guidance {args.guidance}; median of {args.repeats}, calls alternating")
+    print("| batch | model | sampler | steps | U-Net calls | ours ms/img | diffusers ms/img | ours vs teacher "
+          f"{steps_t} (ours) | vs teacher {steps_t} (diffusers) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for batch in args.batch:
+        prompts = ["a cat"] * batch
+
+        def ours(pipe, steps, scheduler):
+            return lambda: pipe.generate(prompts, num_inference_steps=steps, seed=0, scheduler=scheduler,
+                                         guidance_scale=args.guidance, output_type="numpy", progress=False)
+
+        def diffusers_call(name, steps):
+            return lambda: theirs[name](prompts, num_inference_steps=steps, guidance_scale=args.guidance,
+                                        generator=torch.Generator().manual_seed(0), output_type="np").images
+
+        latents = torch.randn(batch, 4, 16, 16)
+        calls = {("teacher", steps_t, "ours"): ours(teacher, steps_t, "dpm++"),
+                 ("teacher", steps_t, "diffusers"): diffusers_call("teacher", steps_t),
+                 "encode": lambda: student.text_embeddings(prompts),
+                 "decode": lambda: student.decode(latents, "numpy")}
+        for steps in args.student_steps:
+            calls[("student", steps, "ours")] = ours(student, steps, "lcm")
+            calls[("student", steps, "diffusers")] = diffusers_call("student", steps)
+        times = {key: [] for key in calls}
+        with torch.inference_mode():
+            for call in calls.values():
+                call()  # warm-up
+            for _ in range(args.repeats):
+                for key, call in calls.items():
+                    times[key].append(timed(call)[0])
+        ms = {key: statistics.median(t) * 1000 / batch for key, t in times.items()}
+        base_ours, base_theirs = ms[("teacher", steps_t, "ours")], ms[("teacher", steps_t, "diffusers")]
+        rows = [("teacher", "dpm++", steps_t, 2 * steps_t)] + [("student", "lcm", n, n) for n in args.student_steps]
+        for name, sampler, steps, unet_calls in rows:
+            mine, other = ms[(name, steps, "ours")], ms[(name, steps, "diffusers")]
+            print(f"| {batch} | {name} | {sampler} | {steps} | {unet_calls} | {mine:.1f} | {other:.1f} | "
+                  f"{mine / base_ours:.3f} | {other / base_theirs:.3f} |")
+        print(f"| {batch} | fixed costs | prompt encoding | | | {ms['encode']:.1f} | | | |")
+        print(f"| {batch} | fixed costs | decoding | | | {ms['decode']:.1f} | | | |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder (default: random weights, default recipe's shape)")
@@ -140,6 +207,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time our Pipeline after .compile()")
     parser.add_argument("--levers", action="store_true", help="time the inference levers instead (see above)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--student", help="a consistency student's folder: time it against --model (see above)")
+    parser.add_argument("--student-steps", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--teacher-steps", type=int, default=20)
     parser.add_argument("--child", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -148,6 +218,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.levers:
         return levers(args)
+    if args.student:
+        return student_rows(args)
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging

@@ -159,7 +159,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from web.app import serve
 
-    serve(args.model, args.inpaint_model, args.host, args.port, args.auth, args.lora_dir)
+    serve(args.model, args.inpaint_model, args.host, args.port, args.auth, args.lora_dir, args.fast_model)
 
 
 def cmd_eval_autoencoder(args: argparse.Namespace) -> None:

@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", default=None, help="text-to-image model folder (default: the embedded default)")
     serve.add_argument("--inpaint-model", default=None,
                        help="inpainting or text-to-image model folder (default: the embedded inpainting default)")
+    serve.add_argument("--fast-model", default=None,
+                       help="a consistency-distilled student for the Generate tab's Fast box (default: the embedded "
+                            "one, offered when --model is the embedded default)")
     serve.add_argument("--lora-dir", default=None,
                        help="a folder of LoRA adapter folders the Generate tab offers (those that fit --model)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")

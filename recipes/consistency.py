@@ -11,6 +11,7 @@ with diffusers' LCMScheduler in 1-8 steps, one U-Net call per step. The latent a
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -86,7 +87,12 @@ class DistillTrainConfig(LDMTrainConfig):
         super().validate()
 
     def fill_from_init(self, init: Path) -> None:
-        """The autoencoder, the text encoder and its length from the teacher when not set."""
+        """The autoencoder, the text encoder and its length from the teacher when not set; a learned-variance
+        teacher refused."""
+        unet, vae = (json.loads((init / part / "config.json").read_text()) for part in ("unet", "vae"))
+        if unet.get("out_channels") == 2 * vae.get("latent_channels", 4):
+            raise UserError(f"init_from {init} is a learned-variance model; distillation supports fixed-variance "
+                            "text-to-image teachers only")
         super().fill_from_init(init)
         name, length = text_encoder_spec(init)
         self.text_encoder = self.text_encoder or name
@@ -165,7 +171,7 @@ class DistillTrainer(LDMTrainer):
         kwargs = self.student_kwargs(scale)
         output = student(noisy, start, encoder_hidden_states=context, **kwargs).sample
         prediction = consistency_output(schedule, noisy, start, output, config.timestep_scaling)
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():  # the teacher and target are not prepared modules
             both = self.teacher(torch.cat([noisy, noisy]), torch.cat([start, start]),
                                 encoder_hidden_states=torch.cat([context, self.empty_context(context)])).sample
             cond, uncond = both.float().chunk(2)

@@ -194,6 +194,9 @@ def test_bad_distillation_settings_are_refused_with_what_is_supported(teacher_di
     inpaint.save_pretrained(inpaint_dir)
     with pytest.raises(UserError, match="not a text-to-image model folder"):
         _config(f"init_from={inpaint_dir}")
+    learned = Pipeline(**{**tiny_components, "unet": build_unet("tiny", 16, 4, 384, learned_variance=True)})
+    with pytest.raises(UserError, match="learned-variance model; distillation supports fixed-variance"):
+        _config(f"init_from={learned.save_pretrained(tmp_path / 'learned')}")
     with pytest.raises(UserError, match="use_ema=true"):
         _config(f"init_from={teacher_dir}", "use_ema=false")
 
@@ -237,3 +240,14 @@ def test_eval_generate_rows_for_student_and_teacher_and_their_quality_vs_time_pl
                   "--out", str(tmp_path / "never"), *common])
     assert "lcm sampler needs a consistency-distilled model" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_distil_one_student(emoji_dir, teacher_dir, tmp_path):
+    from helpers import TWO_RANKS
+
+    out = tmp_path / "ddp"
+    result = run(TWO_RANKS + _args(emoji_dir, teacher_dir, out, "max_steps=4", "checkpoint_every=2"),
+                 env={"ACCELERATE_USE_CPU": "1"})
+    assert "differ across ranks" not in result.stderr
+    assert Pipeline(model=out / "final").is_consistency_student

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from core.errors import UserError
-from pipelines.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SCHEDULER_NAMES
+from pipelines.defaults import FAST_NUM_INFERENCE_STEPS, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SCHEDULER_NAMES
 from web.requests import (
     INPAINT_METHODS,
     MAX_GUIDANCE,
@@ -82,16 +82,26 @@ def load_adapters(pipe, lora_dir: str | None) -> list[str]:
     return list(pipe.adapters)
 
 
-def build_app(model: str | None = None, inpaint_model: str | None = None, lora_dir: str | None = None):
+def build_app(model: str | None = None, inpaint_model: str | None = None, lora_dir: str | None = None,
+              fast_model: str | None = None):
     """The page as a `gr.Blocks` (launch it, or mount it in a FastAPI app). Models (and the adapters in `lora_dir`,
-    for the Generate tab) load once, here."""
+    for the Generate tab) load once, here. The Generate tab's "Fast" box samples a consistency student instead:
+    `fast_model`, or the embedded one when the main model is the embedded default."""
     gr = _gradio()
     from pipelines import InpaintPipeline, Pipeline
 
     pipe = Pipeline(model=model)
     adapters = load_adapters(pipe, lora_dir)
     inpaint_pipe = InpaintPipeline(model=inpaint_model)
-    names = {"generate": model or "embedded default", "inpaint": inpaint_model or "embedded inpainting default"}
+    from pipelines.loading import DEFAULT_FAST_MODEL_DIR
+
+    offer_fast = fast_model or (model is None and (DEFAULT_FAST_MODEL_DIR / "model_index.json").is_file())
+    fast_pipe = Pipeline(model=fast_model, fast=fast_model is None) if offer_fast else None
+    if fast_pipe is not None and not fast_pipe.is_consistency_student:
+        raise UserError(f"--fast-model {fast_model} is not a consistency-distilled student (train one with "
+                        "configs/ldm/emoji-64-lcm.yaml)")
+    names = {"generate": model or "embedded default", "inpaint": inpaint_model or "embedded inpainting default",
+             "fast": fast_model or "embedded fast default"}
     factor, default_size = pipe.vae_scale_factor, pipe.default_size()
 
     def page_errors(fn):
@@ -111,19 +121,23 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
 
     @page_errors
     def generate(prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, num_images, size, history,
-                 adapter=NO_ADAPTER, adapter_scale=1.0, progress=gr.Progress(track_tqdm=True)):
+                 adapter=NO_ADAPTER, adapter_scale=1.0, fast=False, progress=gr.Progress(track_tqdm=True)):
+        if fast and fast_pipe is None:
+            raise UserError("no fast (distilled) model on this server: start it with --fast-model DIR")
+        if fast and adapter != NO_ADAPTER:
+            raise UserError("LoRA adapters apply to the main model: untick Fast, or pick adapter 'none'")
         if adapter not in (NO_ADAPTER, *adapters):
             raise UserError(f"no adapter named '{adapter}' on this server")
         if adapter_scale is None or not -MAX_LORA_SCALE <= adapter_scale <= MAX_LORA_SCALE:
             raise UserError(f"the adapter scale must be from {-MAX_LORA_SCALE} to {MAX_LORA_SCALE}, got "
                             f"{adapter_scale}")
         settings = check_settings(prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, num_images,
-                                  size, factor, names["generate"])
+                                  size, factor, names["fast" if fast else "generate"])
         if adapter != NO_ADAPTER:
             settings.lora, settings.lora_scale = adapter, float(adapter_scale)
         if adapters:  # one request at a time per model (the concurrency group), so this cannot race
             pipe.activate_lora({adapter: float(adapter_scale)} if adapter != NO_ADAPTER else {})
-        images = pipe.generate(settings.prompt, **settings.pipeline_kwargs())
+        images = (fast_pipe if fast else pipe).generate(settings.prompt, **settings.pipeline_kwargs())
         new = [(with_settings(image, settings, i), _caption(settings, i)) for i, image in enumerate(images)]
         history = (new + (history or []))[:GALLERY_SIZE]
         return history, history, settings.seed
@@ -158,6 +172,9 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                     negative = gr.Textbox(label="Negative prompt", elem_id="negative")
                     sampling = _sampling_controls(gr, default_size, "gen")
                     num_images = gr.Number(label="Number of images", value=4, precision=0, elem_id="gen-num")
+                    fast = gr.Checkbox(False, label=f"Fast: the distilled student ({names['fast']}), lcm sampler, "
+                                                    f"{FAST_NUM_INFERENCE_STEPS} steps", visible=fast_pipe is not None,
+                                       elem_id="fast")
                     with gr.Row(visible=bool(adapters)):
                         adapter = gr.Dropdown([NO_ADAPTER, *adapters], value=NO_ADAPTER, label="LoRA adapter",
                                               elem_id="adapter")
@@ -170,8 +187,10 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
             history = gr.State([])
             button.click(generate, [prompt, negative, sampling.sampler, sampling.steps, sampling.guidance,
                                     sampling.seed, sampling.random_seed, num_images, sampling.size, history,
-                                    adapter, adapter_scale],
+                                    adapter, adapter_scale, fast],
                          [gallery, history, sampling.seed], concurrency_limit=1, concurrency_id="generate")
+            # the student's own step count when Fast is ticked, the usual one when not
+            fast.change(lambda on: FAST_NUM_INFERENCE_STEPS if on else NUM_INFERENCE_STEPS, fast, sampling.steps)
         with gr.Tab("Inpaint"):
             with gr.Row():
                 with gr.Column():
@@ -234,7 +253,8 @@ def _caption(settings: Settings, index: int) -> str:
 
 
 def serve(model: str | None = None, inpaint_model: str | None = None, host: str = "127.0.0.1",
-          port: int = 7860, auth: str | None = None, lora_dir: str | None = None) -> None:
+          port: int = 7860, auth: str | None = None, lora_dir: str | None = None,
+          fast_model: str | None = None) -> None:
     """Build the page and serve it until interrupted (loopback only unless `host` says otherwise). `auth`
     ("USER:PASSWORD") asks every visitor for that login (Gradio's basic login page)."""
     gr = _gradio()
@@ -248,7 +268,7 @@ def serve(model: str | None = None, inpaint_model: str | None = None, host: str 
         logger.warning("serving on %s without a login: anyone who can reach port %d can use this machine's models; "
                        "pass --auth USER:PASSWORD (or set LDM_SERVE_AUTH), or keep the default loopback host", host,
                        port)
-    app = build_app(model, inpaint_model, lora_dir)
+    app = build_app(model, inpaint_model, lora_dir, fast_model)
     try:
         app.launch(server_name=host, server_port=port, theme=gr.themes.Default(**FONTS), css=CSS, show_error=True,
                    share=False, inbrowser=False, auth=credentials, max_file_size=f"{MAX_UPLOAD_MB}mb")

@@ -2,7 +2,9 @@
 # On a lent GPU machine (tools/gpu/README.md), carrying .devcarry/ from tools/gpu/pack.py: continue the shipped
 # text-to-image default for T2I_MIN minutes, then fine-tune its inpainting variant for INP_MIN minutes, both with the
 # project's own `accelerate launch train_ldm.py` commands; the slim exports, sample grids and logs go to $OUT as tars.
-# T2I_MIN=0 skips the first stage and fine-tunes the shipped default itself.
+# T2I_MIN=0 skips the first stage and fine-tunes the shipped default itself; INP_MIN=0 skips the inpainting stage;
+# LCM_MIN=M (default 0: off) then distils the (continued) text-to-image model into a consistency student for M minutes
+# (configs/ldm/emoji-64-lcm.yaml; docs/distillation.md).
 # LOCAL=1 runs it on this CPU as a dry run (with DATA outside data/emoji, so the real split's caches stay valid).
 set -euo pipefail
 export TQDM_MININTERVAL=15 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -31,6 +33,15 @@ if [ "${T2I_MIN:-4}" != 0 ]; then
   tar cf "$OUT/t2i.tar" --exclude=vae -C runs gpu-t2i-slim gpu-t2i/samples gpu-t2i/logs  # vae/: the shipped one
   INIT=runs/gpu-t2i-slim
 fi
+if [ "${LCM_MIN:-0}" != 0 ]; then
+  $L train_ldm.py --config configs/ldm/emoji-64-lcm.yaml data="$DATA" init_from=$INIT output_dir=runs/gpu-lcm \
+    cache_dir=runs/gpu-cache batch_size=$BS learning_rate=${LCM_LR:-2e-4} max_steps=200000 max_minutes=$LCM_MIN \
+    checkpoint_every=1000 sample_every=1000 validation_every=1000 log_every=100 2>&1 \
+    | tr '\r' '\n' > "$OUT/lcm.log" || { tail -30 "$OUT/lcm.log"; exit 1; }
+  $PY -m cli.main export --model runs/gpu-lcm/final --out runs/gpu-lcm-slim
+  tar cf "$OUT/lcm.tar" --exclude=vae -C runs gpu-lcm-slim gpu-lcm/samples gpu-lcm/logs
+fi
+if [ "${INP_MIN:-3}" = 0 ]; then ls -la "$OUT"; exit 0; fi
 $L train_ldm.py --config configs/ldm/emoji-64-inpaint.yaml data="$DATA" init_from=$INIT \
   output_dir=runs/gpu-inpaint batch_size=$BS num_workers=8 learning_rate=${INP_LR:-5e-4} \
   max_steps=200000 max_minutes=${INP_MIN:-3} checkpoint_every=1000 sample_every=1000 log_every=100 2>&1 \
