@@ -39,7 +39,8 @@ def test_fast_default_is_the_distilled_student_of_the_default(fast_pipe):
     assert isinstance(fast_pipe.scheduler, LCMScheduler)
     teacher = json.loads((DEFAULT_MODEL_DIR / "unet" / "config.json").read_text())
     student = json.loads((DEFAULT_FAST_MODEL_DIR / "unet" / "config.json").read_text())
-    different = {k for k in teacher.keys() | student.keys() if not k.startswith("_") and teacher.get(k) != student.get(k)}
+    different = {k for k in teacher.keys() | student.keys()
+                 if not k.startswith("_") and teacher.get(k) != student.get(k)}
     assert different == {"time_cond_proj_dim"}  # the teacher's U-Net plus the guidance input
     vae = "vae/diffusion_pytorch_model.safetensors"
     assert (DEFAULT_FAST_MODEL_DIR / vae).read_bytes() == (DEFAULT_MODEL_DIR / vae).read_bytes()
