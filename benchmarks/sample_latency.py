@@ -149,8 +149,9 @@ def student_rows(args) -> None:
     diffusers_logging.set_verbosity_error()
     teacher_dir, student_dir = resolve_model_path(args.model), resolve_model_path(args.student)
     teacher, student = Pipeline(model=teacher_dir), Pipeline(model=student_dir)
-    theirs = {name: StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-              for name, folder in (("teacher", teacher_dir), ("student", student_dir))}
+    full = Path(tempfile.mkdtemp())  # slim folders name their text encoder; diffusers needs a copy of it
+    theirs = {name: StableDiffusionPipeline.from_pretrained(pipe.save_pretrained(full / name), safety_checker=None)
+              for name, pipe in (("teacher", teacher), ("student", student))}
     theirs["teacher"].scheduler = DPMSolverMultistepScheduler.from_config(theirs["teacher"].scheduler.config)
     for pipe in theirs.values():
         pipe.set_progress_bar_config(disable=True)

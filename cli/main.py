@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen_eval.add_argument("--sweep-images", type=int, default=D.EVAL_SWEEP_IMAGES,
                           help="N for each sweep setting (default %(default)s)")
     gen_eval.add_argument("--heldout-split", default="validation", help="held-out split, or none (default validation)")
-    gen_eval.add_argument("--fast", action="store_true", help="evaluate the embedded distilled default")
+    gen_eval.add_argument("--fast", action="store_true",
+                          help="evaluate the embedded distilled default (once one ships; none does in this release)")
     gen_eval.add_argument("--scheduler", default=None,
                           help=f"sampler of the main FIDs (default {D.EVAL_SCHEDULER}; lcm for a consistency student)")
     gen_eval.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=None,
@@ -177,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate = subcommands.add_parser("generate", help="text-to-image with a trained model")
     _add_sampling_args(generate, "model folder (default: the embedded default model)")
     generate.add_argument("--fast", action="store_true",
-                          help=f"the embedded distilled default: lcm sampler, {D.FAST_NUM_INFERENCE_STEPS} steps, one "
-                               "U-Net call per step")
+                          help=f"the embedded distilled default (lcm sampler, {D.FAST_NUM_INFERENCE_STEPS} steps, one "
+                               "U-Net call per step) once one ships; none does in this release")
     generate.add_argument("--classifier", default=None, help="classifier guidance: a train_classifier.py output")
     generate.add_argument("--class-label", default=None, help="the class to guide toward (e.g. 'Animals & Nature')")
     generate.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale (default 1)")

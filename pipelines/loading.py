@@ -54,6 +54,11 @@ def resolve_model_path(model: str | Path | None, inpainting: bool = False, fast:
     if model is None:
         default = (DEFAULT_INPAINT_MODEL_DIR if inpainting else DEFAULT_FAST_MODEL_DIR if fast
                    else DEFAULT_MODEL_DIR)
+        if fast and not (default / "model_index.json").is_file():
+            raise MissingFileError("no consistency-distilled default is shipped with this release (the first student "
+                                   "missed its 4-step quality target: docs/distillation.md); distil one with "
+                                   "`train_ldm.py --config configs/ldm/emoji-64-lcm.yaml` and pass its folder "
+                                   "(model=DIR, --model DIR)")
         if not (default / "model_index.json").is_file():
             raise MissingFileError(f"the embedded default model is missing ({default}/model_index.json); restore it "
                                    f"with `git checkout -- pipelines/{default.name}` (or reinstall the package), or "

@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from autoencoder.model import downsampling_factor
 from core.errors import UserError
 from ldm.classifier import NoisyLatentClassifier, load_classifier
+from ldm.diffusion import guidance_embedding
 from ldm.text_encoders import load_text_encoder
 from pipelines.arguments import MAX_SEED, Limits, real, text_list, whole
-from ldm.diffusion import guidance_embedding
 from pipelines.defaults import FAST_NUM_INFERENCE_STEPS, GUIDANCE_SCALE, LCM_MAX_STEPS, NUM_INFERENCE_STEPS
 from pipelines.guidance import ClassifierFreeGuidance, ClassifierGuidance, EmbeddedGuidance
 from pipelines.loading import base_model_name, check_model_folder, resolve_model_path, text_encoder_spec
@@ -42,7 +42,7 @@ class Pipeline:
     `Pipeline(vae=..., text_encoder=..., unet=..., scheduler=...)` wraps components already in memory.
     `lora=DIR` (or a list) adds LoRA adapters at `lora_scale` (one number, or one per adapter); see `load_lora`.
     `fast=True` loads the embedded consistency-distilled student of the default model (the `lcm` sampler, 4 steps
-    by default, one U-Net call per step).
+    by default, one U-Net call per step) once one ships; none does in this release (docs/distillation.md).
     """
 
     inpainting_default = False  # which embedded default `model=None` loads
@@ -256,6 +256,9 @@ class Pipeline:
         if classifier is not None and self.is_consistency_student:
             raise UserError("classifier guidance is not available for a consistency-distilled student; use the "
                             "model it was distilled from")
+        if negative_prompt is not None and self.embeds_guidance:
+            warnings.warn("a consistency student takes the guidance scale as an input and has no unconditional "
+                          "branch: negative_prompt is ignored (as in diffusers)", stacklevel=3)
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
         cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)

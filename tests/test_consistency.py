@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from cli.main import main as ldm_main
 from core.config import load_config
-from core.errors import UserError
+from core.errors import MissingFileError, UserError
 from ldm.diffusion import (NoiseSchedule, consistency_output, consistency_scalings, guidance_embedding,
                            guided_ddim_step, pseudo_huber_loss, solver_timesteps)
 from ldm.unet import build_unet
@@ -207,10 +207,16 @@ def test_the_lcm_sampler_and_a_student_refuse_what_does_not_fit(lcm_run, teacher
         _sample(student, scheduler="dpm++")
     with pytest.warns(UserWarning, match="distilled for 1-8 steps"):
         _sample(student, 10)
+    with pytest.warns(UserWarning, match="negative_prompt is ignored"):
+        _sample(student, 2, negative_prompt="blurry")
     with pytest.raises(UserError, match="more than this student's 50-point timestep grid"):
         _sample(student, 51)
     with pytest.raises(UserError, match="fast=True loads the embedded distilled default"):
         Pipeline(model=teacher_dir, fast=True)
+    from pipelines.loading import DEFAULT_FAST_MODEL_DIR
+    if not DEFAULT_FAST_MODEL_DIR.exists():  # none ships in this release: the message says why and what to do
+        with pytest.raises(MissingFileError, match="no consistency-distilled default is shipped.*emoji-64-lcm"):
+            Pipeline(fast=True)
     with pytest.raises(UserError, match="cannot inpaint here"):
         InpaintPipeline(model=lcm_run / "final")
     with pytest.raises(SystemExit):
@@ -251,3 +257,20 @@ def test_two_ranks_distil_one_student(emoji_dir, teacher_dir, tmp_path):
                  env={"ACCELERATE_USE_CPU": "1"})
     assert "differ across ranks" not in result.stderr
     assert Pipeline(model=out / "final").is_consistency_student
+
+
+def test_the_pages_fast_box_samples_a_student_and_a_non_student_is_refused(lcm_run, teacher_dir):
+    pytest.importorskip("gradio")
+    from web.app import build_app
+
+    with pytest.raises(UserError, match="is not a consistency-distilled student"):
+        build_app(model=str(teacher_dir), fast_model=str(teacher_dir))
+    app = build_app(model=str(teacher_dir), fast_model=str(lcm_run / "final"))
+    generate = next(f.fn for f in app.fns.values() if f.fn.__name__ == "generate")
+    history, _, _ = generate("a cat", "", "model's own", 2, 3.0, 5, False, 1, 32, [], "none", 1.0, True)
+    image = history[0][0]
+    settings = json.loads(image.info["parameters"])
+    assert (settings["model"], settings["steps"]) == (str(lcm_run / "final"), 2)
+    expected = Pipeline(model=lcm_run / "final").generate("a cat", num_inference_steps=2, guidance_scale=3.0, seed=5,
+                                                          height=32, width=32, progress=False)[0]
+    assert np.abs(np.asarray(image, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
