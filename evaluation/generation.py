@@ -234,6 +234,7 @@ def quality_rows(metrics: dict, part: str = "train") -> list[dict]:
 def plot_quality_vs_time(models: dict[str, dict], path: Path) -> None:
     """FID (training and held-out prompts) against seconds per image, one curve per model's metrics.json."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -250,6 +251,7 @@ def plot_quality_vs_time(models: dict[str, dict], path: Path) -> None:
             floor = rows[0]["fid_real_vs_real"]
         axis.axhline(floor, color="gray", linestyle="--", label="real vs real")
         axis.set(xscale="log", xlabel="seconds per image", ylabel=f"FID (N = {rows[0]['images']})", title=title)
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short range
         axis.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
