@@ -49,6 +49,18 @@ def text_encoder():
 def tiny_components(text_encoder):
     """Seeded tiny VAE (f2) and U-Net plus the real MiniLM encoder and the scheduler a training export saves (the
     default sampler on the training noise schedule)."""
+    return _tiny_components(text_encoder)
+
+
+@pytest.fixture(scope="module")
+def base_model_dir(tmp_path_factory, text_encoder):
+    """The seeded tiny components saved once per test module: the base of adapters, the teacher of distillation."""
+    from pipelines import Pipeline
+
+    return Pipeline(**_tiny_components(text_encoder)).save_pretrained(tmp_path_factory.mktemp("base") / "model")
+
+
+def _tiny_components(text_encoder) -> dict:
     from autoencoder.model import build_autoencoder
     from ldm.diffusion import NoiseSchedule
     from ldm.unet import build_unet

@@ -29,19 +29,9 @@ def _repo_root(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, text_encoder):
+def teacher_dir(base_model_dir):
     """A seeded tiny text-to-image model folder: the teacher."""
-    from autoencoder.model import build_autoencoder
-    from pipelines.defaults import DEFAULT_SCHEDULER
-    from pipelines.schedulers import SCHEDULERS
-
-    torch.manual_seed(0)
-    vae = build_autoencoder("tiny", resolution=32)
-    vae.register_to_config(scaling_factor=0.75)
-    unet = build_unet("tiny", latent_size=16, latent_channels=4, cross_attention_dim=text_encoder.hidden_size)
-    scheduler = SCHEDULERS[DEFAULT_SCHEDULER].from_config(NoiseSchedule().to_scheduler_config())
-    folder = tmp_path_factory.mktemp("teacher") / "model"
-    return Pipeline(vae=vae, text_encoder=text_encoder, unet=unet, scheduler=scheduler).save_pretrained(folder)
+    return base_model_dir
 
 
 def _args(emoji_dir, teacher_dir, output_dir, *extra):
