@@ -87,6 +87,40 @@ class InpaintPipeline(Pipeline):
         `height` x `width` (default: the image's size)."""
         # 1. check inputs
         num_inference_steps = self.default_steps() if num_inference_steps is None else num_inference_steps
+        image, mask_image, method, prompts, negative, height, width = self._check_all_inputs(
+            prompt, negative_prompt, num_images, num_inference_steps, guidance_scale, height, width, output_type, seed,
+            scheduler, image, mask_image, mask, method, strength, latent_mask, repaint_jump_length,
+            repaint_jump_n_sample, paste_back, feather)
+        # 2. prepare image and mask (an empty mask returns the image unchanged)
+        init_image, mask_condition = self.prepare_image_and_mask(image, mask_image, height, width)
+        batch = len(prompts) * num_images
+        if not mask_condition.any():
+            return self.unchanged(init_image, batch, output_type)
+        if generator is None and seed is not None:
+            generator = torch.Generator("cpu").manual_seed(seed)
+        # 3. encode prompt
+        cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
+        # 4. prepare latents: the start, the image's latents, the mask and the masked image at latent size
+        sampler, timesteps = self.prepare_inpaint_scheduler(scheduler, num_inference_steps, strength)
+        latents, noise, image_latents = self.prepare_inpaint_latents(
+            batch, height, width, generator, latents, sampler, init_image, timesteps, strength,
+            need_image_latents=method != "unet" or (latents is None and strength < 1))
+        mask_latents, masked_latents = self.prepare_mask_latents(mask_condition, init_image, masked_image_latents,
+                                                                 batch, generator, cover=latent_mask == "cover")
+        # 5. denoise, per method
+        latents = self._denoise_per_method(method, latents, cond, uncond, guidance_scale, sampler, timesteps,
+                                           image_latents, noise, mask_latents, masked_latents, num_inference_steps,
+                                           repaint_jump_length, repaint_jump_n_sample, generator, progress)
+        # 6. decode; 7. paste the original back outside the mask
+        return self._decode_and_paste(latents, init_image, mask_condition, paste_back, feather, output_type)
+
+    def _check_all_inputs(self, prompt, negative_prompt, num_images: int, num_inference_steps: int,
+                          guidance_scale: float, height: int | None, width: int | None, output_type: str,
+                          seed: int | None, scheduler, image, mask_image, mask, method: str | None, strength: float,
+                          latent_mask: str, repaint_jump_length: int, repaint_jump_n_sample: int, paste_back: bool,
+                          feather: float) -> tuple:
+        """Every argument checked before any work, the inpainting ones first: (image, mask, method, prompts,
+        negative prompts, height, width)."""
         if not (negative_prompt is None or isinstance(negative_prompt, (str, list, tuple))):
             raise UserError("the second positional argument of generate is negative_prompt, as in Pipeline.generate; "
                             "pass the image and mask by name: generate(prompt, image=..., mask_image=...)")
@@ -97,39 +131,31 @@ class InpaintPipeline(Pipeline):
         prompts, negative, height, width = self.check_inputs(prompt, negative_prompt, num_images, num_inference_steps,
                                                              guidance_scale, height, width, output_type, seed,
                                                              scheduler)
-        # 2. prepare image and mask
-        init_image, mask_condition = self.prepare_image_and_mask(image, mask_image, height, width)
-        batch = len(prompts) * num_images
-        if not mask_condition.any():
-            logger.warning("the mask is empty (no pixel >= 0.5): returning the image unchanged")
-            return self.unchanged(init_image, batch, output_type)
-        if generator is None and seed is not None:
-            generator = torch.Generator("cpu").manual_seed(seed)
-        # 3. encode prompt
-        cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
-        # 4. prepare latents: the start, the image's latents, the mask and the masked image at latent size
-        sampler, timesteps = self.prepare_inpaint_scheduler(scheduler, num_inference_steps, strength)
-        need_image_latents = method != "unet" or (latents is None and strength < 1)
-        latents, noise, image_latents = self.prepare_inpaint_latents(batch, height, width, generator, latents,
-                                                                     sampler, init_image, timesteps, strength,
-                                                                     need_image_latents)
-        mask_latents, masked_latents = self.prepare_mask_latents(mask_condition, init_image, masked_image_latents,
-                                                                 batch, generator, cover=latent_mask == "cover")
-        # 5. denoise, per method
+        return image, mask_image, method, prompts, negative, height, width
+
+    def _denoise_per_method(self, method: str, latents: torch.Tensor, cond: torch.Tensor,
+                            uncond: torch.Tensor | None, guidance_scale: float, sampler: SchedulerMixin,
+                            timesteps: torch.Tensor, image_latents: torch.Tensor | None, noise: torch.Tensor,
+                            mask_latents: torch.Tensor, masked_latents: torch.Tensor, num_inference_steps: int,
+                            repaint_jump_length: int, repaint_jump_n_sample: int, generator: torch.Generator | None,
+                            progress: bool) -> torch.Tensor:
+        """The guided sampling loop of `method`: the 9-channel U-Net's, RePaint's, or latent blending's."""
         if method == "unet":
             guided = self.guidance(self.inpaint_denoiser(mask_latents, masked_latents), cond, uncond, guidance_scale)
-            latents = self.denoise(latents, guided, sampler, generator, progress, timesteps)
-        elif method == "repaint":
-            guided = self.guidance(self.denoiser, cond, uncond, guidance_scale)
-            latents = self.repaint(latents, guided, image_latents, mask_latents, num_inference_steps,
-                                   repaint_jump_length, repaint_jump_n_sample, generator, progress)
-        else:
-            guided = self.guidance(self.denoiser, cond, uncond, guidance_scale)
-            latents = self.denoise_blending(latents, guided, sampler, timesteps, image_latents, noise, mask_latents,
-                                            generator, progress)
+            return self.denoise(latents, guided, sampler, generator, progress, timesteps)
+        guided = self.guidance(self.denoiser, cond, uncond, guidance_scale)
+        if method == "repaint":
+            return self.repaint(latents, guided, image_latents, mask_latents, num_inference_steps,
+                                repaint_jump_length, repaint_jump_n_sample, generator, progress)
+        return self.denoise_blending(latents, guided, sampler, timesteps, image_latents, noise, mask_latents,
+                                     generator, progress)
+
+    def _decode_and_paste(self, latents: torch.Tensor, init_image: torch.Tensor, mask_condition: torch.Tensor,
+                          paste_back: bool, feather: float, output_type: str):
+        """The latents as they are for output_type="latent"; else decoded, the original pasted back outside the
+        mask (with `paste_back`), as `output_type`."""
         if output_type == "latent":
             return latents
-        # 6. decode; 7. paste the original back outside the mask
         images = self.decode(latents, "torch")
         if paste_back:
             images = paste(images, (init_image + 1) / 2, mask_condition, feather)
@@ -176,6 +202,7 @@ class InpaintPipeline(Pipeline):
 
     def unchanged(self, init_image: torch.Tensor, batch: int, output_type: str):
         """What an empty mask returns: the image itself (its posterior-mean latents for output_type="latent")."""
+        logger.warning("the mask is empty (no pixel >= 0.5): returning the image unchanged")
         if output_type == "latent":
             latents = self.vae.encode(init_image.to(self.unet.dtype)).latent_dist.mean
             return (latents * self.vae.config.scaling_factor).repeat(batch, 1, 1, 1)
