@@ -62,13 +62,15 @@ def load_autoencoder(path: str | Path) -> AutoencoderKL:
 
 def encodes_identically(a: AutoencoderKL, b: AutoencoderKL) -> bool:
     """Same encoder (and quant_conv) weights and scaling factor: the same latents for every image, so a U-Net trained
-    on one works with the other (e.g. `b` is a decoder-only fine-tune of `a`)."""
+    on one works with the other (e.g. `b` is a decoder-only fine-tune of `a`). Weights are compared in the coarser
+    of the two dtypes, so a float32 autoencoder equals its own float16 export."""
     def encoding(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
         return {k: v for k, v in vae.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
 
+    coarser = max(a.dtype, b.dtype, key=lambda d: torch.finfo(d).eps)
     ours, theirs = encoding(a), encoding(b)
     return a.config.scaling_factor == b.config.scaling_factor and ours.keys() == theirs.keys() and all(
-        torch.equal(ours[k].float(), theirs[k].float()) for k in ours)
+        torch.equal(ours[k].to(coarser), theirs[k].to(coarser)) for k in ours)
 
 
 def downsampling_factor(vae: AutoencoderKL) -> int:

@@ -29,7 +29,7 @@ from ldm.diffusion import (consistency_output, guidance_embedding, guided_ddim_s
                            solver_timesteps)
 from ldm.lora import write_adapter
 from pipelines.defaults import LCM_MAX_STEPS
-from pipelines.loading import base_model_name, text_encoder_spec, write_model_folder
+from pipelines.loading import base_model_name, write_model_folder
 from recipes.latent_diffusion import LDMTrainConfig, LDMTrainer
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,6 @@ class DistillTrainConfig(LDMTrainConfig):
 
     distill: bool = True  # what makes train_ldm.py run this recipe
     init_from: str = ""  # the teacher: a text-to-image model folder (the embedded default: pipelines/default_model)
-    text_encoder: str = ""  # default: init_from's
-    text_max_length: Optional[int] = None  # default: init_from's
     # the guidance scales the student learns (drawn uniformly per image); it takes the scale as an input
     guidance_scale_min: float = 2.0
     guidance_scale_max: float = 7.0
@@ -75,28 +73,24 @@ class DistillTrainConfig(LDMTrainConfig):
         if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
             raise UserError(f"guidance_scale_min and guidance_scale_max must be finite with 0 <= min <= max, got "
                             f"{lo:g} and {hi:g}")
-        if not 1 <= self.num_solver_steps <= self.num_train_timesteps:
-            raise UserError(f"num_solver_steps must be in [1, num_train_timesteps={self.num_train_timesteps}], got "
-                            f"{self.num_solver_steps}")
         if not (self.huber_c > 0 and math.isfinite(self.huber_c)):
             raise UserError(f"huber_c must be a number > 0, got {self.huber_c}")
         if not self.timestep_scaling > 0:
             raise UserError(f"timestep_scaling must be > 0, got {self.timestep_scaling}")
         if self.guidance_embedding_dim < 2:
             raise UserError(f"guidance_embedding_dim must be at least 2, got {self.guidance_embedding_dim}")
-        super().validate()
+        super().validate()  # fills the teacher's settings in
+        if not 1 <= self.num_solver_steps <= self.num_train_timesteps:
+            raise UserError(f"num_solver_steps must be in [1, num_train_timesteps={self.num_train_timesteps}], got "
+                            f"{self.num_solver_steps}")
 
     def fill_from_init(self, init: Path) -> None:
-        """The autoencoder, the text encoder and its length from the teacher when not set; a learned-variance
-        teacher refused."""
+        """The teacher's settings (recipes/inherit.py); a learned-variance teacher refused."""
         unet, vae = (json.loads((init / part / "config.json").read_text()) for part in ("unet", "vae"))
         if unet.get("out_channels") == 2 * vae.get("latent_channels", 4):
             raise UserError(f"init_from {init} is a learned-variance model; distillation supports fixed-variance "
                             "text-to-image teachers only")
         super().fill_from_init(init)
-        name, length = text_encoder_spec(init)
-        self.text_encoder = self.text_encoder or name
-        self.text_max_length = self.text_max_length or length
 
     def lcm_scheduler(self) -> LCMScheduler:
         """The sampler the student is trained for: the teacher's noise schedule on LCM's timestep grid."""

@@ -25,7 +25,7 @@ from ldm.inpainting import encode_masked_image, grey_hole_image, mask_at_latent_
 from ldm.masks import MaskGenerator
 from ldm.unet import inpainting_unet_from
 from pipelines.inpaint import InpaintPipeline
-from pipelines.loading import check_model_folder, read_model_index, resolve_model_path, text_encoder_spec
+from pipelines.loading import check_model_folder, read_model_index, resolve_model_path
 from recipes.latent_diffusion import LDMTrainConfig, LDMTrainer
 
 
@@ -35,9 +35,6 @@ class InpaintTrainConfig(LDMTrainConfig):
 
     init_from: str = ""  # a text-to-image model folder (train_ldm.py's final/, or an `ldm export` folder)
     inpainting: bool = True  # what makes train_ldm.py run this recipe
-    autoencoder: str = ""  # default: init_from's vae/
-    text_encoder: str = ""  # default: init_from's text encoder
-    text_max_length: Optional[int] = None  # default: init_from's
     cache_latents: bool = False  # must stay false: the masked image changes every step
     mask_strokes_weight: float = 1.0
     mask_boxes_weight: float = 1.0
@@ -67,13 +64,6 @@ class InpaintTrainConfig(LDMTrainConfig):
                                 "LoRA, or fine-tune from its text-to-image model")
             return init
         return super().resolve_init()
-
-    def fill_from_init(self, init: Path) -> None:
-        """The autoencoder, and the text encoder and its length, from init_from when not set."""
-        super().fill_from_init(init)
-        name, length = text_encoder_spec(init)
-        self.text_encoder = self.text_encoder or name
-        self.text_max_length = self.text_max_length or length
 
     def mask_generator(self, size: int) -> MaskGenerator:
         return MaskGenerator(size, {"strokes": self.mask_strokes_weight, "boxes": self.mask_boxes_weight,

@@ -32,9 +32,10 @@ from ldm.cache import DTYPES, CacheInputs, CachedLatents, load_or_build_cache
 from ldm.diffusion import (BETA_SCHEDULES, NoiseSchedule, diffusion_loss, sample_noise, sample_timesteps,
                            vlb_term)
 from ldm.lora import DEFAULT_TARGETS, add_lora, base_fingerprint, check_lora_settings, write_adapter
-from ldm.text_encoders import DEFAULT_TEXT_ENCODER, load_text_encoder
+from ldm.text_encoders import load_text_encoder
 from ldm.unet import PRESETS, build_unet, enable_xformers, size_multiple
 from pipelines import Pipeline
+from recipes.inherit import check_same_latent_space, fill_scratch_defaults, inherit_settings
 from recipes.dreambooth import (DreamBoothDataset, class_images, dreambooth_collate, image_files, load_image,
                                 prior_weights)
 from pipelines.defaults import DEFAULT_SCHEDULER
@@ -78,20 +79,22 @@ class LDMTrainConfig(TrainConfig):
     inpainting: bool = False  # true: the inpainting fine-tune (recipes/inpainting.py; train_ldm.py dispatches on it)
     distill: bool = False  # true: consistency distillation of init_from (recipes/consistency.py)
     autoencoder: str = ""  # output_dir (or final/) of train_autoencoder.py, or any diffusers AutoencoderKL folder;
-    # default with init_from: its vae/
-    text_encoder: str = DEFAULT_TEXT_ENCODER
-    text_max_length: int = 77
+    # default with init_from: its vae/ (another one must share its latent space: channels and scaling factor)
+    # What a model folder fixes (BASE_SETTINGS): unset (empty / null) = init_from's, or SCRATCH_DEFAULTS from scratch;
+    # a fine-tune that sets one differently from its base is refused (it would train off the base's distribution)
+    text_encoder: str = ""  # minilm | a local folder | openclip:... (ldm/text_encoders.py)
+    text_max_length: Optional[int] = None  # the padding length of every caption (77 from scratch)
     resolution: Optional[int] = None  # pixels; defaults to the autoencoder's sample_size
     unet_preset: str = "emoji-s"
-    # the noise schedule; defaults are NoiseSchedule's (ldm/diffusion.py), written once there
-    num_train_timesteps: int = NoiseSchedule.num_train_timesteps
-    beta_schedule: str = NoiseSchedule.beta_schedule
-    beta_start: float = NoiseSchedule.beta_start
-    beta_end: float = NoiseSchedule.beta_end
-    prediction_type: str = NoiseSchedule.prediction_type
-    zero_terminal_snr: bool = NoiseSchedule.zero_terminal_snr
+    # the noise schedule (ldm/diffusion.py's NoiseSchedule, whose defaults apply from scratch)
+    num_train_timesteps: Optional[int] = None
+    beta_schedule: Optional[str] = None
+    beta_start: Optional[float] = None
+    beta_end: Optional[float] = None
+    prediction_type: Optional[str] = None
+    zero_terminal_snr: Optional[bool] = None
     # also learn the reverse variance: L_simple + vlb_weight * L_vlb (improved DDPM)
-    learned_variance: bool = NoiseSchedule.learned_variance
+    learned_variance: Optional[bool] = None
     vlb_weight: float = 0.001  # lambda of the hybrid objective; the bound's gradient reaches only the variance
     min_snr_gamma: Optional[float] = None  # None = uniform L_simple
     offset_noise: float = 0.0
@@ -124,8 +127,13 @@ class LDMTrainConfig(TrainConfig):
         return init
 
     def fill_from_init(self, init: Path) -> None:
-        """Settings left empty that init_from's folder decides: the autoencoder (its vae/)."""
-        self.init_from, self.autoencoder = str(init), self.autoencoder or str(init / "vae")
+        """Every setting init_from's folder decides (recipes/inherit.py) taken from it, and its vae/ as the
+        autoencoder unless another one of the same latent space is given."""
+        self.init_from = str(init)
+        inherit_settings(self, init)
+        if self.autoencoder:
+            check_same_latent_space(self.autoencoder, init)
+        self.autoencoder = self.autoencoder or str(init / "vae")
 
     def validate(self) -> None:
         if self.inpainting and type(self) is LDMTrainConfig:
@@ -136,6 +144,8 @@ class LDMTrainConfig(TrainConfig):
                             "train_ldm.py picks from the config")
         if self.init_from:
             self.fill_from_init(self.resolve_init())  # checked once: checksums hash every weight file
+        else:
+            fill_scratch_defaults(self)
         super().validate()
         if not self.autoencoder:
             raise UserError("autoencoder is required: add autoencoder=DIR (the output_dir of train_autoencoder.py)")
@@ -295,7 +305,8 @@ class LDMTrainer(Trainer):
             chunk = rows[start:start + per_batch]
             if "latent_mean" in chunk[0]:  # cache rows
                 mean = torch.stack([r["latent_mean"] for r in chunk]).to(device)
-                context = torch.stack([r["text_states"][0] for r in chunk]).to(device)
+                context = self.cache.text_states(torch.stack([r["shard"] for r in chunk]),
+                                                 torch.stack([r["caption_ids"][0] for r in chunk])).to(device)
                 batch = {}
             else:
                 pixels = torch.stack([r["pixel_values"] for r in chunk]).to(device)
@@ -408,8 +419,8 @@ class LDMTrainer(Trainer):
         mean, logvar = batch["latent_mean"].to(device), batch["latent_logvar"].to(device)
         sample = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, device=device, dtype=mean.dtype)
         drop, variant = self.draw_captions(len(mean))
-        context = batch["text_states"][torch.arange(len(mean)), variant]  # (batch, length, width) of the drawn variant
-        context[drop] = self.cache.empty_embedding
+        chosen = batch["caption_ids"][torch.arange(len(mean)), variant].masked_fill(drop, -1)  # -1: dropped
+        context = self.cache.text_states(batch["shard"], chosen)  # only the drawn variant's states are read
         return sample * self.vae.config.scaling_factor, context.to(device)
 
     def extra_inputs(self, batch: dict, latents: torch.Tensor) -> torch.Tensor | None:
