@@ -231,9 +231,9 @@ def _add_sampling_args(parser: argparse.ArgumentParser, model_help: str) -> None
     parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=None,
                         help=f"sampling steps (default {D.NUM_INFERENCE_STEPS}, {D.FAST_NUM_INFERENCE_STEPS} for a "
                              "consistency-distilled student; --steps: old name)")
-    parser.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float,
-                        default=D.GUIDANCE_SCALE,
-                        help="classifier-free guidance scale (default %(default)s; --guidance: old name)")
+    parser.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=None,
+                        help=f"classifier-free guidance scale (default {D.GUIDANCE_SCALE}, 1 with an LCM-LoRA; "
+                             "--guidance: old name)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scheduler", default=None,
                         help=f"one of {', '.join(D.SCHEDULER_NAMES)} (default: the model's own, "

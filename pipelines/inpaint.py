@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from core.errors import UserError
 from ldm.inpainting import encode_masked_image, mask_at_latent_size, unet_conditioning
 from pipelines.arguments import image_input, mask_input, real, whole
-from pipelines.defaults import GUIDANCE_SCALE, INPAINT_METHODS, LATENT_MASKS
+from pipelines.defaults import INPAINT_METHODS, LATENT_MASKS
 from pipelines.guidance import ClassifierFreeGuidance
 from pipelines.text_to_image import Pipeline, images_to_pil
 
@@ -72,7 +72,7 @@ class InpaintPipeline(Pipeline):
     @torch.inference_mode()
     def generate(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  num_images: int = 1, num_inference_steps: int | None = None,
-                 guidance_scale: float = GUIDANCE_SCALE, height: int | None = None, width: int | None = None,
+                 guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
                  output_type: str = "pil", progress: bool = True, *, image=None, mask_image=None, mask=None,
@@ -87,6 +87,7 @@ class InpaintPipeline(Pipeline):
         `height` x `width` (default: the image's size)."""
         # 1. check inputs
         num_inference_steps = self.default_steps() if num_inference_steps is None else num_inference_steps
+        guidance_scale = self.default_guidance_scale() if guidance_scale is None else guidance_scale
         image, mask_image, method, prompts, negative, height, width = self._check_all_inputs(
             prompt, negative_prompt, num_images, num_inference_steps, guidance_scale, height, width, output_type, seed,
             scheduler, image, mask_image, mask, method, strength, latent_mask, repaint_jump_length,

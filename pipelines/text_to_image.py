@@ -75,7 +75,8 @@ class Pipeline:
                                 "re-export the model folder") from err
             text_encoder = load_text_encoder(*text_encoder_spec(path))
             scheduler = load_scheduler(path / "scheduler")
-        self.vae, self.text_encoder, self.unet, self.scheduler = vae, text_encoder, unet, scheduler
+        self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
+        self.model_scheduler = scheduler  # the folder's own sampler; `scheduler` is the one sampling uses now
         self.check_unet()
         for module in (self.vae, self.unet, self.text_encoder):
             module.eval().requires_grad_(False)
@@ -83,7 +84,8 @@ class Pipeline:
         self._unet_forward = self.unet  # replaced by a compiled forward after `compile()`; self.unet stays plain
         self.limits = Limits()  # what one call may ask for; raise on purpose
         self.adapters: dict[str, float] = {}  # loaded LoRA adapters and their scales
-        self.consistency_adapter = False  # an LCM-LoRA adapter is loaded (the base then samples with lcm)
+        self.active_adapters: dict[str, float] = {}  # the ones sampling uses now (activate_lora picks)
+        self.consistency_adapters: dict[str, dict] = {}  # LCM-LoRAs among them: name -> their lcm sampler settings
         self._base_fingerprint: str | None = None
         folders = [] if lora is None else [lora] if isinstance(lora, (str, Path)) else list(lora)
         scales = lora_scale if isinstance(lora_scale, (list, tuple)) else [lora_scale] * len(folders)
@@ -112,12 +114,35 @@ class Pipeline:
         return self.unet.config.get("time_cond_proj_dim") is not None
 
     @property
+    def consistency_adapter(self) -> str | None:
+        """The active LCM-LoRA adapter's name, if one is active (the base then samples as its student)."""
+        return next((name for name in self.active_adapters if name in self.consistency_adapters), None)
+
+    @property
     def is_consistency_student(self) -> bool:
-        """A consistency-distilled model (recipes/consistency.py): a full student, or a base with an LCM-LoRA."""
-        return self.embeds_guidance or self.consistency_adapter
+        """A consistency-distilled model (recipes/consistency.py): a full student, or a base with an active
+        LCM-LoRA. Follows the active adapters: switching an LCM-LoRA off gives the base's own sampling back."""
+        return self.embeds_guidance or self.consistency_adapter is not None
+
+    @property
+    def scheduler(self) -> SchedulerMixin:
+        """The default sampler now: the folder's own, or the lcm sampler an active LCM-LoRA was distilled for."""
+        name = self.consistency_adapter
+        if name is None:
+            return self.model_scheduler
+        return LCMScheduler.from_config({**self.model_scheduler.config, **self.consistency_adapters[name]})
+
+    @scheduler.setter
+    def scheduler(self, scheduler: SchedulerMixin) -> None:
+        self.model_scheduler = scheduler
 
     def default_steps(self) -> int:
         return FAST_NUM_INFERENCE_STEPS if self.is_consistency_student else NUM_INFERENCE_STEPS
+
+    def default_guidance_scale(self) -> float:
+        """1 (no classifier-free guidance, one call per step) with an active LCM-LoRA, which learnt the guided
+        teacher's average; otherwise GUIDANCE_SCALE (a w-conditioned student takes it as its input)."""
+        return 1.0 if self.consistency_adapter is not None else GUIDANCE_SCALE
 
     @property
     def predicts_variance(self) -> bool:
@@ -140,23 +165,35 @@ class Pipeline:
             self._base_fingerprint = base_fingerprint(self.unet)
         check_base(info, self.unet, self._base_fingerprint, self.model_name, force)
         load_adapter(self.unet, info["folder"], name)
-        if info.get("consistency"):  # an LCM-LoRA: the model now samples with the lcm sampler it was distilled for
-            self.consistency_adapter = True
-            lcm = info["consistency"]
-            self.scheduler = LCMScheduler.from_config({**self.scheduler.config,
-                                                       "original_inference_steps": lcm["original_inference_steps"],
-                                                       "timestep_scaling": lcm["timestep_scaling"]})
-        self.adapters[name] = scale
-        self.unet.set_adapters(list(self.adapters), list(self.adapters.values()))
-        self.unet.eval().requires_grad_(False)
+        self.register_adapter(name, scale, info.get("consistency"))
         return name
+
+    def register_adapter(self, name: str, scale: float = 1.0, consistency: dict | None = None) -> None:
+        """Make an adapter already in the U-Net (loaded, or added by peft in training) known, and activate every
+        known one. `consistency` (an LCM-LoRA's record): while it is active the model samples with the lcm sampler on
+        that grid, 4 steps and no classifier-free guidance by default."""
+        if consistency:
+            self.consistency_adapters[name] = {"original_inference_steps": consistency["original_inference_steps"],
+                                               "timestep_scaling": consistency["timestep_scaling"]}
+        self.adapters[name] = scale
+        self._set_active(dict(self.adapters))
+        self.unet.eval().requires_grad_(False)
+
+    def _set_active(self, scales: dict[str, float]) -> None:
+        """Sample with exactly these adapters at these scales; {} = the base alone."""
+        if scales:
+            self.unet.enable_adapters()
+            self.unet.set_adapters(list(scales), list(scales.values()))
+        elif self.adapters:
+            self.unet.disable_adapters()
+        self.active_adapters = dict(scales)
 
     def set_lora_scale(self, scales: dict[str, float] | float) -> None:
         """New scales for loaded adapters: one number for all, or {name: scale}."""
         scales = {n: scales for n in self.adapters} if not isinstance(scales, dict) else scales
         self._check_adapter_names(scales)
         self.adapters.update({n: real("lora_scale", v, -math.inf) for n, v in scales.items()})
-        self.unet.set_adapters(list(self.adapters), list(self.adapters.values()))
+        self._set_active(dict(self.adapters))
 
     def _check_adapter_names(self, names) -> None:
         unknown = set(names) - set(self.adapters)
@@ -164,13 +201,10 @@ class Pipeline:
             raise UserError(f"no loaded adapter named {sorted(unknown)}; loaded: {sorted(self.adapters) or 'none'}")
 
     def activate_lora(self, scales: dict[str, float]) -> None:
-        """Sample with exactly these loaded adapters at these scales ({} = the base alone); the others stay loaded."""
+        """Sample with exactly these loaded adapters at these scales ({} = the base alone); the others stay loaded.
+        The sampler, step count and guidance defaults follow: an LCM-LoRA's lcm sampler only while it is active."""
         self._check_adapter_names(scales)
-        if not scales:
-            self.unet.disable_adapters()
-            return
-        self.unet.enable_adapters()
-        self.unet.set_adapters(list(scales), [real("lora_scale", v, -math.inf) for v in scales.values()])
+        self._set_active({n: real("lora_scale", v, -math.inf) for n, v in scales.items()})
 
     def fuse_lora(self) -> "Pipeline":
         """Merge the loaded adapters at their scales into the U-Net's weights (diffusers' fuse_lora): sampling then
@@ -237,7 +271,7 @@ class Pipeline:
     @torch.inference_mode()
     def generate(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                  num_images: int = 1, num_inference_steps: int | None = None,
-                 guidance_scale: float = GUIDANCE_SCALE, height: int | None = None, width: int | None = None,
+                 guidance_scale: float | None = None, height: int | None = None, width: int | None = None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
                  output_type: str = "pil", progress: bool = True, classifier=None, class_label: str | None = None,
@@ -246,10 +280,12 @@ class Pipeline:
 
         `scheduler`: a name from pipelines/schedulers.py, a diffusers scheduler, or None for the model's own.
         `num_inference_steps`: default 30, or 4 for a consistency student (`fast=True`).
+        `guidance_scale`: default 5 (1, no classifier-free guidance, with an active LCM-LoRA).
         `classifier` (a folder from train_classifier.py, or the model), `class_label`, `classifier_scale`: classifier
         guidance, alone (prompt "") or on top of classifier-free guidance.
         """
         num_inference_steps = self.default_steps() if num_inference_steps is None else num_inference_steps
+        guidance_scale = self.default_guidance_scale() if guidance_scale is None else guidance_scale
         prompts, negative, height, width = self.check_inputs(prompt, negative_prompt, num_images, num_inference_steps,
                                                              guidance_scale, height, width, output_type, seed,
                                                              scheduler)

@@ -210,8 +210,9 @@ class DistillTrainer(LDMTrainer):
     def make_samples(self):
         """Fixed prompts and seed, EMA student, `sample_num_inference_steps` LCM steps (a LoRA student: no CFG)."""
         pipe = self.inference_pipeline()
-        if self.config.lora:
-            pipe.consistency_adapter = True
+        if self.config.lora:  # the peft adapter training added ("default"), as an LCM-LoRA
+            pipe.register_adapter("default", 1.0, {"original_inference_steps": self.config.num_solver_steps,
+                                                   "timestep_scaling": self.config.timestep_scaling})
         images = pipe.generate(self.config.sample_prompts, num_inference_steps=self.config.sample_num_inference_steps,
                                guidance_scale=self.config.sample_guidance_scale if self.embeds_guidance else 1.0,
                                seed=self.config.sample_seed, progress=False)

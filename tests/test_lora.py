@@ -264,3 +264,76 @@ def test_a_lora_on_an_inpainting_model_trains_loads_like_diffusers_and_refuses_t
     assert np.abs(got - expected).max() <= 1 / 255 and np.abs(got - plain).max() > 10 / 255
     with pytest.raises(UserError, match="trained on a U-Net with 4 input channels"):
         InpaintPipeline(model=inpaint_dir, lora=lora_run, lora_force=True)
+
+
+# ---- an LCM-LoRA among the adapters: the sampling mode follows the active ones ------------------------------------
+
+def _as_lcm_lora(final, folder):
+    """The trained adapter re-recorded as an LCM-LoRA (what `distill=true lora=true` writes): the record is what
+    switches the sampling mode, so the weights need not be distilled for these checks."""
+    shutil.copytree(final, folder)
+    info = json.loads((folder / "adapter.json").read_text())
+    info["consistency"] = {"original_inference_steps": 50, "timestep_scaling": 10.0, "max_steps": 8}
+    (folder / "adapter.json").write_text(json.dumps(info))
+    return folder
+
+
+def _draw(pipe, **kwargs):
+    return pipe.generate(["a cat"], seed=3, progress=False, output_type="numpy", **kwargs)
+
+
+def test_an_lcm_lora_samples_as_a_student_only_while_it_is_active(base_dir, lora_run, tmp_path):
+    from diffusers import DPMSolverMultistepScheduler, LCMScheduler
+
+    lcm = _as_lcm_lora(lora_run / "final", tmp_path / "lcm-lora")
+    pipe = Pipeline(model=base_dir, lora=[lora_run / "final", lcm])
+    assert pipe.consistency_adapter == "adapter_1" and pipe.is_consistency_student
+    assert isinstance(pipe.scheduler, LCMScheduler) and pipe.default_steps() == 4
+    assert pipe.default_guidance_scale() == 1.0  # no classifier-free guidance: what it learnt
+    assert np.array_equal(_draw(pipe), _draw(pipe, guidance_scale=1.0, num_inference_steps=4))
+    assert not np.array_equal(_draw(pipe), _draw(pipe, guidance_scale=5.0, num_inference_steps=4))
+
+    base = Pipeline(model=base_dir)
+    plain = Pipeline(model=base_dir, lora=lora_run / "final")
+    for active, reference in (({}, base), ({"adapter_0": 1.0}, plain)):
+        pipe.activate_lora(active)  # the LCM-LoRA off: the base's own sampler, steps and guidance again
+        assert not pipe.is_consistency_student and pipe.consistency_adapter is None
+        assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler) and pipe.default_steps() == 30
+        assert pipe.default_guidance_scale() == 5.0
+        assert np.abs(_draw(pipe, num_inference_steps=5) - _draw(reference, num_inference_steps=5)).max() < 1e-5
+        with pytest.raises(UserError, match="lcm sampler needs a consistency-distilled model"):
+            _draw(pipe, scheduler="lcm")
+    pipe.activate_lora({"adapter_1": 1.0})  # and on again
+    assert pipe.is_consistency_student and isinstance(pipe.scheduler, LCMScheduler)
+    assert np.array_equal(_draw(pipe), _draw(Pipeline(model=base_dir, lora=lcm)))
+
+
+def test_the_page_samples_the_base_with_its_own_sampler_beside_an_lcm_lora(base_dir, lora_run, tmp_path):
+    """`ldm serve --lora-dir` with an LCM-LoRA in the folder: 'none' and a plain adapter sample as the base does,
+    the LCM-LoRA with the lcm sampler."""
+    pytest.importorskip("gradio")
+    from web.app import build_app
+
+    adapters = tmp_path / "adapters"
+    shutil.copytree(lora_run / "final", adapters / "plain")
+    _as_lcm_lora(lora_run / "final", adapters / "fast")
+    app = build_app(model=str(base_dir), lora_dir=str(adapters))
+    generate = next(f.fn for f in app.fns.values() if f.fn.__name__ == "generate")
+
+    def page(adapter, steps, guidance):
+        history, _, _ = generate("a cat", "", "model's own", steps, guidance, 5, False, 1, 32, [], adapter, 1.0,
+                                 False)
+        return np.asarray(history[0][0], dtype=int)
+
+    def ours(steps, guidance, **kwargs):
+        image = Pipeline(model=base_dir, **kwargs).generate("a cat", num_inference_steps=steps, guidance_scale=guidance,
+                                                            seed=5, height=32, width=32, progress=False)[0]
+        return np.asarray(image, dtype=int)
+
+    assert np.abs(page("none", 5, 3.0) - ours(5, 3.0)).max() <= 1
+    assert np.abs(page("plain", 5, 3.0) - ours(5, 3.0, lora=adapters / "plain")).max() <= 1
+    assert np.abs(page("fast", 4, 1.0) - ours(4, 1.0, lora=adapters / "fast")).max() <= 1
+    assert np.abs(page("none", 5, 3.0) - ours(5, 3.0)).max() <= 1  # and back
+    switch = next(f.fn for f in app.fns.values() if f.fn.__name__ == "<lambda>" and f.inputs
+                  and getattr(f.inputs[0], "elem_id", None) == "adapter")
+    assert switch("fast") == (4, 1.0) and switch("plain") == (30, 5.0) and switch("none") == (30, 5.0)

@@ -191,6 +191,9 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                          [gallery, history, sampling.seed], concurrency_limit=1, concurrency_id="generate")
             # the student's own step count when Fast is ticked, the usual one when not
             fast.change(lambda on: FAST_NUM_INFERENCE_STEPS if on else NUM_INFERENCE_STEPS, fast, sampling.steps)
+            # an LCM-LoRA's own steps and guidance (1: it learnt the guided teacher) while it is picked
+            adapter.change(lambda name: (FAST_NUM_INFERENCE_STEPS, 1.0) if name in pipe.consistency_adapters
+                           else (NUM_INFERENCE_STEPS, GUIDANCE_SCALE), adapter, [sampling.steps, sampling.guidance])
         with gr.Tab("Inpaint"):
             with gr.Row():
                 with gr.Column():
