@@ -137,8 +137,9 @@ def _write(target: Path, tensors: dict, metadata: dict[str, str]) -> None:
 
 
 class CachedLatents(torch.utils.data.Dataset):
-    """Rows of a complete cache, read from disk one at a time: posterior mean and log-variance (float32), the text
-    states of every caption variant (variants x length x width), position, original size and crop."""
+    """Rows of a complete cache, read from disk one at a time: posterior mean and log-variance (float32), the shard
+    and ids of its caption variants, position, original size and crop. The text states are read by `text_states`
+    once the recipe has drawn a variant, so each step reads one variant's states per image, not every variant's."""
 
     def __init__(self, folder: Path, shards: int) -> None:
         self.folder = folder
@@ -165,13 +166,20 @@ class CachedLatents(torch.utils.data.Dataset):
         return len(self.row_of)
 
     def __getitem__(self, i: int) -> dict:
-        f, name, row = self.files[self.shard_of[i]], self.groups[self.bucket_of[i]], int(self.row_of[i])
+        shard, name, row = int(self.shard_of[i]), self.groups[self.bucket_of[i]], int(self.row_of[i])
+        f = self.files[shard]
         moments = f.row(f"{name}.moments", row).float()
         mean, logvar = moments.chunk(2, dim=0)
         info = f.row(f"{name}.info", row)
-        text = torch.stack([f.row("text_states", int(j)) for j in f.row(f"{name}.caption_ids", row)]).float()
-        return {"latent_mean": mean, "latent_logvar": logvar, "text_states": text, "index": info[0],
-                "original_size": info[1:3], "crop_top_left": info[3:5]}
+        return {"latent_mean": mean, "latent_logvar": logvar, "shard": torch.tensor(shard),
+                "caption_ids": f.row(f"{name}.caption_ids", row), "index": info[0], "original_size": info[1:3],
+                "crop_top_left": info[3:5]}
+
+    def text_states(self, shards: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
+        """(images, length, width) float32: the states of caption `caption_ids[k]` of shard `shards[k]`, each read
+        from disk; an id of -1 gives the empty caption's states (condition dropout) without a read."""
+        return torch.stack([self.empty_embedding if j < 0 else self.files[s].row("text_states", j).float()
+                            for s, j in zip(shards.tolist(), caption_ids.tolist())])
 
 
 def _wait_for_shards(folder: Path, shards: int, poll: float = 2.0) -> None:

@@ -112,18 +112,26 @@ def test_caption_variants_are_drawn_per_image_and_step(emoji_dir, autoencoder_di
     trainer = _trainer(emoji_dir, autoencoder_dir, tmp_path / "variants", TEMPLATES, "cond_drop_prob=0",
                        "cache_dtype=float32")
     row = trainer.cache[0]
-    assert row["text_states"].shape == (3, 16, 384)
+    assert row["caption_ids"].shape == (3,)
     first = json.loads(emoji_dir.joinpath("train", "metadata.jsonl").read_text().splitlines()[int(row["index"])])
     caption, style = first["caption"], first["style"]
     expected = [caption, f"a {caption}" if caption[0] not in "aeiou" else f"an {caption}", f"{caption}, {style} style"]
-    torch.testing.assert_close(row["text_states"], trainer.text_encoder.encode(expected).hidden_states)
+    torch.testing.assert_close(trainer.cache.text_states(row["shard"].expand(3), row["caption_ids"]),
+                               trainer.text_encoder.encode(expected).hidden_states)
+    reads = []
+    for f in trainer.cache.files:  # count the text-state rows read from disk
+        f.row = lambda name, i, f=f, row=f.row: reads.append(name == "text_states") or row(name, i)
     batch = next(iter(trainer.loader))
+    assert sum(reads) == 0  # loading a batch reads no text states; encode_batch reads the drawn variant's alone
+    variants = torch.stack([trainer.cache.text_states(batch["shard"], batch["caption_ids"][:, j]) for j in range(3)],
+                           dim=1)
     drawn = set()
     for seed in range(8):
         torch.manual_seed(seed)
+        reads.clear()
         _, context = trainer.encode_batch(batch)
-        drawn |= {(i, int((batch["text_states"][i] - c).abs().flatten(1).sum(1).argmin()))
-                  for i, c in enumerate(context)}
+        assert sum(reads) == len(context)
+        drawn |= {(i, int((variants[i] - c).abs().flatten(1).sum(1).argmin())) for i, c in enumerate(context)}
     assert len(drawn) > len(context)  # more than one variant per image used
     assert {j for _, j in drawn} == {0, 1, 2}
 
