@@ -86,7 +86,7 @@ class ClassifierTrainer(Trainer):
         held_out = held_out_indices(len(data), config.validation_fraction, config.seed)
         rows = validation_rows(data, held_out, self.open_validation_split, config.validation_max_images, config.data)
         # rows of the held-out split carry their label in "label"; held-out training rows are looked up by index
-        self.validation_rows = [(r, r.get("label", self.label_ids[r["index"]])) for r in rows
+        self.validation_rows = [(r, r["label"] if "label" in r else self.label_ids[r["index"]]) for r in rows
                                 if r.get("label", 0) is not None]
         return without(data, held_out), self.collate
 

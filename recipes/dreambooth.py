@@ -7,9 +7,10 @@ diffusers' DreamBooth scripts). Used by recipes/latent_diffusion.py when `instan
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
+import time
 from pathlib import Path
 
 import torch
@@ -18,11 +19,13 @@ from tqdm.auto import tqdm
 
 from core.data.dataset import pil_to_tensor, resize_center_crop, to_rgb
 from core.errors import MissingFileError, UserError
+from core.files import atomic_write
+from pipelines.loading import file_sha256
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-PROMPTS_FILE = "prompts.json"  # which prompts a class_data_dir's images were drawn from
+CLASS_RECORD = "drawn_with.json"  # the prompts, base and settings a class_data_dir's images were drawn with
 
 
 def image_files(folder: str | Path, what: str) -> list[Path]:
@@ -47,29 +50,64 @@ def load_image(path: Path, resolution: int) -> torch.Tensor:
         raise UserError(f"image {path} does not decode ({type(err).__name__}: {err}); remove or replace it") from None
 
 
-def class_images(folder: Path, prompts: list[str], count: int, make_pipeline, steps: int, guidance: float,
-                 seed: int, batch_size: int = 8) -> list[Path]:
-    """`count` images of the class prompts (image i: prompts[i % len], seed + i) in `folder`, drawing only those not
-    there yet (so a killed run goes on where it stopped). `make_pipeline()` loads the base model when needed."""
+def model_fingerprint(model: Path) -> str:
+    """SHA-256 over a model folder's weights and configs (names and contents): what class images were drawn with."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")):
+        digest.update(f"{path.relative_to(model)}\0{file_sha256(path)}\0".encode())
+    return digest.hexdigest()
+
+
+def class_images(folder: Path, prompts: list[str], count: int, make_pipeline, drawing: dict, rank: int = 0,
+                 world: int = 1, batch_size: int = 8, poll: float = 2.0) -> list[Path]:
+    """`count` images of the class prompts (image i: prompts[i % len], seed drawing["seed"] + i) in `folder`, drawn
+    by the base model with `drawing` (its fingerprint and the sampling settings: num_inference_steps,
+    guidance_scale, seed), recorded in CLASS_RECORD; images of another base, other settings or other prompts are
+    refused. Rank r of `world` draws images r, r + world, ... not there yet (a killed run goes on where it stopped),
+    then waits for the others' by polling the folder (a draw can outlast the collective timeout)."""
     folder.mkdir(parents=True, exist_ok=True)
-    record = folder / PROMPTS_FILE
-    if record.is_file() and json.loads(record.read_text()) != prompts:
-        raise UserError(f"class_data_dir {folder} holds images of other class prompts ({record}); choose another "
-                        "class_data_dir, or delete that folder to draw them again")
-    record.write_text(json.dumps(prompts, indent=2) + "\n")
+    record_file = folder / CLASS_RECORD
+    record = {"prompts": prompts, **drawing}
+    if record_file.is_file():
+        found = json.loads(record_file.read_text())
+        if found != record:
+            differs = sorted(k for k in record if not isinstance(found, dict) or found.get(k) != record[k])
+            raise UserError(f"class_data_dir {folder} holds class images drawn with another {', '.join(differs)} "
+                            f"({record_file}); choose another class_data_dir, or delete that folder to draw them again")
+    else:
+        atomic_write(record_file, lambda tmp: tmp.write_text(json.dumps(record, indent=2) + "\n"))
     paths = [folder / f"class-{i:05d}.png" for i in range(count)]
-    missing = [i for i, p in enumerate(paths) if not p.is_file()]
+    missing = [i for i in range(rank, count, world) if not paths[i].is_file()]
     if missing:
         pipe = make_pipeline()
         logger.info("drawing %d class images with the base model into %s", len(missing), folder)
         for start in tqdm(range(0, len(missing), batch_size), desc="class images", unit="batch"):
             for i in missing[start:start + batch_size]:  # one call per image: its own seed, as on a rerun
-                image = pipe.generate(prompts[i % len(prompts)], num_inference_steps=steps, guidance_scale=guidance,
-                                      seed=seed + i, progress=False)[0]
-                tmp = paths[i].with_name(f".{paths[i].name}.tmp")
-                image.save(tmp, format="PNG")
-                os.replace(tmp, paths[i])
+                image = pipe.generate(prompts[i % len(prompts)], num_inference_steps=drawing["num_inference_steps"],
+                                      guidance_scale=drawing["guidance_scale"], seed=drawing["seed"] + i,
+                                      progress=False)[0]
+                atomic_write(paths[i], lambda tmp: image.save(tmp, format="PNG"))
+    while waiting := [p for p in paths if not p.is_file()]:
+        logger.debug("waiting for %d class images from other ranks", len(waiting))
+        time.sleep(poll)
     return paths
+
+
+def without_instance_images(rows: list[dict], instance: list[torch.Tensor], tolerance: float = 2 / 255) -> list[dict]:
+    """Validation rows less those showing an instance image (the same picture at the training resolution, within
+    `tolerance` mean absolute difference on the [0, 1] scale, so a re-saved or re-encoded copy counts): a validation
+    loss on the images being trained on would measure memorisation, not generalisation."""
+    if not instance:
+        return rows
+    stacked = torch.stack(instance).float()
+
+    def shows_an_instance(row: dict) -> bool:
+        return bool(((stacked - row["pixel_values"].float()).abs().flatten(1).mean(1) / 2 < tolerance).any())
+
+    kept = [row for row in rows if not shows_an_instance(row)]
+    if len(kept) < len(rows):
+        logger.info("validation: %d held-out images are instance images, left out", len(rows) - len(kept))
+    return kept
 
 
 class DreamBoothDataset(torch.utils.data.Dataset):

@@ -37,7 +37,7 @@ from ldm.unet import PRESETS, build_unet, enable_xformers, size_multiple
 from pipelines import Pipeline
 from recipes.inherit import check_same_latent_space, fill_scratch_defaults, inherit_settings
 from recipes.dreambooth import (DreamBoothDataset, class_images, dreambooth_collate, image_files, load_image,
-                                prior_weights)
+                                model_fingerprint, prior_weights, without_instance_images)
 from pipelines.defaults import DEFAULT_SCHEDULER
 from pipelines.loading import (base_model_name, check_model_folder, read_model_index, resolve_model_path,
                                write_model_folder)
@@ -261,26 +261,27 @@ class LDMTrainer(Trainer):
         return (dataset if self.cache is not None else without(dataset, self.held_out)), collate
 
     def build_dreambooth_data(self) -> tuple[torch.utils.data.Dataset, Callable]:
-        """The instance images (and class images, drawn on the main process first), read as pixels; validation
-        images from data's validation split when data is given."""
+        """The instance images (and class images, drawn where missing by every rank, its share), read as pixels;
+        validation images from data's validation split when data is given, less the instance images."""
         config = self.config
         instance = [load_image(f, self.resolution) for f in image_files(config.instance_data, "instance_data")]
         paths = []
         if config.class_prompts:
             folder = Path(config.class_data_dir or Path(config.output_dir) / "class_images")
-            if self.accelerator.is_main_process:
-                class_images(folder, list(config.class_prompts), config.num_class_images,
-                             lambda: Pipeline(model=config.init_from).to(self.accelerator.device),
-                             config.sample_num_inference_steps, config.sample_guidance_scale, config.seed)
-            self.accelerator.wait_for_everyone()
-            paths = [folder / f"class-{i:05d}.png" for i in range(config.num_class_images)]
+            drawing = {"base_fingerprint": model_fingerprint(Path(config.init_from)),
+                       "num_inference_steps": config.sample_num_inference_steps,
+                       "guidance_scale": config.sample_guidance_scale, "seed": config.seed}
+            paths = class_images(folder, list(config.class_prompts), config.num_class_images,
+                                 lambda: Pipeline(model=config.init_from).to(self.accelerator.device), drawing,
+                                 self.accelerator.process_index, self.accelerator.num_processes)
         logger.info("DreamBooth: %d instance images of '%s'%s", len(instance), config.instance_prompt,
                     f", {len(paths)} class images (prior_loss_weight {config.prior_loss_weight:g})" if paths else "")
         dataset = DreamBoothDataset(instance, config.instance_prompt, paths, list(config.class_prompts),
                                     self.resolution, config.batch_size * self.accelerator.num_processes)
         self.held_out = torch.zeros(0, dtype=torch.int64)
-        self.validation_rows = validation_rows(dataset, self.held_out, self.open_validation_split,
-                                               config.validation_max_images, config.data or "instance_data")
+        rows = validation_rows(dataset, self.held_out, self.open_validation_split, config.validation_max_images,
+                               config.data or "instance_data")
+        self.validation_rows = without_instance_images(rows, instance)
         return dataset, dreambooth_collate
 
     def open_validation_split(self) -> ImageCaptionDataset:

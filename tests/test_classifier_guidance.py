@@ -132,3 +132,26 @@ def test_eval_classifier_guidance_rows_files_and_seeds(classifier_dir, pipe, emo
     assert "| 100 |" in format_table(metrics)
     with pytest.raises(UserError, match="scales must be numbers >= 0"):
         evaluate_classifier_guidance(pipe, classifier, str(emoji_dir), tmp_path / "bad", scales=(-1.0,))
+
+
+def test_a_validation_split_larger_than_train_keeps_its_own_labels(emoji_dir, autoencoder_dir, tmp_path):
+    """Held-out rows carry their label; it is not looked up by their index among the (fewer) training labels."""
+    import json
+    import shutil
+
+    from core.config import load_config
+    from recipes.classifier import ClassifierTrainConfig, ClassifierTrainer
+
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    rows = [json.loads(line) for line in (emoji_dir / "train" / "metadata.jsonl").read_text().splitlines()][:2]
+    for row in rows:  # two training images (both styles), eight held-out ones
+        shutil.copy(emoji_dir / "train" / row["file_name"], data / "train" / row["file_name"])
+    (data / "train" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.copytree(emoji_dir / "validation", data / "validation")
+    held = [json.loads(line) for line in (data / "validation" / "metadata.jsonl").read_text().splitlines()]
+    config = load_config(ClassifierTrainConfig, "configs/classifier/tiny.yaml",
+                         [f"data={data}", f"autoencoder={autoencoder_dir}", f"output_dir={tmp_path / 'run'}"])
+    trainer = ClassifierTrainer(config)
+    trainer.setup()
+    assert [trainer.labels[int(label)] for _, label in trainer.validation_rows] == [r["style"] for r in held]

@@ -186,7 +186,8 @@ def test_dreambooth_with_prior_preservation_draws_class_images_once(emoji_dir, b
             "sample_every=1000", "batch_size=2"]
     run(LAUNCH + args + [f"output_dir={tmp_path / 'lora'}", "lora=true"])
     drawn = sorted((tmp_path / "class").glob("class-*.png"))
-    assert len(drawn) == 4 and json.loads((tmp_path / "class" / "prompts.json").read_text()) == ["a face"]
+    record = json.loads((tmp_path / "class" / "drawn_with.json").read_text())
+    assert len(drawn) == 4 and record["prompts"] == ["a face"] and len(record["base_fingerprint"]) == 64
     assert (tmp_path / "lora" / "final" / WEIGHTS_NAME).is_file()
     stamps = [p.stat().st_mtime_ns for p in drawn]
     result = run(LAUNCH + args + [f"output_dir={tmp_path / 'full'}"])  # a full fine-tune, the same class images
@@ -195,12 +196,80 @@ def test_dreambooth_with_prior_preservation_draws_class_images_once(emoji_dir, b
     assert len(scalars(tmp_path / "full", "val/loss")) == 2  # validation images from data's held-out split
 
 
+def test_class_images_are_drawn_by_every_rank_and_keyed_by_base_and_settings(base_dir, tmp_path):
+    """Two ranks (threads here) draw their shares and each waits, polling, for the other's; together the same
+    pixels as one rank alone. Another base, other settings or other prompts are refused, naming what differs."""
+    import threading
+
+    from PIL import Image
+
+    from recipes.dreambooth import class_images, model_fingerprint
+
+    drawing = {"base_fingerprint": model_fingerprint(base_dir), "num_inference_steps": 2, "guidance_scale": 3.0,
+               "seed": 7}
+    prompts = ["a face", "a cat"]
+    pipe = Pipeline(model=base_dir)
+    calls, results = [], {}
+
+    def rank(r, delay):
+        def make():
+            calls.append(r)
+            threading.Event().wait(delay)  # rank 0 is slow: rank 1 must wait for its images, not return early
+            return pipe
+        paths = class_images(tmp_path / "two", prompts, 5, make, drawing, rank=r, world=2, poll=0.05)
+        results[r] = [p.is_file() for p in paths]
+
+    threads = [threading.Thread(target=rank, args=(r, 1.0 - r)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(calls) == [0, 1] and results == {0: [True] * 5, 1: [True] * 5}
+    alone = class_images(tmp_path / "one", prompts, 5, lambda: pipe, drawing)
+    for a, b in zip(alone, sorted((tmp_path / "two").glob("class-*.png"))):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert class_images(tmp_path / "one", prompts, 5, lambda: 1 / 0, drawing)  # all there: the base not loaded
+
+    for changed, what in (({**drawing, "guidance_scale": 5.0}, "guidance_scale"),
+                          ({**drawing, "base_fingerprint": "0" * 64}, "base_fingerprint"),
+                          ({**drawing, "num_inference_steps": 3}, "num_inference_steps")):
+        with pytest.raises(UserError, match=f"drawn with another {what}"):
+            class_images(tmp_path / "one", prompts, 5, lambda: pipe, changed)
+    with pytest.raises(UserError, match="drawn with another prompts"):
+        class_images(tmp_path / "one", ["a dog"], 5, lambda: pipe, drawing)
+
+
 def test_the_prior_loss_is_instance_plus_weighted_class_loss():
     from recipes.dreambooth import prior_weights
 
     losses = torch.tensor([1.0, 3.0, 10.0, 20.0])  # two instance images, then their two class images
     weights = prior_weights(torch.tensor([False, False, True, True]), 0.5)
     assert (weights * losses).mean().item() == pytest.approx(2.0 + 0.5 * 15.0)
+
+
+def test_dreambooth_validation_leaves_out_its_instance_images(emoji_dir, base_dir, tmp_path):
+    """Instance images taken from data's held-out split (as the adaptation benchmark takes them) are not
+    validation rows: the validation loss would otherwise score the images being trained on."""
+    from PIL import Image
+
+    from recipes.latent_diffusion import LDMTrainer
+
+    held = sorted((emoji_dir / "validation").glob("*.png"))
+    instance = tmp_path / "subject"
+    instance.mkdir()
+    for path in held[:2]:
+        shutil.copy(path, instance / path.name)
+    Image.open(held[2]).convert("RGB").save(instance / "resaved.png")  # other bytes, the same picture
+    config = load_config(LDMTrainConfig, "configs/ldm/tiny.yaml", [
+        f"init_from={base_dir}", f"output_dir={tmp_path / 'run'}", f"data={emoji_dir}", f"instance_data={instance}",
+        "instance_prompt=a sks face", "identifier=sks", "lora=true", "validation_max_images=1000"])
+    trainer = LDMTrainer(config)
+    trainer.setup()
+    assert len(trainer.validation_rows) == len(held) - 3
+    pictures = [np.asarray(Image.open(p).convert("RGB"), dtype=np.float32) / 127.5 - 1 for p in held[:3]]
+    for row in trainer.validation_rows:
+        values = row["pixel_values"].permute(1, 2, 0).numpy()
+        assert all(np.abs(values - picture).mean() > 0.01 for picture in pictures)
 
 
 def test_bad_dreambooth_inputs_are_one_line_each(emoji_dir, base_dir, tmp_path):
