@@ -3,16 +3,17 @@ and what it forgets.
 
 The emoji set holds out whole names (its validation split). For each of --names of them (those with 7 styles, evenly
 spaced through the split; or --name NAME ...), `accelerate launch train_ldm.py --config
-configs/ldm/emoji-64-dreambooth.yaml` trains on that name's held-out images (one per style) with the name as the
-instance prompt, in each of the --variants:
+configs/ldm/emoji-64-dreambooth.yaml` trains on --instances of that name's held-out images (the first styles in
+the split's order) with the name as the instance prompt, in each of the --variants:
 - `lora`: a rank-8 LoRA, no prior preservation;
 - `lora-prior`: the same with prior preservation (100 class images drawn once by the base from 50 seeded training
   captions, shared by all names);
 - `full-prior`: every U-Net weight (learning rate --full-lr), with the same prior preservation and steps.
 Then, before (the base) and after, per name:
 - concept alignment: --samples samples of the name's prompt; the share whose nearest real image (Inception features,
-  among all held-out images of all names) carries that name (top-1), or whose 5 nearest include it (top-5); chance
-  beside (from the number of that name's images among the held-out ones);
+  among the held-out images of all names less the name's instance images: a copy of a training image would score
+  memorisation) carries that name (top-1), or whose 5 nearest include it (top-5); chance beside (from the number of
+  that name's images in that gallery);
 - forgetting: FID of samples of --forgetting-prompts seeded training captions (fixed seeds) against their images;
 - adapter size (the LoRA file; the U-Net file for a full fine-tune) and the training command's wall time.
 Writes metrics.json (rows kept: a rerun skips finished ones), a grid (real | base | adapted samples per name) and
@@ -84,8 +85,8 @@ def samples(pipe, prompts: list[str], seed: int, steps: int, guidance: float, ba
 
 def measure(pipe, network, name: str, args, gallery, gallery_names, forget_prompts, forget_real,
             fid: float | None = None) -> dict:
-    """Alignment of the name's samples, and the FID of the other prompts' samples (`fid` when already known: the
-    base's is the same for every name)."""
+    """Alignment of the name's samples against `gallery` (this name's gallery: its instance images left out), and
+    the FID of the other prompts' samples (`fid` when already known: the base's is the same for every name)."""
     from evaluation.fid import frechet_distance, inception_features
 
     concept = samples(pipe, [name] * args.samples, args.seed, args.inference_steps, args.guidance)
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--names", type=int, default=5)
     parser.add_argument("--name", action="append", default=None, help="these names instead (repeat)")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--instances", type=int, default=4, help="training images per name; the rest stay in the "
+                                                                   "alignment gallery")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--full-lr", type=float, default=1e-4)
@@ -164,22 +167,30 @@ def main() -> None:
                               args.out / "cache" / f"train_{args.forgetting_prompts}.npz")
     class_prompts = sorted(set(train_split.select(order[-50:])["caption"]))  # disjoint from the forgetting prompts
 
+    held_names = list(held["name"])
+    instances = {name: [i for i, n in enumerate(held_names) if n == name][:args.instances] for name in names}
+
+    def name_gallery(name: str) -> tuple[np.ndarray, list[str]]:
+        """The held-out gallery less this name's instance images."""
+        kept = [i for i in range(len(held_names)) if i not in instances[name]]
+        return gallery.features[kept], [gallery.names[i] for i in kept]
+
     base = Pipeline()
     concepts = {}
     for name in names:
         key = f"{name}|base"
         if key not in metrics["rows"]:
             known = [r["fid_other_prompts"] for k, r in metrics["rows"].items() if k.endswith("|base")]
-            row, concept = measure(base, network, name, args, gallery.features, gallery.names, forget.captions,
+            row, concept = measure(base, network, name, args, *name_gallery(name), forget.captions,
                                    forget.features, known[0] if known else None)
             metrics["rows"][key] = row
             save_metrics(metrics_file, metrics)
         concepts[key] = samples(base, [name] * 4, args.seed, args.inference_steps, args.guidance)
     for name in names:
-        folder = args.out / "instances" / name.replace(" ", "_")
+        folder = args.out / f"instances-{args.instances}" / name.replace(" ", "_")
         if not any(folder.glob("*.png")):
             folder.mkdir(parents=True, exist_ok=True)
-            for i in [i for i, n in enumerate(list(held["name"])) if n == name]:
+            for i in instances[name]:
                 image_of(held[i]).save(folder / f"{held[i]['style']}.png")
         for variant in variants:
             key = f"{name}|{variant}"
@@ -197,7 +208,7 @@ def main() -> None:
                 else:
                     pipe = Pipeline(model=final)
                     size = (final / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
-                row, _ = measure(pipe, network, name, args, gallery.features, gallery.names, forget.captions,
+                row, _ = measure(pipe, network, name, args, *name_gallery(name), forget.captions,
                                  forget.features)
                 metrics["rows"][key] = {**row, "train_seconds": seconds, "weights_bytes": size}
                 save_metrics(metrics_file, metrics)
@@ -210,8 +221,7 @@ def main() -> None:
     # the grid: per name, one real image, 4 base samples, 4 adapted samples
     tiles, captions = [], []
     for name in names:
-        first = list(held["name"]).index(name)
-        real = image_of(held[first]).resize((64, 64))
+        real = image_of(held[instances[name][0]]).resize((64, 64))
         real = torch.from_numpy(np.asarray(real)).permute(2, 0, 1).float() / 127.5 - 1
         adapted = concepts.get(f"{name}|adapted", torch.zeros(0, 3, 64, 64))
         row = [real, *concepts[f"{name}|base"], *adapted]
