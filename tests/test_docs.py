@@ -89,3 +89,15 @@ def test_the_checks_catch_a_broken_link_section_image_and_command(tmp_path):
     assert broken_links(tmp_path) == ["README.md: docs/b.md (no such file)", "docs/a.md: missing.png (no such file)",
                                       "docs/a.md: #nowhere (no such section)"]
     assert unknown_commands(tmp_path) == ["README.md: ldm eval nothing", "README.md: ldm fly"]
+
+
+def test_ci_installs_exactly_as_the_readme_says():
+    """The README's install lines are .ci/run's, in the same order, so a fresh clone that follows the README gets
+    everything the default suite needs (the browser's Chromium aside: those tests skip without it)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    readme_installs = [line.strip() for line in block.splitlines() if line.strip().startswith("pip install")]
+    ci = [line.strip() for line in (root / ".ci" / "run").read_text().splitlines()]
+    assert readme_installs and [line for line in ci if line.startswith("pip install")] == readme_installs
+    assert "python -m pytest" in readme and "python -m pytest" in ci
