@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import LCMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, LCMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from cli.main import main as ldm_main
@@ -19,7 +19,7 @@ from ldm.diffusion import (NoiseSchedule, consistency_output, consistency_scalin
                            guided_ddim_step, pseudo_huber_loss, solver_timesteps)
 from ldm.unet import build_unet
 from pipelines import InpaintPipeline, Pipeline
-from recipes.consistency import DistillTrainConfig, student_from
+from recipes.consistency import DistillTrainConfig, DistillTrainer, student_from
 from helpers import LAUNCH, ROOT, run
 
 
@@ -88,6 +88,80 @@ def test_boundary_condition_and_an_exact_teacher_step():
     assert torch.allclose(guided, step, atol=1e-5)  # s = 1: the conditional branch alone
     assert pseudo_huber_loss(x0, x0, 0.001).item() == 0
     assert abs(pseudo_huber_loss(torch.ones(4), torch.zeros(4), 0.001).item() - (1.0000005 - 0.001)) < 1e-6
+
+
+def _recorded(module: torch.nn.Module, calls: list) -> torch.utils.hooks.RemovableHandle:
+    """Record each call of a U-Net: (input latents, timesteps, output)."""
+    return module.register_forward_hook(lambda m, args, kwargs, out: calls.append((args[0], args[1], out.sample)),
+                                        with_kwargs=True)
+
+
+def test_the_consistency_pair_steps_the_teacher_to_the_ddim_solvers_previous_point_clamped_at_0(emoji_dir,
+                                                                                               teacher_dir, tmp_path):
+    """`consistency_pair` against diffusers' train_lcm_distill_sd_wds.py, written out here: its DDIMSolver grid
+    (ddim_timesteps, ddim_alpha_cumprods_prev), the target's timestep start - T // N with negatives set to 0, the
+    guided DDIM step, and LCMScheduler's boundary scalings; at every point of the grid."""
+    trainer = DistillTrainer(load_config(DistillTrainConfig, ROOT / "configs" / "ldm" / "tiny.yaml", [
+        f"data={emoji_dir}", f"init_from={teacher_dir}", f"output_dir={tmp_path}", "distill=true"]))
+    trainer.setup()
+    config = trainer.config
+    steps, total = config.num_solver_steps, config.num_train_timesteps
+    alphas_cumprod = DDPMScheduler.from_config(config.noise_schedule().to_scheduler_config()).alphas_cumprod
+    assert (steps, total, config.prediction_type) == (50, 1000, "epsilon")
+    # DDIMSolver: the grid, and each point's previous alpha_bar (alpha_bar[0] before the first point)
+    ddim_timesteps = torch.arange(1, steps + 1) * (total // steps) - 1  # 19, 39, ..., 999
+    ddim_alpha_cumprods_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[ddim_timesteps[:-1]]])
+    index = torch.arange(steps)
+    start = ddim_timesteps[index]
+    previous = start - total // steps
+    previous = torch.where(previous < 0, torch.zeros_like(previous), previous)
+    assert previous[:3].tolist() == [0, 19, 39] and previous[-1] == 979
+
+    torch.manual_seed(0)
+    latents = torch.randn(steps, 4, 16, 16)
+    context = torch.randn(steps, *trainer.validation_batches[0]["context"].shape[1:])
+    scale = torch.linspace(1.5, 6.0, steps)
+    student, target = trainer.inference_model(), trainer.target
+    calls = {"student": [], "teacher": [], "target": []}
+    hooks = [_recorded(m, calls[name]) for name, m in (("student", student), ("teacher", trainer.teacher),
+                                                       ("target", target))]
+    with torch.no_grad():
+        prediction, goal = trainer.consistency_pair(student, target, latents, context, index, scale)
+    for hook in hooks:
+        hook.remove()
+    (noisy, student_t, student_out), = calls["student"]
+    (teacher_in, teacher_t, teacher_out), = calls["teacher"]
+    (earlier, target_t, target_out), = calls["target"]
+    assert student_t.tolist() == start.tolist() and teacher_t.tolist() == 2 * start.tolist()
+    assert torch.equal(teacher_in, torch.cat([noisy, noisy]))
+    assert target_t.tolist() == previous.tolist()
+
+    def alpha_sigma(t):
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        return a.sqrt(), (1 - a).sqrt()
+
+    def x0_from(output, x, t):  # epsilon prediction
+        alpha, sigma = alpha_sigma(t)
+        return (x - sigma * output) / alpha
+
+    # the guided DDIM step (w = scale - 1 in the script's cond + w (cond - uncond)) to ddim_alpha_cumprods_prev
+    cond, uncond = teacher_out.chunk(2)
+    w = (scale - 1).view(-1, 1, 1, 1)
+    x0 = x0_from(cond, noisy, start) + w * (x0_from(cond, noisy, start) - x0_from(uncond, noisy, start))
+    eps = cond + w * (cond - uncond)
+    alpha_prev = ddim_alpha_cumprods_prev[index].view(-1, 1, 1, 1)
+    assert torch.allclose(earlier, alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps, atol=1e-5)
+
+    def boundary(x, t, output):  # c_skip x + c_out x0 with LCMScheduler's scalings
+        lcm = config.lcm_scheduler()
+        skip, out = zip(*(lcm.get_scalings_for_boundary_condition_discrete(int(s)) for s in t))
+        shape = (-1, 1, 1, 1)
+        return torch.tensor(skip).view(shape) * x + torch.tensor(out).view(shape) * x0_from(output, x, t)
+
+    assert torch.allclose(prediction, boundary(noisy, start, student_out), atol=1e-5)
+    assert torch.allclose(goal, boundary(earlier, previous, target_out), atol=1e-5)
+    assert torch.equal(goal[0], earlier[0])  # clamped to t = 0: f(x, 0) = x
+    trainer.cleanup()
 
 
 def test_the_student_starts_as_the_teacher_for_every_guidance_scale(text_encoder):
