@@ -234,6 +234,10 @@ def _add_sampling_args(parser: argparse.ArgumentParser, model_help: str) -> None
     parser.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=None,
                         help=f"classifier-free guidance scale (default {D.GUIDANCE_SCALE}, 1 with an LCM-LoRA; "
                              "--guidance: old name)")
+    parser.add_argument("--guidance-interval", dest="guidance_interval", type=float, nargs=2, default=None,
+                        metavar=("SIGMA_LO", "SIGMA_HI"),
+                        help="classifier-free guidance only at steps with noise level sigma in (LO, HI], one U-Net "
+                             "call at the others (docs/generating.md)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scheduler", default=None,
                         help=f"one of {', '.join(D.SCHEDULER_NAMES)} (default: the model's own, "

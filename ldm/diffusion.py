@@ -124,6 +124,22 @@ class NoiseSchedule:
         alpha_bar = self.alpha_bar(timesteps, xt)
         return alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * xt
 
+    def sigmas(self) -> torch.Tensor:
+        """The noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of each training timestep (EDM's sigma of
+        the variance-exploding form x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps), float64."""
+        alpha_bar = self.alphas_cumprod.double()
+        return ((1 - alpha_bar) / alpha_bar).sqrt()
+
+    def sigma_at(self, timestep: float | torch.Tensor) -> float:
+        """sigma at a sampler's timestep, interpolated between training timesteps for the fractional ones that
+        Karras-sigma samplers use (diffusers' `_sigma_to_t` inverted: linear in log sigma)."""
+        t = float(timestep)
+        log_sigmas = self.sigmas().log()
+        low = min(max(int(math.floor(t)), 0), len(log_sigmas) - 1)
+        high = min(low + 1, len(log_sigmas) - 1)
+        weight = t - low
+        return float(((1 - weight) * log_sigmas[low] + weight * log_sigmas[high]).exp())
+
     def snr(self, timesteps: torch.Tensor) -> torch.Tensor:
         alpha_bar = self.alphas_cumprod.to(timesteps.device)[timesteps]
         return alpha_bar / (1 - alpha_bar)

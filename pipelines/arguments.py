@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,3 +162,20 @@ def _on_white(array: np.ndarray, channel_axis: int) -> np.ndarray:
         alpha = array[..., 3:]
         array = array[..., :3] * alpha + (1 - alpha)
     return np.ascontiguousarray(np.moveaxis(array, -1, channel_axis)).astype(np.float32)
+
+
+def guidance_interval(value, sigma_min: float, sigma_max: float) -> tuple[float, float] | None:
+    """A limited guidance interval (sigma_lo, sigma_hi] in noise level sigma: two finite numbers, 0 <= lo < hi, that
+    overlap the model's [sigma_min, sigma_max] (an interval no step can fall in would silently turn guidance off)."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise UserError(f"guidance_interval must be a pair (sigma_lo, sigma_hi), got {value!r}")
+    low, high = (real("guidance_interval", v, 0) for v in value)
+    if low >= high:
+        raise UserError(f"guidance_interval ({low:g}, {high:g}] is empty or reversed: give (sigma_lo, sigma_hi) with "
+                        "sigma_lo < sigma_hi")
+    if low >= sigma_max or high < sigma_min:
+        raise UserError(f"guidance_interval ({low:g}, {high:g}] lies outside this model's noise levels "
+                        f"[{sigma_min:.3g}, {sigma_max:.3g}] (sigma): no step would be guided")
+    return low, high

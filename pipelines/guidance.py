@@ -16,26 +16,35 @@ class ClassifierFreeGuidance:
     """guided = uncond + scale * (cond - uncond), both branches in one batched call; scale <= 1: cond only.
 
     With `guided_channels` k, only the first k output channels are guided and the rest (a learned variance) come
-    from the conditional branch, as diffusers' DeepFloyd IF pipeline does.
+    from the conditional branch, as diffusers' DeepFloyd IF pipeline does. With `interval` (sigma_lo, sigma_hi] and
+    `sigma_at` (timestep -> noise level sigma), guidance applies only to steps whose sigma lies in the interval and
+    the others make one conditional call (limited-interval guidance, Kynkaanniemi et al. 2024).
     """
 
     def __init__(self, denoiser: Denoiser, cond: torch.Tensor, uncond: torch.Tensor | None, scale: float,
-                 guided_channels: int | None = None) -> None:
+                 guided_channels: int | None = None, interval: tuple[float, float] | None = None,
+                 sigma_at: Callable[[torch.Tensor], float] | None = None) -> None:
         self.denoiser, self.cond, self.scale, self.guided_channels = denoiser, cond, scale, guided_channels
         self.uncond = uncond if self.needs_unconditional(scale) else None
         self.context = torch.cat([uncond, cond]) if self.uncond is not None else cond
+        self.interval, self.sigma_at = interval, sigma_at
+
+    def guides_at(self, t: torch.Tensor) -> bool:
+        """Whether the step at timestep `t` is guided (both branches) or makes one conditional call."""
+        if self.uncond is None:
+            return False
+        if self.interval is None:
+            return True
+        low, high = self.interval
+        return low < self.sigma_at(t) <= high
 
     @staticmethod
     def needs_unconditional(scale: float) -> bool:
         """The one rule: guidance runs the unconditional branch only for scale > 1 (scale 1 is the cond model)."""
         return scale > 1
 
-    @property
-    def active(self) -> bool:
-        return self.uncond is not None
-
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if not self.active:
+        if not self.guides_at(t):
             return self.denoiser(x, t, self.cond)
         uncond, cond = self.denoiser(torch.cat([x, x]), t, self.context).chunk(2)
         k = self.guided_channels or cond.shape[1]

@@ -78,13 +78,13 @@ class InpaintPipeline(Pipeline):
                  output_type: str = "pil", progress: bool = True, *, image=None, mask_image=None, mask=None,
                  strength: float = 1.0, masked_image_latents: torch.Tensor | None = None, method: str | None = None,
                  repaint_jump_length: int = 10, repaint_jump_n_sample: int = 10, latent_mask: str = "nearest",
-                 paste_back: bool = True, feather: float = 0.0):
+                 paste_back: bool = True, feather: float = 0.0, guidance_interval: tuple[float, float] | None = None):
         """Fill the mask of `image` from `prompt`; `Pipeline.generate`'s arguments in its order, then the
         inpainting ones by keyword. `strength` < 1 starts from the noised image instead of noise; `method`: None
         (= `unet` for an inpainting U-Net, `blend` otherwise); `latent_mask`: how `blend` and `repaint` take the
         mask to latent cells, "nearest" (diffusers': one pixel per cell decides) or "cover" (a cell is repainted if
         any of its pixels is masked); `feather`: paste-back edge blur in pixels. Image and mask are resized to
-        `height` x `width` (default: the image's size)."""
+        `height` x `width` (default: the image's size); `guidance_interval`: as in `Pipeline.generate`."""
         # 1. check inputs
         num_inference_steps = self.default_steps() if num_inference_steps is None else num_inference_steps
         guidance_scale = self.default_guidance_scale() if guidance_scale is None else guidance_scale
@@ -92,6 +92,7 @@ class InpaintPipeline(Pipeline):
             prompt, negative_prompt, num_images, num_inference_steps, guidance_scale, height, width, output_type, seed,
             scheduler, image, mask_image, mask, method, strength, latent_mask, repaint_jump_length,
             repaint_jump_n_sample, paste_back, feather)
+        interval = self.check_guidance_interval(guidance_interval)
         # 2. prepare image and mask (an empty mask returns the image unchanged)
         init_image, mask_condition = self.prepare_image_and_mask(image, mask_image, height, width)
         batch = len(prompts) * num_images
@@ -109,7 +110,7 @@ class InpaintPipeline(Pipeline):
         mask_latents, masked_latents = self.prepare_mask_latents(mask_condition, init_image, masked_image_latents,
                                                                  batch, generator, cover=latent_mask == "cover")
         # 5. denoise, per method
-        latents = self._denoise_per_method(method, latents, cond, uncond, guidance_scale, sampler, timesteps,
+        latents = self._denoise_per_method(method, latents, cond, uncond, guidance_scale, interval, sampler, timesteps,
                                            image_latents, noise, mask_latents, masked_latents, num_inference_steps,
                                            repaint_jump_length, repaint_jump_n_sample, generator, progress)
         # 6. decode; 7. paste the original back outside the mask
@@ -135,16 +136,18 @@ class InpaintPipeline(Pipeline):
         return image, mask_image, method, prompts, negative, height, width
 
     def _denoise_per_method(self, method: str, latents: torch.Tensor, cond: torch.Tensor,
-                            uncond: torch.Tensor | None, guidance_scale: float, sampler: SchedulerMixin,
+                            uncond: torch.Tensor | None, guidance_scale: float,
+                            interval: tuple[float, float] | None, sampler: SchedulerMixin,
                             timesteps: torch.Tensor, image_latents: torch.Tensor | None, noise: torch.Tensor,
                             mask_latents: torch.Tensor, masked_latents: torch.Tensor, num_inference_steps: int,
                             repaint_jump_length: int, repaint_jump_n_sample: int, generator: torch.Generator | None,
                             progress: bool) -> torch.Tensor:
         """The guided sampling loop of `method`: the 9-channel U-Net's, RePaint's, or latent blending's."""
         if method == "unet":
-            guided = self.guidance(self.inpaint_denoiser(mask_latents, masked_latents), cond, uncond, guidance_scale)
+            guided = self.guidance(self.inpaint_denoiser(mask_latents, masked_latents), cond, uncond, guidance_scale,
+                                   interval)
             return self.denoise(latents, guided, sampler, generator, progress, timesteps)
-        guided = self.guidance(self.denoiser, cond, uncond, guidance_scale)
+        guided = self.guidance(self.denoiser, cond, uncond, guidance_scale, interval)
         if method == "repaint":
             return self.repaint(latents, guided, image_latents, mask_latents, num_inference_steps,
                                 repaint_jump_length, repaint_jump_n_sample, generator, progress)

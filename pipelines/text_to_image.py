@@ -24,9 +24,9 @@ from tqdm.auto import tqdm
 from autoencoder.model import downsampling_factor
 from core.errors import UserError
 from ldm.classifier import NoisyLatentClassifier, load_classifier
-from ldm.diffusion import guidance_embedding
+from ldm.diffusion import NoiseSchedule, guidance_embedding
 from ldm.text_encoders import load_text_encoder
-from pipelines.arguments import MAX_SEED, Limits, real, text_list, whole
+from pipelines.arguments import MAX_SEED, Limits, guidance_interval, real, text_list, whole
 from pipelines.defaults import FAST_NUM_INFERENCE_STEPS, GUIDANCE_SCALE, LCM_MAX_STEPS, NUM_INFERENCE_STEPS
 from pipelines.guidance import ClassifierFreeGuidance, ClassifierGuidance, EmbeddedGuidance
 from pipelines.loading import base_model_name, check_model_folder, resolve_model_path, text_encoder_spec
@@ -275,7 +275,7 @@ class Pipeline:
                  generator: torch.Generator | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
                  output_type: str = "pil", progress: bool = True, classifier=None, class_label: str | None = None,
-                 classifier_scale: float = 1.0):
+                 classifier_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None):
         """Sample images for `prompt` ("" = unconditional). Returns PIL images, an array, a tensor or latents.
 
         `scheduler`: a name from pipelines/schedulers.py, a diffusers scheduler, or None for the model's own.
@@ -283,12 +283,15 @@ class Pipeline:
         `guidance_scale`: default 5 (1, no classifier-free guidance, with an active LCM-LoRA).
         `classifier` (a folder from train_classifier.py, or the model), `class_label`, `classifier_scale`: classifier
         guidance, alone (prompt "") or on top of classifier-free guidance.
+        `guidance_interval` (sigma_lo, sigma_hi]: classifier-free guidance only at steps whose noise level sigma lies
+        in it, one U-Net call at the others (Kynkaanniemi et al. 2024); None = every step.
         """
         num_inference_steps = self.default_steps() if num_inference_steps is None else num_inference_steps
         guidance_scale = self.default_guidance_scale() if guidance_scale is None else guidance_scale
         prompts, negative, height, width = self.check_inputs(prompt, negative_prompt, num_images, num_inference_steps,
                                                              guidance_scale, height, width, output_type, seed,
                                                              scheduler)
+        interval = self.check_guidance_interval(guidance_interval)
         if classifier is not None and self.is_consistency_student:
             raise UserError("classifier guidance is not available for a consistency-distilled student; use the "
                             "model it was distilled from")
@@ -300,7 +303,7 @@ class Pipeline:
         cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
         sampler = self.prepare_scheduler(scheduler, num_inference_steps)
         latents = self.prepare_latents(len(prompts) * num_images, height, width, generator, latents, sampler)
-        guided = self.guidance(self.denoiser, cond, uncond, guidance_scale)
+        guided = self.guidance(self.denoiser, cond, uncond, guidance_scale, interval)
         if classifier is not None:
             guided = self.classifier_guidance(guided, classifier, class_label, classifier_scale, sampler, height)
         latents = self.denoise(latents, guided, sampler, generator, progress)
@@ -384,16 +387,32 @@ class Pipeline:
             raise UserError(f"latents have shape {tuple(latents.shape)}; expected {shape} for these settings")
         return latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
 
-    def guidance(self, denoiser, cond: torch.Tensor, uncond: torch.Tensor | None,
-                 guidance_scale: float) -> ClassifierFreeGuidance:
-        """Classifier-free guidance of the prediction channels (a learned variance is taken from the cond branch); a
-        w-conditioned student takes the scale as an input instead (one U-Net call)."""
+    def check_guidance_interval(self, interval) -> tuple[float, float] | None:
+        """A guidance interval in this model's noise levels (pipelines/arguments.py); none for a w-conditioned
+        student, which has no unconditional branch to leave out."""
+        if interval is not None and self.embeds_guidance:
+            raise UserError("guidance_interval needs classifier-free guidance; a consistency student takes the "
+                            "guidance scale as an input (one call per step already)")
+        sigmas = self.noise_schedule.sigmas()
+        return guidance_interval(interval, float(sigmas.min()), float(sigmas.max()))
+
+    @property
+    def noise_schedule(self) -> NoiseSchedule:
+        """The training noise schedule the model folder's scheduler config describes."""
+        return NoiseSchedule.from_scheduler_config(self.model_scheduler.config)
+
+    def guidance(self, denoiser, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float,
+                 interval: tuple[float, float] | None = None) -> ClassifierFreeGuidance:
+        """Classifier-free guidance of the prediction channels (a learned variance is taken from the cond branch),
+        in every step or only those with sigma in `interval`; a w-conditioned student takes the scale as an input
+        instead (one U-Net call)."""
         if self.embeds_guidance:
             scale = torch.full((cond.shape[0],), float(guidance_scale))
             embedding = guidance_embedding(scale, self.unet.config.time_cond_proj_dim)
             return EmbeddedGuidance(denoiser, cond, embedding.to(self.device, cond.dtype))
         channels = self.latent_channels if self.predicts_variance else None
-        return ClassifierFreeGuidance(denoiser, cond, uncond, guidance_scale, guided_channels=channels)
+        return ClassifierFreeGuidance(denoiser, cond, uncond, guidance_scale, guided_channels=channels,
+                                      interval=interval, sigma_at=self.noise_schedule.sigma_at)
 
     def classifier_guidance(self, guided, classifier, class_label: str | None, scale: float, sampler: SchedulerMixin,
                             height: int) -> ClassifierGuidance:
