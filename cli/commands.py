@@ -118,12 +118,13 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
                 guidance_interval=args.guidance_interval)
 
 
-def _lora_kwargs(args: argparse.Namespace) -> dict:
-    """--lora / --lora-scale / --force as Pipeline's keyword arguments."""
+def _model_kwargs(args: argparse.Namespace) -> dict:
+    """--lora / --lora-scale / --force (and --guide-model) as Pipeline's keyword arguments."""
     scales = args.lora_scale or [1.0]
     if args.lora_scale and not args.lora:
         raise UserError("--lora-scale needs an adapter: add --lora DIR")
-    return {"lora": args.lora, "lora_scale": scales[0] if len(scales) == 1 else scales, "lora_force": args.force}
+    return {"lora": args.lora, "lora_scale": scales[0] if len(scales) == 1 else scales, "lora_force": args.force,
+            "guide_model": args.guide_model}
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -131,7 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     out = _output_path(args)
     pipe = Pipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle, fast=args.fast,
-                    **_lora_kwargs(args))
+                    **_model_kwargs(args))
     if args.fuse and pipe.adapters:
         pipe.fuse_lora()
     _raise_limits(pipe, args)
@@ -146,7 +147,7 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
 
     out = _output_path(args)
     image, mask = open_image(args.image, "--image"), open_image(args.mask, "--mask")
-    pipe = InpaintPipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle, **_lora_kwargs(args))
+    pipe = InpaintPipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle, **_model_kwargs(args))
     if args.fuse and pipe.adapters:
         pipe.fuse_lora()
     _raise_limits(pipe, args)

@@ -234,6 +234,9 @@ def _add_sampling_args(parser: argparse.ArgumentParser, model_help: str) -> None
     parser.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=None,
                         help=f"classifier-free guidance scale (default {D.GUIDANCE_SCALE}, 1 with an LCM-LoRA; "
                              "--guidance: old name)")
+    parser.add_argument("--guide-model", dest="guide_model", default=None, metavar="DIR",
+                        help="autoguidance: guide with this smaller model of the same task instead of the "
+                             "unconditional branch (configs/ldm/emoji-64-guide.yaml; docs/generating.md)")
     parser.add_argument("--guidance-interval", dest="guidance_interval", type=float, nargs=2, default=None,
                         metavar=("SIGMA_LO", "SIGMA_HI"),
                         help="classifier-free guidance only at steps with noise level sigma in (LO, HI], one U-Net "

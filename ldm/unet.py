@@ -16,6 +16,11 @@ PRESETS: dict[str, dict] = {
     "tiny": {"block_out_channels": (16, 32), "layers_per_block": 1, "attention_head_dim": 8, "norm_num_groups": 8,
              "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D")},
+    # a guide for autoguidance (pipelines/guidance.py): a much smaller model of the same task, ~0.8M parameters
+    "emoji-xs": {"block_out_channels": (16, 32, 64), "layers_per_block": 1, "attention_head_dim": 8,
+                 "norm_num_groups": 4,
+                 "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                 "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")},
     # For 16x16x4 latents (kl-f4 at 64 px), sized for CPU training and for shipping inside the repository (fp16:
     # 9.7 / 15.2 / 37 MB). Norm groups keep at least 4 channels per group: with 32 groups a 32-channel stage
     # normalises each channel alone, which erased per-image colour in the autoencoder (docs/evaluation.md).

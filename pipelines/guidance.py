@@ -1,5 +1,5 @@
-"""Guidance as small wrappers around a denoiser: classifier-free (Ho & Salimans 2022, eq. 6) and classifier guidance
-(Dhariwal & Nichol 2021), which can wrap the first."""
+"""Guidance as small wrappers around a denoiser: classifier-free (Ho & Salimans 2022, eq. 6), autoguidance (Karras
+et al. 2024) and classifier guidance (Dhariwal & Nichol 2021), which can wrap the first two."""
 
 from __future__ import annotations
 
@@ -50,6 +50,37 @@ class ClassifierFreeGuidance:
         k = self.guided_channels or cond.shape[1]
         guided = uncond[:, :k] + self.scale * (cond[:, :k] - uncond[:, :k])
         return torch.cat([guided, cond[:, k:]], dim=1) if k < cond.shape[1] else guided
+
+
+class AutoGuidance:
+    """guided = guide + scale * (main - guide), both conditional on the prompt (Karras et al. 2024, eq. 2): the
+    main model is pulled away from a smaller, shorter-trained `guide` of the same task instead of from its own
+    unconditional branch. Two networks, two calls per guided step; outside `interval` (as in
+    ClassifierFreeGuidance) one call of the main model. With the main model as its own guide it is the conditional
+    model unguided."""
+
+    def __init__(self, denoiser: Denoiser, guide: Denoiser, cond: torch.Tensor, scale: float,
+                 guided_channels: int | None = None, interval: tuple[float, float] | None = None,
+                 sigma_at: Callable[[torch.Tensor], float] | None = None) -> None:
+        self.denoiser, self.guide, self.cond, self.scale = denoiser, guide, cond, scale
+        self.guided_channels, self.interval, self.sigma_at = guided_channels, interval, sigma_at
+
+    def guides_at(self, t: torch.Tensor) -> bool:
+        if self.scale == 1:
+            return False
+        if self.interval is None:
+            return True
+        low, high = self.interval
+        return low < self.sigma_at(t) <= high
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        main = self.denoiser(x, t, self.cond)
+        if not self.guides_at(t):
+            return main
+        guide = self.guide(x, t, self.cond)
+        k = self.guided_channels or main.shape[1]
+        guided = guide[:, :k] + self.scale * (main[:, :k] - guide[:, :k])
+        return torch.cat([guided, main[:, k:]], dim=1) if k < main.shape[1] else guided
 
 
 class EmbeddedGuidance:

@@ -144,8 +144,10 @@ class InpaintPipeline(Pipeline):
                             progress: bool) -> torch.Tensor:
         """The guided sampling loop of `method`: the 9-channel U-Net's, RePaint's, or latent blending's."""
         if method == "unet":
+            guide = None if self.guide_unet is None else self.inpaint_denoiser(mask_latents, masked_latents,
+                                                                               self.guide_denoiser)
             guided = self.guidance(self.inpaint_denoiser(mask_latents, masked_latents), cond, uncond, guidance_scale,
-                                   interval)
+                                   interval, guide)
             return self.denoise(latents, guided, sampler, generator, progress, timesteps)
         guided = self.guidance(self.denoiser, cond, uncond, guidance_scale, interval)
         if method == "repaint":
@@ -290,13 +292,15 @@ class InpaintPipeline(Pipeline):
             masked_latents = masked_image_latents.to(self.device, self.unet.dtype)
         return mask_latents.repeat(batch, 1, 1, 1), masked_latents.repeat(batch // masked_latents.shape[0], 1, 1, 1)
 
-    def inpaint_denoiser(self, mask_latents: torch.Tensor, masked_latents: torch.Tensor):
-        """The 9-channel U-Net as a denoiser of the noisy latents: mask and masked-image latents appended."""
+    def inpaint_denoiser(self, mask_latents: torch.Tensor, masked_latents: torch.Tensor, unet_denoiser=None):
+        """The 9-channel U-Net (`unet_denoiser`: default the model's, or the guide's) as a denoiser of the noisy
+        latents: mask and masked-image latents appended."""
         extra = unet_conditioning(mask_latents, masked_latents)
+        unet_denoiser = unet_denoiser or self.denoiser
 
         def denoiser(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             copies = x.shape[0] // extra.shape[0]  # 2 when guidance batches both branches
-            return self.denoiser(torch.cat([x, extra.repeat(copies, 1, 1, 1)], dim=1), t, context)
+            return unet_denoiser(torch.cat([x, extra.repeat(copies, 1, 1, 1)], dim=1), t, context)
 
         return denoiser
 

@@ -28,7 +28,8 @@ from ldm.diffusion import NoiseSchedule, guidance_embedding
 from ldm.text_encoders import load_text_encoder
 from pipelines.arguments import MAX_SEED, Limits, guidance_interval, real, text_list, whole
 from pipelines.defaults import FAST_NUM_INFERENCE_STEPS, GUIDANCE_SCALE, LCM_MAX_STEPS, NUM_INFERENCE_STEPS
-from pipelines.guidance import ClassifierFreeGuidance, ClassifierGuidance, EmbeddedGuidance
+from pipelines.guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance, EmbeddedGuidance
+from pipelines.guide import check_guide
 from pipelines.loading import base_model_name, check_model_folder, resolve_model_path, text_encoder_spec
 from pipelines.schedulers import load_scheduler, make_scheduler, uses_learned_variance
 
@@ -43,6 +44,8 @@ class Pipeline:
     `lora=DIR` (or a list) adds LoRA adapters at `lora_scale` (one number, or one per adapter); see `load_lora`.
     `fast=True` loads the embedded consistency-distilled student of the default model (the `lcm` sampler, 4 steps
     by default, one U-Net call per step) once one ships; none does in this release (docs/distillation.md).
+    `guide_model=DIR` guides with that smaller model of the same task instead of the unconditional branch
+    (autoguidance; see `load_guide`).
     """
 
     inpainting_default = False  # which embedded default `model=None` loads
@@ -51,7 +54,7 @@ class Pipeline:
                  vae: AutoencoderKL | None = None, text_encoder=None, unet: UNet2DConditionModel | None = None,
                  scheduler: SchedulerMixin | None = None, allow_pickle: bool = False,
                  lora: str | Path | list[str | Path] | None = None, lora_scale: float | list[float] = 1.0,
-                 lora_force: bool = False, fast: bool = False) -> None:
+                 lora_force: bool = False, fast: bool = False, guide_model: str | Path | None = None) -> None:
         self.prompt = prompt
         self.model_name = "the given components"
         given = [c is not None for c in (vae, text_encoder, unet, scheduler)]
@@ -60,6 +63,7 @@ class Pipeline:
         if fast and (model is not None or any(given)):
             raise UserError("fast=True loads the embedded distilled default; for your own student pass only "
                             "model=STUDENT_DIR (its folder samples with the lcm sampler by itself)")
+        self.text_encoder_spec: tuple[str, int] | None = None  # (name, length) when loaded from a folder
         if not any(given):
             path = resolve_model_path(model, inpainting=self.inpainting_default, fast=fast)
             check_model_folder(path, allow_pickle)
@@ -73,7 +77,8 @@ class Pipeline:
             except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # truncated or damaged files
                 raise UserError(f"cannot load the model in {path}: {type(err).__name__}: {err}; restore or "
                                 "re-export the model folder") from err
-            text_encoder = load_text_encoder(*text_encoder_spec(path))
+            self.text_encoder_spec = text_encoder_spec(path)
+            text_encoder = load_text_encoder(*self.text_encoder_spec)
             scheduler = load_scheduler(path / "scheduler")
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.model_scheduler = scheduler  # the folder's own sampler; `scheduler` is the one sampling uses now
@@ -94,6 +99,10 @@ class Pipeline:
                             "(or one number for all)")
         for folder, scale in zip(folders, scales):
             self.load_lora(folder, scale, force=lora_force)
+        self.guide_unet: UNet2DConditionModel | None = None
+        self.guide_name: str | None = None
+        if guide_model is not None:
+            self.load_guide(guide_model)
 
     def check_unet(self) -> None:
         """Text-to-image needs a U-Net whose input is the latent alone."""
@@ -214,6 +223,19 @@ class Pipeline:
         self.unet.fuse_lora(lora_scale=1.0, adapter_names=list(self.adapters))
         return self
 
+    def load_guide(self, folder: str | Path) -> None:
+        """Guide sampling with the U-Net of model folder `folder` (autoguidance, Karras et al. 2024): a smaller,
+        shorter-trained model of the same task, e.g. `train_ldm.py --config configs/ldm/emoji-64-guide.yaml`. It
+        must share this model's latent space, text encoder and padding length, noise schedule, prediction type and
+        U-Net inputs (one line naming both otherwise); students are refused on either side."""
+        path = resolve_model_path(folder)
+        check_model_folder(path)
+        name = base_model_name(path)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, torch_dtype=torch.float32)
+        check_guide(self, name, path, unet)
+        self.guide_unet = unet.to(self.device).eval().requires_grad_(False)
+        self.guide_name = name
+
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, allow_pickle: bool = False) -> "Pipeline":
         """Load a model folder; no path = the embedded default model."""
@@ -233,8 +255,9 @@ class Pipeline:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move the networks (diffusers-style); the text encoder keeps fp32 unless a dtype is given."""
-        for module in (self.vae, self.unet, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+        for module in (self.vae, self.unet, self.text_encoder, self.guide_unet):
+            if module is not None:
+                module.to(device=device, dtype=dtype)
         self._empty_embedding = None
         return self
 
@@ -347,7 +370,8 @@ class Pipeline:
                       guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Text hidden states per image; the negative prompts' only when guidance needs the second branch."""
         cond = self.text_embeddings(prompts).repeat_interleave(num_images, dim=0).to(self.unet.dtype)
-        if self.embeds_guidance or not ClassifierFreeGuidance.needs_unconditional(guidance_scale):
+        if self.embeds_guidance or self.guide_unet is not None or \
+                not ClassifierFreeGuidance.needs_unconditional(guidance_scale):
             return cond, None
         return cond, self.text_embeddings(negative).repeat_interleave(num_images, dim=0).to(self.unet.dtype)
 
@@ -402,15 +426,19 @@ class Pipeline:
         return NoiseSchedule.from_scheduler_config(self.model_scheduler.config)
 
     def guidance(self, denoiser, cond: torch.Tensor, uncond: torch.Tensor | None, guidance_scale: float,
-                 interval: tuple[float, float] | None = None) -> ClassifierFreeGuidance:
+                 interval: tuple[float, float] | None = None, guide_denoiser=None) -> ClassifierFreeGuidance:
         """Classifier-free guidance of the prediction channels (a learned variance is taken from the cond branch),
-        in every step or only those with sigma in `interval`; a w-conditioned student takes the scale as an input
-        instead (one U-Net call)."""
+        or autoguidance with a loaded guide (`guide_denoiser`: the guide's counterpart of `denoiser`), in every step
+        or only those with sigma in `interval`; a w-conditioned student takes the scale as an input instead (one
+        U-Net call)."""
         if self.embeds_guidance:
             scale = torch.full((cond.shape[0],), float(guidance_scale))
             embedding = guidance_embedding(scale, self.unet.config.time_cond_proj_dim)
             return EmbeddedGuidance(denoiser, cond, embedding.to(self.device, cond.dtype))
         channels = self.latent_channels if self.predicts_variance else None
+        if self.guide_unet is not None:
+            return AutoGuidance(denoiser, guide_denoiser or self.guide_denoiser, cond, guidance_scale, channels,
+                                interval, self.noise_schedule.sigma_at)
         return ClassifierFreeGuidance(denoiser, cond, uncond, guidance_scale, guided_channels=channels,
                                       interval=interval, sigma_at=self.noise_schedule.sigma_at)
 
@@ -438,6 +466,10 @@ class Pipeline:
         if timestep_cond is None:
             return self._unet_forward(x, t, encoder_hidden_states=context).sample
         return self._unet_forward(x, t, encoder_hidden_states=context, timestep_cond=timestep_cond).sample
+
+    def guide_denoiser(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The guide's U-Net as a denoiser callable (autoguidance)."""
+        return self.guide_unet(x, t, encoder_hidden_states=context).sample
 
     def denoise(self, latents: torch.Tensor, guided: ClassifierFreeGuidance, sampler: SchedulerMixin,
                 generator: torch.Generator | None, progress: bool, timesteps: torch.Tensor | None = None,
