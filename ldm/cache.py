@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 CACHE_VERSION = 3
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 INFO_COLUMNS = ("position", "original_height", "original_width", "crop_top", "crop_left")
+DIGESTS_RECORD = "source-digests.json"  # in cache_dir: the tar shards' SHA-256 by file version (file_digests)
 
 
 def module_digest(module: nn.Module) -> str:
@@ -66,11 +67,13 @@ class CacheInputs:
     batch_size: int = 64
     workers: int = 0  # loader processes decoding images (the result is the same for any number)
 
-    def key(self) -> str:
-        """A hash that changes whenever the data, the buckets, the templates or a frozen stage changes."""
+    def key(self, data: dict | None = None) -> str:
+        """A hash that changes whenever the data (tar shards by their bytes), the buckets, the templates or a frozen
+        stage changes; `data`: the source's identity where already taken (DataSource.identity)."""
         if self.dtype not in DTYPES:
             raise UserError(f"cache_dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
-        spec = {"version": CACHE_VERSION, "data": self.source.spec, "pixels": self.bucketer.spec(),
+        data = self.source.identity() if data is None else data
+        spec = {"version": CACHE_VERSION, "data": data, "pixels": self.bucketer.spec(),
                 "caption_templates": list(self.templates), "vae": module_digest(self.vae),
                 "text_encoder": module_digest(self.text_encoder), "text_max_length": self.text_encoder.max_length,
                 "dtype": self.dtype}
@@ -192,7 +195,8 @@ def _wait_for_shards(folder: Path, shards: int, poll: float = 2.0) -> None:
 def load_or_build_cache(state, inputs: CacheInputs, cache_dir: str | Path) -> CachedLatents:
     """The cache of `inputs`: each rank (`state`: an Accelerator or PartialState) builds its missing shards, then all
     read the whole. Runs sharing a `cache_dir` take turns per shard through a lock, so none builds a shard twice."""
-    folder = Path(cache_dir) / inputs.key()
+    data = inputs.source.identity(Path(cache_dir) / DIGESTS_RECORD)
+    folder = Path(cache_dir) / inputs.key(data)
     folder.mkdir(parents=True, exist_ok=True)
     shards = inputs.source.shards
     mine = [i for i in range(state.process_index, len(shards), state.num_processes)]
@@ -215,7 +219,7 @@ def load_or_build_cache(state, inputs: CacheInputs, cache_dir: str | Path) -> Ca
         empty = inputs.text_encoder.encode([""]).hidden_states[0].cpu().to(DTYPES[inputs.dtype]).contiguous()
         _write(folder / "empty.safetensors", {"empty": empty}, {})
         atomic_write(folder / "spec.json", lambda tmp: tmp.write_text(json.dumps(
-            {"data": inputs.source.spec, "pixels": inputs.bucketer.spec(), "dtype": inputs.dtype,
+            {"data": data, "pixels": inputs.bucketer.spec(), "dtype": inputs.dtype,
              "caption_templates": list(inputs.templates), "shards": len(shards)}, indent=1)))
     _wait_for_shards(folder, len(shards))
     while not (folder / "empty.safetensors").is_file():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -90,6 +91,59 @@ def test_bad_members_and_a_truncated_tar_are_skipped_and_counted(tmp_path):
         open_source(f"{tmp_path}/{{00005..00009}}.tar")
     with pytest.raises(UserError, match="matches no tar file"):
         open_source(f"{tmp_path}/nothing-*.tar")
+
+
+def _cache_key(data: str) -> str:
+    """The cache key of `data`, everything else fixed (weightless stand-ins for the frozen stages)."""
+    from ldm.cache import CacheInputs
+
+    text_encoder = torch.nn.Identity()
+    text_encoder.max_length = 8
+    return CacheInputs(open_source(data), ("{caption}",), Bucketer(16, 4, enabled=False), torch.nn.Identity(),
+                       text_encoder).key()
+
+
+def test_a_tar_shard_edited_at_equal_size_builds_a_new_cache(tmp_path):
+    """Tar pads to 10,240-byte records, so an edited caption or a re-encoded image usually keeps the shard's size:
+    the key reads its bytes (issue 31). A copy elsewhere, same name and bytes, keeps the key and so its cache."""
+    members = {"a.png": _png((200, 0, 0)), "a.txt": b"a red square", "b.png": _png((0, 0, 200)),
+               "b.txt": b"a blue square"}
+    path = _tar(tmp_path / "00000.tar", members)
+    size, key = path.stat().st_size, _cache_key(str(path))
+    (tmp_path / "copy").mkdir()
+    assert _cache_key(str(Path(shutil.copy(path, tmp_path / "copy")))) == key
+    _tar(path, {**members, "a.txt": b"a tan square"})
+    caption_key = _cache_key(str(path))
+    _tar(path, {**members, "a.txt": b"a tan square", "b.png": _png((0, 0, 180))})
+    image_key = _cache_key(str(path))
+    assert path.stat().st_size == size and len(_png((0, 0, 180))) == len(members["b.png"])
+    assert len({key, caption_key, image_key}) == 3
+    assert [r.captions for r in _prepare_all(str(path))[0]] == [["a tan square"], ["a blue square"]]
+
+
+def test_a_shards_digest_is_read_once_per_version_and_never_trusted_after_a_change(tmp_path, monkeypatch):
+    """The record beside the cache spares re-reading a large shard on every run, keyed by its version; an edit at
+    equal size with its old mtime put back still changes the ctime, so it is read again."""
+    from core.data import sources
+
+    reads = []
+    monkeypatch.setattr(sources, "_sha256", lambda path, read=sources._sha256: reads.append(path) or read(path))
+    path, record = _tar(tmp_path / "00000.tar", {"a.png": _png(), "a.txt": b"a red square"}), tmp_path / "d.json"
+    first = sources.file_digests([path], record)
+    assert sources.file_digests([path], record) == first and len(reads) == 2  # just written: not remembered yet
+    monkeypatch.setattr(sources, "SETTLED_NS", 0)
+    sources.file_digests([path], record)
+    assert sources.file_digests([path], record) == first and len(reads) == 3  # remembered from here on
+    before = path.stat()
+    time.sleep(0.05)  # past a coarse timestamp tick
+    with open(path, "r+b") as f:  # in place: the same inode and size
+        data = f.read()
+        f.seek(data.index(b"a red square"))
+        f.write(b"a tan square")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    assert sources.file_digests([path], record) != first and len(reads) == 4
+    assert sources.file_digests([path], None) != first and len(reads) == 5  # without a record: read every time
 
 
 def test_decoding_in_loader_workers_gives_the_same_cache(autoencoder_dir, tmp_path):

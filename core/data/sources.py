@@ -18,8 +18,10 @@ import hashlib
 import io
 import json
 import logging
+import os
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,10 +35,13 @@ from core.data.tar_patterns import expand_tar_pattern, is_tar_pattern
 from core.data.dataset import (format_captions, load_image_caption_dataset, pil_to_tensor, split_with_columns,
                                to_rgb)
 from core.errors import UserError
+from core.files import atomic_write
+from core.locks import FileLock
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SETTLED_NS = 2_000_000_000  # a file changed this recently is read again next time, not remembered (file_digests)
 
 
 @dataclass
@@ -61,6 +66,13 @@ class DataSource:
     shards: list[SourceShard]
     spec: dict  # what identifies the data (part of the cache key)
     caption_column: str
+    files: list[Path] = field(default_factory=list)  # files the cache key identifies by their bytes (tar shards)
+
+    def identity(self, record: Path | None = None) -> dict:
+        """What the cache key holds of the data: `spec`, plus the SHA-256 of each file's bytes where it reads files
+        (tar pads to 10,240-byte records, so an edited caption or image usually keeps a shard's size); `record`
+        remembers them (file_digests)."""
+        return {**self.spec, "sha256": file_digests(self.files, record)} if self.files else self.spec
 
 
 def _decode_text(value: bytes) -> str | None:
@@ -132,9 +144,9 @@ def open_source(data: str, split: str = "train", image_column: str = "image", ca
         raise UserError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
     if is_tar_pattern(data):
         paths = expand_tar_pattern(data)
-        spec = {"kind": "webdataset", "caption_column": caption_column,
-                "shards": [[p.name, p.stat().st_size] for p in paths]}
-        return DataSource([SourceShard(p.name, _tar_rows(p, caption_column)) for p in paths], spec, caption_column)
+        spec = {"kind": "webdataset", "caption_column": caption_column, "shards": [p.name for p in paths]}
+        return DataSource([SourceShard(p.name, _tar_rows(p, caption_column)) for p in paths], spec, caption_column,
+                          paths)
     if streaming:
         return _streaming_source(data, split, image_column, caption_column)
     ds = load_image_caption_dataset(data, split, image_column, caption_column)
@@ -155,6 +167,71 @@ def _files_signature(path: Path) -> str:
         digest.update(f"{file.relative_to(path) if path.is_dir() else file.name}:{stat.st_size}:{stat.st_mtime_ns}\n"
                       .encode())
     return digest.hexdigest()
+
+
+def _file_version(stat: os.stat_result) -> list[int]:
+    """What tells one version of a file from another without reading it."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def _sha256(path: Path) -> tuple[str, os.stat_result]:
+    """The SHA-256 of the file's bytes, streamed, and the version it was read at; one line if it changed meanwhile."""
+    before, digest = path.stat(), hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if _file_version(path.stat()) != _file_version(before):
+        raise UserError(f"{path} changed while it was being read; run again once it is written")
+    return digest.hexdigest(), before
+
+
+def _read_record(record: Path) -> dict:
+    """The remembered digests (resolved path -> version and sha256); an unreadable record is only a lost memo."""
+    try:
+        entries = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _remembered(entries: dict, paths: list[Path]) -> list[str | None]:
+    """Each file's recorded digest where its version is the recorded one, else None."""
+    found = []
+    for path in paths:
+        entry = entries.get(str(path.resolve()))
+        same = isinstance(entry, dict) and entry.get("version") == _file_version(path.stat())
+        found.append(entry.get("sha256") if same else None)
+    return found
+
+
+def file_digests(paths: list[Path], record: Path | None = None) -> list[str]:
+    """The SHA-256 of each file's bytes. With `record` (a JSON file beside the cache), a digest is remembered under
+    the file's resolved path and version (size, mtime_ns, ctime_ns, inode) and reused only while all four are the
+    same, so a shard is read once per version, not on every run; processes sharing the record take turns, so one
+    reads. A rewrite changes mtime and ctime, and ctime cannot be set back (touch -d or cp -p restore only mtime),
+    so even an edit that keeps the size and restores the mtime is read again; only resetting the clock would hide
+    one. A file changed within SETTLED_NS of being read is not remembered: an edit in the same timestamp tick could
+    leave all four as they were."""
+    if record is None:
+        return [_sha256(path)[0] for path in paths]
+    digests = _remembered(_read_record(record), paths)
+    if None not in digests:
+        return digests
+    record.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(record.with_name(f".{record.name}.lock"), f"the shard digests in {record}", wait=float("inf")):
+        entries = _read_record(record)  # another process may have read some meanwhile
+        digests = _remembered(entries, paths)
+        missing = [i for i, digest in enumerate(digests) if digest is None]
+        if not missing:
+            return digests
+        logger.info("reading %d tar shards (%.1f GB) once for the cache key (remembered in %s)", len(missing),
+                    sum(paths[i].stat().st_size for i in missing) / 1e9, record)
+        for i in missing:
+            digests[i], stat = _sha256(paths[i])
+            if time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > SETTLED_NS:
+                entries[str(paths[i].resolve())] = {"version": _file_version(stat), "sha256": digests[i]}
+        atomic_write(record, lambda tmp: tmp.write_text(json.dumps(entries, indent=1) + "\n"))
+    return digests
 
 
 def _streaming_source(data: str, split: str, image_column: str, caption_column: str) -> DataSource:
