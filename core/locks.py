@@ -1,127 +1,103 @@
 """Lock files that keep two processes from writing the same place: a run's output_dir, a shared cache entry.
 
-A lock is a file holding its holder's host, pid and process start time, written to a private file first and then
-hard-linked into place, so it never exists half-written (a process killed between an O_EXCL create and its write
-left an empty lock nobody could judge, and the next run waited on it forever). A lock whose holder is
-gone (same host, no such process, or another process under a reused pid) is stale and taken over; a lock held from
-another host cannot be checked, so the message says which file to delete if that run is over. Written by hand
-because the field's lock libraries (filelock) leave stale-lock detection to the caller.
+A kernel lock (flock, through the filelock package) on the lock file: the kernel frees it the moment its holder ends,
+however it ends (SIGKILL included), so nobody has to judge whether an old holder is gone, and two takers never both
+hold it. (The hand-written lock before it took over "stale" lock files, and a late unlink of a dead holder's file
+removed a fresh one, so two processes held it at once: issue 31.) The file stays after release, so every taker
+locks the same inode. The holder writes its host, pid, time taken and command into the file, only so that a process
+turned away can say who holds it.
+
+Network filesystems: on NFS the client turns flock into a whole-file lock the server arbitrates, which holds across
+hosts (the server frees a crashed host's locks in its recovery; NFSv4 once its lease runs out) unless the share is
+mounted with `nolock` or `local_lock`; on others (SMB/CIFS, many FUSE mounts) a flock may hold on one host only, so
+two hosts could both take it. Share an output_dir or cache_dir between hosts only on NFS. A filesystem without flock
+stops with one line.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shlex
 import socket
+import sys
 import time
 from pathlib import Path
+
+import filelock
 
 from core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-HALF_WRITTEN_AFTER_S = 30.0  # an empty lock file this old was left by a writer killed between create and write
+
+def _write_holder(fd: int) -> None:
+    """filelock's `on_acquired`: this process's record, written into the lock file it now holds (for messages)."""
+    record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                         "command": shlex.join(sys.argv)[:300]}).encode()
+    os.pwrite(fd, record, 0)
+    os.ftruncate(fd, len(record))
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux /proc), or None where unknown."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _alive(holder: dict) -> bool:
-    """Whether the process that wrote `holder` still runs (assumed yes when it cannot be told)."""
-    if holder.get("host") != socket.gethostname():
-        return True
-    pid = holder.get("pid")
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    started = _start_time(pid)
-    return started is None or holder.get("started") in (None, started)  # a reused pid is another process
+def _who(holder: dict) -> str:
+    """The holder as a message names it."""
+    if not holder:
+        return "another process"
+    return (f"process {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('since', '?')}, "
+            f"running {holder.get('command', '?')}")
 
 
 class FileLock:
-    """`with FileLock(path, what):` holds `path` for this process; `wait` seconds > 0 waits for a live holder."""
+    """`with FileLock(path, what):` holds `path` for this process; `wait` seconds > 0 waits for its holder (polling
+    every `poll` seconds), otherwise a UserError names the holder at once. Taking it again in the thread that holds
+    it (a notebook cell run again) holds it again, with a warning; other threads wait as other processes do."""
 
     def __init__(self, path: str | Path, what: str, wait: float = 0.0, poll: float = 1.0) -> None:
         self.path, self.what, self.wait, self.poll = Path(path), what, wait, poll
         self.held = False
+        self._lock = filelock.FileLock(self.path, is_singleton=True, on_acquired=_write_holder)
 
     def holder(self) -> dict:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def _age(self) -> float:
-        try:
-            return time.time() - self.path.stat().st_mtime
-        except OSError:
-            return 0.0
+        """The holder's record, or {}; read a second time when caught half-written (its holder just took it)."""
+        for pause in (0.05, 0.0):
+            try:
+                record = json.loads(self.path.read_text())
+                return record if isinstance(record, dict) else {}
+            except (OSError, ValueError):
+                time.sleep(pause)
+        return {}
 
     def acquire(self) -> None:
-        deadline = time.monotonic() + self.wait
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid())}
-        waited = False
-        while True:
-            try:
-                self._create(me)
-            except FileExistsError:
-                holder = self.holder()
-                if holder == me:  # this process took it and did not let go (e.g. a notebook cell run again)
-                    logger.warning("%s: this process already holds %s; taking it again", self.what, self.path)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                if not holder and self._age() > HALF_WRITTEN_AFTER_S:  # a filesystem without links, writer killed
-                    logger.warning("taking over the empty lock %s (its writer died before writing it)", self.path)
-                    self.path.unlink(missing_ok=True)
-                    continue
-                if holder and not _alive(holder):
-                    logger.warning("taking over the stale lock %s (process %s on %s is gone)", self.path,
-                                   holder.get("pid"), holder.get("host"))
-                    self.path.unlink(missing_ok=True)
-                    continue
-                if time.monotonic() < deadline:
-                    if not waited:
-                        logger.info("waiting for %s, held by process %s on %s", self.what, holder.get("pid", "?"),
-                                    holder.get("host", "?"))
-                        waited = True
-                    time.sleep(self.poll)
-                    continue
-                raise UserError(f"{self.what} is in use by process {holder.get('pid', '?')} on "
-                                f"{holder.get('host', '?')} (lock file {self.path}); wait for it to finish, or "
-                                "delete that file if no such run is active") from None
-            self.held = True
-            return
+        if not self._take(0.0):
+            if self.wait <= 0:
+                raise UserError(f"{self.what} is in use by {_who(self.holder())} (lock file {self.path}); wait for "
+                                "it to finish, or stop it")
+            logger.info("waiting for %s, held by %s", self.what, _who(self.holder()))
+            if not self._take(self.wait):
+                raise UserError(f"{self.what} was still in use by {_who(self.holder())} after {self.wait:g} s of "
+                                f"waiting (lock file {self.path})")
+        if self._lock.lock_counter > 1:
+            logger.warning("%s: this process already holds %s (an earlier run in it did not let go); holding it "
+                           "again", self.what, self.path)
+        self.held = True
 
-    def _create(self, me: dict) -> None:
-        """Create the lock file with `me` inside, all at once; FileExistsError when another holds it."""
-        private = self.path.with_name(f"{self.path.name}.{me['pid']}.{time.monotonic_ns()}")
-        private.write_text(json.dumps(me))
+    def _take(self, timeout: float) -> bool:
+        """One filelock acquire: whether it got the lock within `timeout` seconds."""
         try:
-            os.link(private, self.path)  # atomic and exclusive: fails with FileExistsError when taken
-        except FileExistsError:
-            raise
-        except OSError:  # a filesystem without hard links: exclusive create, then write
-            handle = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            with os.fdopen(handle, "w") as f:
-                json.dump(me, f)
-        finally:
-            private.unlink(missing_ok=True)
+            self._lock.acquire(timeout=timeout, poll_interval=self.poll)
+        except filelock.Timeout:
+            return False
+        except OSError as err:
+            hint = ": this filesystem has no file locks; use a local disk or NFS" if err.errno == errno.ENOSYS else ""
+            raise UserError(f"cannot lock {self.path} for {self.what} ({err.strerror}){hint}") from err
+        return True
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
+            self._lock.release()
             self.held = False
 
     def __enter__(self) -> "FileLock":
