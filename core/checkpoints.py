@@ -72,7 +72,7 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
 
 
 def _is_lock(name: str) -> bool:
-    """The lock file, or a lock record a killed process left before linking it into place (core/locks.py)."""
+    """The lock file (core/locks.py), or a lock record that an earlier release's lock code could leave behind."""
     return name == LOCK_NAME or name.startswith(LOCK_NAME + ".")
 
 

@@ -420,7 +420,7 @@ class Trainer:
 
     def run(self) -> Path:
         """setup -> train -> export -> cleanup; returns the export folder. The output_dir's lock is released however
-        the run ends (a killed run leaves a stale lock, which the next run takes over)."""
+        the run ends (a killed run's kernel lock dies with it, so the next run takes it at once)."""
         try:
             self.setup()
             self.train()
