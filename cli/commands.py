@@ -115,7 +115,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(negative_prompt=args.negative_prompt, num_images=args.num_images,
                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                 height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
-                guidance_interval=args.guidance_interval)
+                guidance_interval=args.guidance_interval, step_schedule=args.step_schedule)
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict:

@@ -242,6 +242,9 @@ def _add_sampling_args(parser: argparse.ArgumentParser, model_help: str) -> None
                         help="classifier-free guidance only at steps with noise level sigma in (LO, HI], one U-Net "
                              "call at the others (docs/generating.md)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--step-schedule", dest="step_schedule", choices=D.STEP_SCHEDULES, default=None,
+                        help="where the sampler's steps fall: karras (Karras sigmas) or ays (Align Your Steps); "
+                             "default: the sampler's own spacing")
     parser.add_argument("--scheduler", default=None,
                         help=f"one of {', '.join(D.SCHEDULER_NAMES)} (default: the model's own, "
                              f"{D.DEFAULT_SCHEDULER} for models trained here)")

@@ -78,13 +78,15 @@ class InpaintPipeline(Pipeline):
                  output_type: str = "pil", progress: bool = True, *, image=None, mask_image=None, mask=None,
                  strength: float = 1.0, masked_image_latents: torch.Tensor | None = None, method: str | None = None,
                  repaint_jump_length: int = 10, repaint_jump_n_sample: int = 10, latent_mask: str = "nearest",
-                 paste_back: bool = True, feather: float = 0.0, guidance_interval: tuple[float, float] | None = None):
+                 paste_back: bool = True, feather: float = 0.0, guidance_interval: tuple[float, float] | None = None,
+                 step_schedule: str | None = None):
         """Fill the mask of `image` from `prompt`; `Pipeline.generate`'s arguments in its order, then the
         inpainting ones by keyword. `strength` < 1 starts from the noised image instead of noise; `method`: None
         (= `unet` for an inpainting U-Net, `blend` otherwise); `latent_mask`: how `blend` and `repaint` take the
         mask to latent cells, "nearest" (diffusers': one pixel per cell decides) or "cover" (a cell is repainted if
         any of its pixels is masked); `feather`: paste-back edge blur in pixels. Image and mask are resized to
-        `height` x `width` (default: the image's size); `guidance_interval`: as in `Pipeline.generate`."""
+        `height` x `width` (default: the image's size); `guidance_interval`, `step_schedule`: as in
+        `Pipeline.generate`."""
         # 1. check inputs
         num_inference_steps = self.default_steps() if num_inference_steps is None else num_inference_steps
         guidance_scale = self.default_guidance_scale() if guidance_scale is None else guidance_scale
@@ -103,7 +105,7 @@ class InpaintPipeline(Pipeline):
         # 3. encode prompt
         cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
         # 4. prepare latents: the start, the image's latents, the mask and the masked image at latent size
-        sampler, timesteps = self.prepare_inpaint_scheduler(scheduler, num_inference_steps, strength)
+        sampler, timesteps = self.prepare_inpaint_scheduler(scheduler, num_inference_steps, strength, step_schedule)
         latents, noise, image_latents = self.prepare_inpaint_latents(
             batch, height, width, generator, latents, sampler, init_image, timesteps, strength,
             need_image_latents=method != "unet" or (latents is None and strength < 1))
@@ -240,9 +242,10 @@ class InpaintPipeline(Pipeline):
         return init_image.to(self.device), mask_condition.to(self.device)
 
     def prepare_inpaint_scheduler(self, scheduler: str | SchedulerMixin | None, num_inference_steps: int,
-                                  strength: float) -> tuple[SchedulerMixin, torch.Tensor]:
+                                  strength: float, step_schedule: str | None = None
+                                  ) -> tuple[SchedulerMixin, torch.Tensor]:
         """The sampler and the last `strength` fraction of its timesteps (img2img's rule in diffusers)."""
-        sampler = self.prepare_scheduler(scheduler, num_inference_steps)
+        sampler = self.prepare_scheduler(scheduler, num_inference_steps, step_schedule)
         t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
         if num_inference_steps - t_start < 1:
             raise UserError(f"strength {strength} leaves no sampling step out of {num_inference_steps}; raise "

@@ -7,15 +7,19 @@ default sampler, as it is in diffusers.
 
 from __future__ import annotations
 
+import inspect
+import math
 from pathlib import Path
 
 import diffusers
+import numpy as np
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler)
+from diffusers.schedulers import AysSchedules
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from core.errors import UserError
-from pipelines.defaults import SCHEDULER_NAMES
+from pipelines.defaults import SCHEDULER_NAMES, STEP_SCHEDULES
 from pipelines.loading import read_json
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
@@ -63,3 +67,51 @@ def load_scheduler(folder: Path) -> SchedulerMixin:
         raise UserError(f"{folder}/scheduler_config.json names '{config.get('_class_name')}', which is not a "
                         "diffusers scheduler")
     return cls.from_config(config)
+
+
+# Step placements a sampler can take instead of its default spacing (`generate(step_schedule=...)`):
+# "karras": the sigmas of Karras et al. 2022 (EDM eq. 5, rho 7), for samplers with diffusers' use_karras_sigmas;
+# "ays": "Align Your Steps" (Sabour et al. 2024), the 10 timesteps optimised for Stable Diffusion 1.5's noise schedule
+# (diffusers' AysSchedules), log-linearly interpolated for other step counts as the paper does. That schedule is the
+# embedded default's too (scaled linear, 0.00085-0.012, 1000 steps); other schedules refuse it.
+AYS_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                "beta_end": 0.012}
+
+
+def with_step_schedule(sampler: SchedulerMixin, step_schedule: str | None) -> SchedulerMixin:
+    """`sampler` rebuilt to place its steps by `step_schedule` (None: unchanged); one line when it cannot."""
+    if step_schedule is None:
+        return sampler
+    if step_schedule not in STEP_SCHEDULES:
+        raise UserError(f"unknown step_schedule '{step_schedule}'; valid: {', '.join(STEP_SCHEDULES)}")
+    name = type(sampler).__name__
+    if step_schedule == "karras":
+        if "use_karras_sigmas" not in inspect.signature(type(sampler).__init__).parameters:
+            raise UserError(f"step_schedule=karras needs a sampler with Karras sigmas (dpm++, euler, euler_a, unipc); "
+                            f"{name} has none")
+        return type(sampler).from_config({**sampler.config, "use_karras_sigmas": True})
+    if "timesteps" not in inspect.signature(sampler.set_timesteps).parameters:
+        raise UserError(f"step_schedule=ays needs a sampler that takes a list of timesteps (dpm++, euler); {name} "
+                        "does not")
+    config = sampler.config
+    differs = [k for k, v in AYS_SCHEDULE.items()
+               if (config.get(k) != v if isinstance(v, (str, int)) else not math.isclose(config.get(k, 0), v))]
+    if differs:
+        raise UserError(f"step_schedule=ays was optimised for Stable Diffusion's noise schedule; this model's differs "
+                        f"in {', '.join(differs)}")
+    return sampler
+
+
+def ays_timesteps(num_inference_steps: int) -> list[int]:
+    """Align Your Steps' timesteps for `num_inference_steps` steps: the stored 10, or their interpolation linear in
+    log t (the paper's `loglinear_interp` works on sigmas; on timesteps it keeps both ends), descending, distinct."""
+    stored = np.array(AysSchedules["StableDiffusionTimesteps"], dtype=np.float64)
+    if num_inference_steps == len(stored):
+        return [int(t) for t in stored]
+    xs = np.linspace(0, 1, len(stored))
+    new = np.exp(np.interp(np.linspace(0, 1, num_inference_steps), xs, np.log(stored[::-1])))[::-1]
+    steps = sorted({int(round(t)) for t in new}, reverse=True)
+    if len(steps) != num_inference_steps:
+        raise UserError(f"step_schedule=ays gives {len(steps)} distinct timesteps for {num_inference_steps} steps; "
+                        "use fewer steps")
+    return steps

@@ -31,7 +31,8 @@ from pipelines.defaults import FAST_NUM_INFERENCE_STEPS, GUIDANCE_SCALE, LCM_MAX
 from pipelines.guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance, EmbeddedGuidance
 from pipelines.guide import check_guide
 from pipelines.loading import base_model_name, check_model_folder, resolve_model_path, text_encoder_spec
-from pipelines.schedulers import load_scheduler, make_scheduler, uses_learned_variance
+from pipelines.schedulers import (ays_timesteps, load_scheduler, make_scheduler, uses_learned_variance,
+                                  with_step_schedule)
 
 OUTPUT_TYPES = ("pil", "numpy", "torch", "latent")
 
@@ -298,7 +299,8 @@ class Pipeline:
                  generator: torch.Generator | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
                  output_type: str = "pil", progress: bool = True, classifier=None, class_label: str | None = None,
-                 classifier_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None):
+                 classifier_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None,
+                 step_schedule: str | None = None):
         """Sample images for `prompt` ("" = unconditional). Returns PIL images, an array, a tensor or latents.
 
         `scheduler`: a name from pipelines/schedulers.py, a diffusers scheduler, or None for the model's own.
@@ -308,6 +310,8 @@ class Pipeline:
         guidance, alone (prompt "") or on top of classifier-free guidance.
         `guidance_interval` (sigma_lo, sigma_hi]: classifier-free guidance only at steps whose noise level sigma lies
         in it, one U-Net call at the others (Kynkaanniemi et al. 2024); None = every step.
+        `step_schedule`: where the sampler's steps fall, "karras" (Karras sigmas) or "ays" (Align Your Steps);
+        None = the sampler's own spacing.
         """
         num_inference_steps = self.default_steps() if num_inference_steps is None else num_inference_steps
         guidance_scale = self.default_guidance_scale() if guidance_scale is None else guidance_scale
@@ -324,7 +328,7 @@ class Pipeline:
         if generator is None and seed is not None:
             generator = torch.Generator("cpu").manual_seed(seed)
         cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
-        sampler = self.prepare_scheduler(scheduler, num_inference_steps)
+        sampler = self.prepare_scheduler(scheduler, num_inference_steps, step_schedule)
         latents = self.prepare_latents(len(prompts) * num_images, height, width, generator, latents, sampler)
         guided = self.guidance(self.denoiser, cond, uncond, guidance_scale, interval)
         if classifier is not None:
@@ -375,11 +379,16 @@ class Pipeline:
             return cond, None
         return cond, self.text_embeddings(negative).repeat_interleave(num_images, dim=0).to(self.unet.dtype)
 
-    def prepare_scheduler(self, scheduler: str | SchedulerMixin | None, num_inference_steps: int) -> SchedulerMixin:
-        """A fresh sampler (schedulers keep state) with its timesteps set; lcm for consistency students only."""
-        sampler = make_scheduler(scheduler, self.scheduler)
+    def prepare_scheduler(self, scheduler: str | SchedulerMixin | None, num_inference_steps: int,
+                          step_schedule: str | None = None) -> SchedulerMixin:
+        """A fresh sampler (schedulers keep state) with its timesteps set, placed by `step_schedule`; lcm for
+        consistency students only."""
+        sampler = with_step_schedule(make_scheduler(scheduler, self.scheduler), step_schedule)
         self.check_sampler(sampler, num_inference_steps)
-        sampler.set_timesteps(num_inference_steps, device=self.device)
+        if step_schedule == "ays":
+            sampler.set_timesteps(timesteps=ays_timesteps(num_inference_steps), device=self.device)
+        else:
+            sampler.set_timesteps(num_inference_steps, device=self.device)
         return sampler
 
     def check_sampler(self, sampler: SchedulerMixin, num_inference_steps: int) -> None:
