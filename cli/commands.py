@@ -198,7 +198,10 @@ def cmd_eval_generate(args: argparse.Namespace) -> None:
     from evaluation.generation import evaluate_generation, format_tables, plot_quality_vs_time
     from pipelines import defaults as D
 
-    pipe = Pipeline(model=args.model, fast=args.fast)
+    from evaluation.settings import parse_settings
+
+    settings = parse_settings(args.settings)
+    pipe = Pipeline(model=args.model, fast=args.fast, guide_model=args.guide_model)
     out = args.out or (str(Path(args.model) / "eval") if args.model else
                        "eval-default-fast-model" if args.fast else "eval-default-model")
     student = pipe.is_consistency_student
@@ -212,7 +215,8 @@ def cmd_eval_generate(args: argparse.Namespace) -> None:
         heldout_split=None if args.heldout_split == "none" else args.heldout_split,
         samplers=_sampler_list(samplers or ",".join(f"{n}:{s}" for n, s in D.SAMPLER_SWEEP)),
         guidance_scales=_scale_list(args.guidance_scales), seed=args.seed, batch_size=args.batch_size,
-        cache_dir=args.cache_dir, full_rows=_sampler_list(args.full_rows))
+        cache_dir=args.cache_dir, full_rows=_sampler_list(args.full_rows), sampling_settings=settings,
+        settings_heldout=args.settings_heldout)
     print(format_tables(metrics))
     if args.compare:
         models = {metrics["model_name"]: metrics}

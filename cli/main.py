@@ -108,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
                                f"{','.join(f'lcm:{s}' for s in D.FAST_SAMPLER_SWEEP)})")
     gen_eval.add_argument("--guidance-scales", default=",".join(f"{g:g}" for g in D.GUIDANCE_SWEEP),
                           help="guidance sweep, or none (default: %(default)s)")
+    gen_eval.add_argument("--settings", default="none",
+                          help="a sweep of sampling settings at --sweep-images prompts, each "
+                               "SAMPLER:STEPS:GUIDANCE[:interval=LO-HI][:schedule=karras|ays][:guide], comma-separated "
+                               "(evaluation/settings.py; default none): FID, alignment, U-Net calls and s/image, "
+                               "settings.png with the Pareto front")
+    gen_eval.add_argument("--settings-heldout", action="store_true",
+                          help="measure the --settings sweep on as many held-out prompts too")
+    gen_eval.add_argument("--guide-model", default=None, metavar="DIR",
+                          help="the autoguidance guide the ':guide' settings use")
     gen_eval.add_argument("--seed", type=int, default=0)
     gen_eval.add_argument("--batch-size", type=int, default=D.EVAL_BATCH_SIZE)
     gen_eval.add_argument("--out", default=None,

@@ -31,17 +31,19 @@ from evaluation.real_images import (RealImages, features_with_progress, load_rea
                                     training_real_sets)
 from ldm.cache import module_digest
 from pipelines import defaults as D
+from evaluation.settings import Setting, counting_calls, guide_switched, pareto_front
 from pipelines.schedulers import make_scheduler
 
 
 def generate_images(pipe, prompts: list[str], scheduler: str, steps: int, guidance: float, seed: int,
-                    batch_size: int, desc: str) -> tuple[torch.Tensor, float]:
-    """Samples in [-1, 1] for each prompt (one image each, seeded per batch) and the wall seconds per image."""
+                    batch_size: int, desc: str, **options) -> tuple[torch.Tensor, float]:
+    """Samples in [-1, 1] for each prompt (one image each, seeded per batch) and the wall seconds per image;
+    `options`: more `Pipeline.generate` arguments (a guidance interval, a step schedule)."""
     images, started = [], time.perf_counter()
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch"):
         batch = prompts[start:start + batch_size]
         images.append(pipe.generate(batch, num_inference_steps=steps, guidance_scale=guidance, scheduler=scheduler,
-                                    seed=seed + start, output_type="torch", progress=False) * 2 - 1)
+                                    seed=seed + start, output_type="torch", progress=False, **options) * 2 - 1)
     return torch.cat(images), (time.perf_counter() - started) / len(prompts)
 
 
@@ -80,6 +82,22 @@ def evaluate_setting(pipe, network, prompts_from: RealImages, scheduler: str, st
     return result, images
 
 
+def evaluate_sampling_setting(pipe, network, prompts_from: RealImages, setting: Setting, seed: int,
+                              batch_size: int) -> dict:
+    """`evaluate_setting` for a sweep setting (evaluation/settings.py), with the network evaluations per image."""
+    kwargs = setting.generate_kwargs()
+    with guide_switched(pipe, setting.guide), counting_calls(pipe) as calls:
+        images, seconds = generate_images(pipe, prompts_from.captions, kwargs.pop("scheduler"),
+                                          kwargs.pop("num_inference_steps"), kwargs.pop("guidance_scale"), seed,
+                                          batch_size, setting.text, **kwargs)
+    features = features_with_progress(network, images, "Inception, samples")
+    return {"setting": setting.text, "scheduler": setting.scheduler, "steps": setting.steps,
+            "guidance_scale": setting.guidance_scale, "images": len(images),
+            "fid": frechet_distance(features, prompts_from.features), "seconds_per_image": seconds,
+            "unet_calls_per_image": calls["unet"] / len(images), "guide_calls_per_image": calls["guide"] / len(images),
+            **alignment(features, prompts_from)}
+
+
 def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EVAL_NUM_IMAGES,
                         sweep_images: int = D.EVAL_SWEEP_IMAGES, scheduler: str = D.EVAL_SCHEDULER,
                         num_inference_steps: int = D.EVAL_NUM_INFERENCE_STEPS,
@@ -87,10 +105,12 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
                         samplers: tuple[tuple[str, int], ...] = D.SAMPLER_SWEEP,
                         guidance_scales: tuple[float, ...] = D.GUIDANCE_SWEEP, seed: int = 0,
                         batch_size: int = D.EVAL_BATCH_SIZE,
-                        cache_dir: str | Path | None = None, full_rows: tuple[tuple[str, int], ...] = ()) -> dict:
+                        cache_dir: str | Path | None = None, full_rows: tuple[tuple[str, int], ...] = (),
+                        sampling_settings: tuple[Setting, ...] = (), settings_heldout: bool = False) -> dict:
     """Run every measurement; returns the metrics dict (also written to `out/metrics.json`). Real images'
     features are cached in `cache_dir` (default `out/cache`), so evaluating several models on the same data and N
-    computes them once."""
+    computes them once. `sampling_settings`: the sweep of sampling settings (evaluation/settings.py) at `sweep_images` training
+    prompts, and with `settings_heldout` on as many held-out prompts too; settings.png plots FID against time."""
     out = Path(out)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     # every argument and split checked before the first image: a typo must not cost the 20-minute main FID
@@ -101,6 +121,8 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
             raise UserError(f"{name} needs at least 1 step, got {steps}")
         # an unknown sampler name, or one that does not fit the model (lcm and students), is refused here
         pipe.check_sampler(make_scheduler(name, pipe.scheduler), steps)
+    for setting in sampling_settings:
+        check_setting(pipe, setting)
     if not all(math.isfinite(g) and g >= 0 for g in (guidance_scale, *guidance_scales)):
         raise UserError(f"guidance scales must be finite numbers >= 0, got {(guidance_scale, *guidance_scales)}")
     train = load_image_caption_dataset(data, "train")
@@ -185,7 +207,37 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
             pipe, network, sweep_set, scheduler, num_inference_steps, scale, seed, batch_size)[0])
     if guidance_scales:
         plot_guidance(metrics["guidance"]["rows"], sweep_floor, out / "guidance.png")
+    for setting in sampling_settings:
+        measure("sampling_settings", setting.text, lambda setting=setting: evaluate_sampling_setting(
+            pipe, network, sweep_set, setting, seed, batch_size))
+    if sampling_settings and settings_heldout and heldout_ds is not None:
+        heldout_sweep = heldout.take(min(len(sweep_set.captions), len(heldout.captions)))
+        for setting in sampling_settings:
+            measure("sampling_settings_heldout", setting.text, lambda setting=setting: evaluate_sampling_setting(
+                pipe, network, heldout_sweep, setting, seed, batch_size))
+        metrics["sampling_settings_heldout"]["images"] = len(heldout_sweep.captions)
+        metrics["sampling_settings_heldout"]["fid_real_vs_real"] = frechet_distance(
+            reference.take(len(heldout_sweep.captions)).features, heldout_sweep.features)
+        save_metrics(out / "metrics.json", metrics)
+    if sampling_settings:
+        plot_settings(metrics, out / "settings.png")
     return metrics
+
+
+def check_setting(pipe, setting: Setting) -> None:
+    """Everything a sweep setting asks of the model, checked before the first image (sampler, steps, schedule,
+    interval, guide), so a typo in the last setting does not cost the sweep before it."""
+    from pipelines.arguments import real
+    from pipelines.schedulers import with_step_schedule
+
+    if setting.steps < 1:
+        raise UserError(f"setting '{setting.text}' needs at least 1 step")
+    real(f"guidance of setting '{setting.text}'", setting.guidance_scale, 0)
+    pipe.check_sampler(with_step_schedule(make_scheduler(setting.scheduler, pipe.scheduler), setting.step_schedule),
+                       setting.steps)
+    pipe.check_guidance_interval(setting.interval)
+    if setting.guide and pipe.guide_unet is None:
+        raise UserError(f"setting '{setting.text}' asks for the guide: pass --guide-model DIR")
 
 
 def _earlier_results(path: Path, metrics: dict) -> dict:
@@ -198,6 +250,9 @@ def _earlier_results(path: Path, metrics: dict) -> dict:
             found[part, f"{row['scheduler']}:{row['steps']}"] = row
     for row in earlier.get("guidance", {}).get("rows", []):
         found["guidance", f"{row['guidance_scale']:g}"] = row
+    for part in ("sampling_settings", "sampling_settings_heldout"):
+        for row in earlier.get(part, {}).get("rows", []):
+            found[part, row["setting"]] = row
     return found
 
 
@@ -258,6 +313,33 @@ def plot_quality_vs_time(models: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_settings(metrics: dict, path: Path) -> None:
+    """FID against seconds per image for every sweep setting (training prompts; held-out ones beside when
+    measured), the Pareto front joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = [p for p in ("sampling_settings", "sampling_settings_heldout") if p in metrics]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6.5 * len(parts), 4.5), squeeze=False)
+    for axis, part in zip(axes[0], parts):
+        rows = metrics[part]["rows"]
+        for row in rows:
+            axis.scatter(row["seconds_per_image"], row["fid"], color="tab:blue")
+            axis.annotate(row["setting"], (row["seconds_per_image"], row["fid"]), fontsize=6)
+        front = pareto_front(rows)
+        axis.plot([r["seconds_per_image"] for r in front], [r["fid"] for r in front], color="tab:orange",
+                  label="Pareto front")
+        axis.axhline(metrics[part]["fid_real_vs_real"], color="gray", linestyle="--", label="real vs real")
+        axis.set(xlabel="seconds per image", ylabel=f"FID (N = {rows[0]['images']})",
+                 title="training prompts" if part == "sampling_settings" else "held-out prompts")
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_guidance(rows: list[dict], floor: float, path: Path) -> None:
     import matplotlib
 
@@ -299,5 +381,15 @@ def format_tables(metrics: dict) -> str:
             rows = "\n".join(row(r, r.get("fid_real_vs_real", metrics[key].get("fid_real_vs_real")))
                              for r in metrics[key]["rows"])
             parts.append(f"{title}\n\n{header}\n{rows}")
+    for key, title in (("sampling_settings", "sampling settings, training prompts"),
+                       ("sampling_settings_heldout", "sampling settings, held-out prompts")):
+        if key in metrics:
+            front = {r["setting"] for r in pareto_front(metrics[key]["rows"])}
+            lines = "\n".join(
+                f"| {r['setting']}{' (front)' if r['setting'] in front else ''} | {r['images']} | {r['fid']:.1f} | "
+                f"{r['name_top5']:.3f} | {r['unet_calls_per_image']:.0f} | {r['guide_calls_per_image']:.0f} | "
+                f"{r['seconds_per_image']:.3f} |" for r in metrics[key]["rows"])
+            parts.append(f"{title}\n\n| setting | N | FID | name top-5 | U-Net calls / image | guide calls / image | "
+                         f"s / image |\n|---|---|---|---|---|---|---|\n{lines}")
     notes = "".join(f"\nnote: {n}" for n in metrics.get("notes", []))
     return "\n\n".join(parts) + notes

@@ -69,3 +69,54 @@ def test_eval_generate_without_a_heldout_split_says_how_to_skip(tiny_components,
                                   num_inference_steps=1, heldout_split=None, samplers=(), guidance_scales=(),
                                   batch_size=4)
     assert "heldout" not in metrics and "samplers" not in metrics
+
+
+def test_a_settings_sweep_counts_calls_and_draws_the_pareto_front(tiny_model_dir, emoji_dir, tmp_path):
+    """Sampling settings side by side: the interval makes fewer U-Net calls, the guide's calls are its own, the main
+    model as its own guide scores as the unguided model, and the held-out rows, the table and settings.png follow."""
+    from evaluation.settings import parse_settings, pareto_front
+
+    pipe = Pipeline(model=tiny_model_dir, guide_model=tiny_model_dir)
+    settings = parse_settings("ddim:4:3,ddim:4:3:interval=0.5-3,ddim:4:3:guide,ddim:4:1")
+    metrics = evaluate_generation(pipe, str(emoji_dir), tmp_path / "out", num_images=6, sweep_images=6,
+                                  num_inference_steps=1, samplers=(), guidance_scales=(), batch_size=6,
+                                  sampling_settings=settings, settings_heldout=True)
+    rows = {r["setting"]: r for r in metrics["sampling_settings"]["rows"]}
+    assert list(rows) == [s.text for s in settings]
+    assert rows["ddim:4:3"]["unet_calls_per_image"] == 8 and rows["ddim:4:3"]["guide_calls_per_image"] == 0
+    assert 4 <= rows["ddim:4:3:interval=0.5-3"]["unet_calls_per_image"] < 8
+    assert (rows["ddim:4:3:guide"]["unet_calls_per_image"], rows["ddim:4:3:guide"]["guide_calls_per_image"]) == (4, 4)
+    assert rows["ddim:4:1"]["unet_calls_per_image"] == 4
+    assert rows["ddim:4:3:guide"]["fid"] == pytest.approx(rows["ddim:4:1"]["fid"], rel=1e-6)
+    assert rows["ddim:4:3:guide"]["fid"] != pytest.approx(rows["ddim:4:3"]["fid"], rel=1e-3)
+    assert [r["setting"] for r in metrics["sampling_settings_heldout"]["rows"]] == list(rows)
+    assert (tmp_path / "out" / "settings.png").is_file() and "(front)" in format_tables(metrics)
+    front = pareto_front(list(rows.values()))
+    assert front and all(not (o["fid"] < f["fid"] and o["seconds_per_image"] < f["seconds_per_image"])
+                         for f in front for o in rows.values())
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ddim:4", "write SAMPLER:STEPS:GUIDANCE"),
+    ("ddim:x:3", "steps must be a whole number"),
+    ("ddim:4:3:interval=a-b", "interval=LO-HI"),
+    ("ddim:4:3:schedule=cosine", "unknown part 'schedule=cosine'"),
+])
+def test_bad_settings_are_one_line(text, message):
+    from evaluation.settings import parse_settings
+
+    with pytest.raises(UserError, match=message):
+        parse_settings(text)
+
+
+def test_settings_the_model_cannot_take_are_refused_before_any_work(tiny_model_dir, emoji_dir, tmp_path):
+    from evaluation.settings import parse_settings
+
+    pipe = Pipeline(model=tiny_model_dir)
+    for text, message in (("ddim:4:3:guide", "asks for the guide: pass --guide-model"),
+                          ("ddim:4:3:schedule=karras", "needs a sampler with Karras sigmas"),
+                          ("dpm++:4:3:interval=50-60", "outside this model's noise levels")):
+        with pytest.raises(UserError, match=message):
+            evaluate_generation(pipe, str(emoji_dir), tmp_path / "out", num_images=4, sweep_images=2,
+                                samplers=(), guidance_scales=(), sampling_settings=parse_settings(text))
+    assert not (tmp_path / "out").exists()
