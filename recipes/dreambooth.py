@@ -68,6 +68,10 @@ def class_images(folder: Path, prompts: list[str], count: int, make_pipeline, dr
     folder.mkdir(parents=True, exist_ok=True)
     record_file = folder / CLASS_RECORD
     record = {"prompts": prompts, **drawing}
+    if (not record_file.is_file() and any(folder.glob("class-*.png"))) or (folder / "prompts.json").is_file():
+        raise UserError(f"class_data_dir {folder} holds class images drawn before their base and settings were "
+                        f"recorded ({CLASS_RECORD} is missing); choose another class_data_dir, or delete that folder "
+                        "to draw them again")
     if record_file.is_file():
         found = json.loads(record_file.read_text())
         if found != record:
@@ -87,8 +91,11 @@ def class_images(folder: Path, prompts: list[str], count: int, make_pipeline, dr
                                       guidance_scale=drawing["guidance_scale"], seed=drawing["seed"] + i,
                                       progress=False)[0]
                 atomic_write(paths[i], lambda tmp: image.save(tmp, format="PNG"))
+    waiting = [p for p in paths if not p.is_file()]
+    if waiting:
+        logger.info("waiting for %d class images from the other ranks in %s (every rank must see this folder)",
+                    len(waiting), folder)
     while waiting := [p for p in paths if not p.is_file()]:
-        logger.debug("waiting for %d class images from other ranks", len(waiting))
         time.sleep(poll)
     return paths
 

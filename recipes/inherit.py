@@ -17,20 +17,21 @@ import yaml
 from autoencoder.model import encodes_identically, load_autoencoder
 from core.errors import UserError
 from ldm.diffusion import NoiseSchedule
-from ldm.text_encoders import DEFAULT_TEXT_ENCODER
-from pipelines.loading import read_json, text_encoder_spec
+from ldm.text_encoders import DEFAULT_MAX_LENGTH, DEFAULT_TEXT_ENCODER
+from pipelines.loading import TEXT_ENCODER_REFERENCE, read_json, text_encoder_spec
 
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
                  "zero_terminal_snr", "learned_variance")
 # every setting a model folder fixes, and its value for a model trained from scratch when the config leaves it unset
-SCRATCH_DEFAULTS: dict[str, Any] = {"text_encoder": DEFAULT_TEXT_ENCODER, "text_max_length": 77,
+SCRATCH_DEFAULTS: dict[str, Any] = {"text_encoder": DEFAULT_TEXT_ENCODER, "text_max_length": DEFAULT_MAX_LENGTH,
                                     **{key: getattr(NoiseSchedule, key) for key in SCHEDULE_KEYS}}
 
 
 def base_settings(init: Path) -> dict[str, Any]:
     """The SCRATCH_DEFAULTS keys as `init`'s folder fixes them: its text encoder and padding length, its noise
     schedule and prediction type (scheduler/scheduler_config.json), and whether its U-Net predicts a variance."""
-    name, length = text_encoder_spec(init)
+    folder_name, length = text_encoder_spec(init)
+    name = trained_text_encoder(init) or folder_name
     schedule = NoiseSchedule.from_scheduler_config(read_json(init / "scheduler" / "scheduler_config.json"))
     unet, vae = read_json(init / "unet" / "config.json"), read_json(init / "vae" / "config.json")
     settings = {"text_encoder": name, "text_max_length": length,
@@ -39,14 +40,25 @@ def base_settings(init: Path) -> dict[str, Any]:
     return settings
 
 
+def trained_text_encoder(init: Path) -> str | None:
+    """The installed text encoder (minilm, openclip:...) a training export's config.yaml names: its `text_encoder/`
+    is a copy of it, so a fine-tune records that name rather than the base folder's path (which a later export would
+    then depend on). None for other folders, and for an encoder named by a folder path."""
+    if not (init / "config.yaml").is_file() or (init / TEXT_ENCODER_REFERENCE).is_file():
+        return None
+    trained = yaml.safe_load((init / "config.yaml").read_text())
+    name = trained.get("text_encoder") if isinstance(trained, dict) else None
+    installed = isinstance(name, str) and (name == DEFAULT_TEXT_ENCODER or name.startswith("openclip:"))
+    return name if installed else None
+
+
 def same_setting(key: str, given: Any, fixed: Any, init: Path) -> bool:
-    """Equal, floats to 1e-6 relative (a YAML round trip of a beta is not bit-exact). A training export's own
-    `text_encoder/` is a copy of the encoder its config.yaml names, so that name is the same setting."""
+    """Equal, floats to 1e-6 relative (a YAML round trip of a beta is not bit-exact); a full folder's text encoder
+    is also named by its own path."""
     if isinstance(given, float) or isinstance(fixed, float):
         return math.isclose(float(given), float(fixed), rel_tol=1e-6)
-    if key == "text_encoder" and given != fixed and (init / "config.yaml").is_file():
-        trained = yaml.safe_load((init / "config.yaml").read_text()) or {}
-        return isinstance(trained, dict) and given == trained.get("text_encoder")
+    if key == "text_encoder" and given == text_encoder_spec(init)[0]:
+        return True
     return given == fixed
 
 

@@ -58,10 +58,10 @@ def test_fine_tune_presets_train_at_the_base_settings(preset, unusual_base, tmp_
     assert schedule.prediction_type == "v_prediction" and len(schedule.alphas_cumprod) == 500
 
 
-def test_the_default_base_gives_its_32_tokens():
+def test_the_default_base_gives_its_32_tokens(tmp_path):
     """The embedded default was trained and samples at 32 tokens: its LoRA, DreamBooth and student train at 32."""
     for preset in ("emoji-64-lora.yaml", "emoji-64-lcm.yaml"):
-        config = ldm_config(ROOT / "configs" / "ldm" / preset, ["output_dir=/tmp/unused-inherit", "data=/tmp"])
+        config = ldm_config(ROOT / "configs" / "ldm" / preset, [f"output_dir={tmp_path}", f"data={tmp_path}"])
         assert (config.text_encoder, config.text_max_length) == ("minilm", 32)
         assert config.beta_schedule == "scaled_linear" and config.prediction_type == "epsilon"
 
@@ -118,3 +118,19 @@ def test_the_student_teacher_step_and_export_use_the_base_schedule(unusual_base,
     scheduler = config.lcm_scheduler()
     assert scheduler.config.prediction_type == "v_prediction"
     assert scheduler.config.num_train_timesteps == 500 and scheduler.config.beta_schedule == "linear"
+
+
+def test_a_training_exports_installed_text_encoder_is_inherited_by_name(unusual_base, tmp_path):
+    """A train_ldm.py export holds a copy of the encoder its config.yaml names: a fine-tune records the name (so its
+    own export does not depend on the base folder's path); the folder's path is accepted as the same setting."""
+    import shutil
+
+    export = shutil.copytree(unusual_base, tmp_path / "export")
+    (export / "config.yaml").write_text("text_encoder: minilm\ntext_max_length: 16\n")
+    config = ldm_config(ROOT / "configs" / "ldm" / "emoji-64-lora.yaml",
+                        [f"init_from={export}", f"output_dir={tmp_path / 'a'}", f"data={tmp_path}"])
+    assert config.text_encoder == "minilm"
+    config = ldm_config(ROOT / "configs" / "ldm" / "emoji-64-lora.yaml",
+                        [f"init_from={export}", f"output_dir={tmp_path / 'b'}", f"data={tmp_path}",
+                         f"text_encoder={export}"])
+    assert config.text_encoder == str(export)

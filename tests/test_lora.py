@@ -237,6 +237,14 @@ def test_class_images_are_drawn_by_every_rank_and_keyed_by_base_and_settings(bas
             class_images(tmp_path / "one", prompts, 5, lambda: pipe, changed)
     with pytest.raises(UserError, match="drawn with another prompts"):
         class_images(tmp_path / "one", ["a dog"], 5, lambda: pipe, drawing)
+    (tmp_path / "one" / "drawn_with.json").unlink()  # images whose record is gone (or an older release's folder)
+    with pytest.raises(UserError, match="drawn before their base and settings were recorded"):
+        class_images(tmp_path / "one", prompts, 5, lambda: pipe, drawing)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "prompts.json").write_text('["a dog"]')
+    with pytest.raises(UserError, match="drawn before their base and settings were recorded"):
+        class_images(legacy, prompts, 5, lambda: pipe, drawing)
 
 
 def test_the_prior_loss_is_instance_plus_weighted_class_loss():
