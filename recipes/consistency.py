@@ -16,7 +16,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from diffusers import LCMScheduler, UNet2DConditionModel

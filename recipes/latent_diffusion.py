@@ -79,9 +79,9 @@ class LDMTrainConfig(TrainConfig):
     inpainting: bool = False  # true: the inpainting fine-tune (recipes/inpainting.py; train_ldm.py dispatches on it)
     distill: bool = False  # true: consistency distillation of init_from (recipes/consistency.py)
     autoencoder: str = ""  # output_dir (or final/) of train_autoencoder.py, or any diffusers AutoencoderKL folder;
-    # default with init_from: its vae/ (another one must share its latent space: channels and scaling factor)
-    # What a model folder fixes (BASE_SETTINGS): unset (empty / null) = init_from's, or SCRATCH_DEFAULTS from scratch;
-    # a fine-tune that sets one differently from its base is refused (it would train off the base's distribution)
+    # default with init_from: its vae/ (another one must encode identically: same encoder and scaling factor)
+    # What a model folder fixes (recipes/inherit.py): unset (empty / null) = init_from's, or SCRATCH_DEFAULTS from
+    # scratch; a fine-tune that sets one differently from its base is refused (it would train off its distribution)
     text_encoder: str = ""  # minilm | a local folder | openclip:... (ldm/text_encoders.py)
     text_max_length: Optional[int] = None  # the padding length of every caption (77 from scratch)
     resolution: Optional[int] = None  # pixels; defaults to the autoencoder's sample_size
@@ -358,17 +358,14 @@ class LDMTrainer(Trainer):
         return size_multiple(PRESETS[self.config.unet_preset]["block_out_channels"])
 
     def load_init_unet(self) -> UNet2DConditionModel:
-        """init_from's U-Net in float32, checked against this run's latents, text encoder and variance setting."""
+        """init_from's U-Net in float32, checked against this run's latents and text encoder (its variance setting is
+        inherited from it: recipes/inherit.py)."""
         init = Path(self.config.init_from)
         unet = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32, use_safetensors=True)
         latent_size = self.resolution // self.factor
         if unet.config.sample_size != latent_size:
             raise UserError(f"init_from's U-Net was trained on {unet.config.sample_size}x{unet.config.sample_size} "
                             f"latents; resolution {self.resolution} gives {latent_size}x{latent_size}")
-        latent = self.vae.config.latent_channels
-        if unet.config.out_channels != (2 * latent if self.config.learned_variance else latent):
-            raise UserError(f"init_from's U-Net outputs {unet.config.out_channels} channels: set learned_variance="
-                            f"{'true' if unet.config.out_channels == 2 * latent else 'false'} to match it")
         if unet.config.cross_attention_dim != self.text_encoder.hidden_size:
             raise UserError(f"init_from's U-Net attends to {unet.config.cross_attention_dim}-d text states; text "
                             f"encoder {self.config.text_encoder} gives {self.text_encoder.hidden_size}")
