@@ -125,8 +125,10 @@ class Pipeline:
 
     @property
     def consistency_adapter(self) -> str | None:
-        """The active LCM-LoRA adapter's name, if one is active (the base then samples as its student)."""
-        return next((name for name in self.active_adapters if name in self.consistency_adapters), None)
+        """The active LCM-LoRA adapter's name, if one is active at a scale other than 0 (the base then samples as
+        its student)."""
+        return next((name for name, scale in self.active_adapters.items()
+                     if name in self.consistency_adapters and scale != 0), None)
 
     @property
     def is_consistency_student(self) -> bool:

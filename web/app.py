@@ -191,9 +191,10 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                          [gallery, history, sampling.seed], concurrency_limit=1, concurrency_id="generate")
             # the student's own step count when Fast is ticked, the usual one when not
             fast.change(lambda on: FAST_NUM_INFERENCE_STEPS if on else NUM_INFERENCE_STEPS, fast, sampling.steps)
-            # an LCM-LoRA's own steps and guidance (1: it learnt the guided teacher) while it is picked
-            adapter.change(lambda name: (FAST_NUM_INFERENCE_STEPS, 1.0) if name in pipe.consistency_adapters
-                           else (NUM_INFERENCE_STEPS, GUIDANCE_SCALE), adapter, [sampling.steps, sampling.guidance])
+            # an LCM-LoRA's own steps and guidance (1: it learnt the guided teacher) while it is picked; leaving it
+            # gives the usual ones back, and a switch between other adapters keeps what the visitor set
+            adapter.change(lambda name, steps, guidance: adapter_defaults(name, steps, guidance, pipe, gr), [
+                adapter, sampling.steps, sampling.guidance], [sampling.steps, sampling.guidance])
         with gr.Tab("Inpaint"):
             with gr.Row():
                 with gr.Column():
@@ -223,6 +224,17 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                                       feather], [result, used_mask, in_sampling.seed],
                             concurrency_limit=1, concurrency_id="inpaint")
     return app.queue(max_size=QUEUE_SIZE)
+
+
+def adapter_defaults(name: str, steps, guidance, pipe, gr) -> tuple:
+    """The steps and guidance boxes after picking adapter `name`: an LCM-LoRA's own, the usual ones when leaving an
+    LCM-LoRA's, else unchanged."""
+    lcm = (FAST_NUM_INFERENCE_STEPS, 1.0)
+    if name in pipe.consistency_adapters:
+        return lcm
+    if (steps, guidance) == lcm:
+        return NUM_INFERENCE_STEPS, GUIDANCE_SCALE
+    return gr.update(), gr.update()
 
 
 class SamplingControls(NamedTuple):
