@@ -121,3 +121,30 @@ def test_the_command_line_takes_the_interval(tiny_model_dir, tmp_path):
     expected = Pipeline(model=tiny_model_dir).generate("a cat", num_inference_steps=4, seed=1,
                                                        guidance_interval=(0.5, 3.0), progress=False)[0]
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+
+
+def test_the_page_takes_an_interval_and_a_step_schedule_and_records_them(tiny_model_dir):
+    """The Generate tab's interval box and step-schedule menu reach the pipeline (the same pixels as the API) and
+    the PNG's settings; a malformed interval is one line on the page."""
+    import json
+
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from web.app import build_app
+
+    app = build_app(model=str(tiny_model_dir))
+    generate = next(f.fn for f in app.fns.values() if f.fn.__name__ == "generate")
+    history, _, _ = generate("a cat", "", "model's own", 6, 3.0, 5, False, 1, 32, [], "none", 1.0, False,
+                             "0.5-3", "karras")
+    image = history[0][0]
+    settings = json.loads(image.info["parameters"])
+    assert (settings["guidance_interval"], settings["step_schedule"]) == ([0.5, 3.0], "karras")
+    expected = Pipeline(model=tiny_model_dir).generate("a cat", num_inference_steps=6, guidance_scale=3.0, seed=5,
+                                                       guidance_interval=(0.5, 3.0), step_schedule="karras",
+                                                       height=32, width=32, progress=False)[0]
+    assert np.abs(np.asarray(image, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
+    for interval, message in (("0.5", "LO-HI"), ("3-0.5", "empty or reversed")):
+        with pytest.raises(gr.Error, match=message):
+            generate("a cat", "", "model's own", 2, 3.0, 5, False, 1, 32, [], "none", 1.0, False, interval,
+                     "sampler's own")

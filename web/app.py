@@ -17,7 +17,8 @@ import numpy as np
 from PIL import Image
 
 from core.errors import UserError
-from pipelines.defaults import FAST_NUM_INFERENCE_STEPS, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SCHEDULER_NAMES
+from pipelines.defaults import (FAST_NUM_INFERENCE_STEPS, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SCHEDULER_NAMES,
+                                STEP_SCHEDULES)
 from web.requests import (
     INPAINT_METHODS,
     MAX_GUIDANCE,
@@ -25,6 +26,7 @@ from web.requests import (
     MAX_SIDE,
     MAX_STEPS,
     MODEL_SCHEDULER,
+    SAMPLER_SPACING,
     Settings,
     MAX_UPLOAD_MB,
     check_settings,
@@ -121,7 +123,8 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
 
     @page_errors
     def generate(prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, num_images, size, history,
-                 adapter=NO_ADAPTER, adapter_scale=1.0, fast=False, progress=gr.Progress(track_tqdm=True)):
+                 adapter=NO_ADAPTER, adapter_scale=1.0, fast=False, interval="", step_schedule=SAMPLER_SPACING,
+                 progress=gr.Progress(track_tqdm=True)):
         if fast and fast_pipe is None:
             raise UserError("no fast (distilled) model on this server: start it with --fast-model DIR")
         if fast and adapter != NO_ADAPTER:
@@ -132,7 +135,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
             raise UserError(f"the adapter scale must be from {-MAX_LORA_SCALE} to {MAX_LORA_SCALE}, got "
                             f"{adapter_scale}")
         settings = check_settings(prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, num_images,
-                                  size, factor, names["fast" if fast else "generate"])
+                                  size, factor, names["fast" if fast else "generate"], interval, step_schedule)
         if adapter != NO_ADAPTER:
             settings.lora, settings.lora_scale = adapter, float(adapter_scale)
         if adapters:  # one request at a time per model (the concurrency group), so this cannot race
@@ -144,12 +147,14 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
 
     @page_errors
     def inpaint(editor, mask_upload, prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, size,
-                strength, method, paste_back, feather, progress=gr.Progress(track_tqdm=True)):
+                strength, method, paste_back, feather, interval="", step_schedule=SAMPLER_SPACING,
+                progress=gr.Progress(track_tqdm=True)):
         image, mask = editor_image_and_mask(editor, mask_upload)
         if not 0 < (strength or 0) <= 1:
             raise UserError(f"strength must be in (0, 1], got {strength}")
         settings = check_settings(prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, 1, size,
-                                  factor, names["inpaint"], strength=float(strength), method=method,
+                                  factor, names["inpaint"], interval, step_schedule, strength=float(strength),
+                                  method=method,
                                   paste_back=bool(paste_back), feather=float(feather or 0))
         if method == "repaint":  # RePaint samples with its own scheduler; the PNG records that
             settings.sampler = MODEL_SCHEDULER
@@ -187,7 +192,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
             history = gr.State([])
             button.click(generate, [prompt, negative, sampling.sampler, sampling.steps, sampling.guidance,
                                     sampling.seed, sampling.random_seed, num_images, sampling.size, history,
-                                    adapter, adapter_scale, fast],
+                                    adapter, adapter_scale, fast, sampling.interval, sampling.step_schedule],
                          [gallery, history, sampling.seed], concurrency_limit=1, concurrency_id="generate")
             # the student's own step count when Fast is ticked, the usual one when not
             fast.change(lambda on: FAST_NUM_INFERENCE_STEPS if on else NUM_INFERENCE_STEPS, fast, sampling.steps)
@@ -221,7 +226,8 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
             in_button.click(inpaint, [editor, mask_upload, in_prompt, in_negative, in_sampling.sampler,
                                       in_sampling.steps, in_sampling.guidance, in_sampling.seed,
                                       in_sampling.random_seed, in_sampling.size, strength, method, paste_back,
-                                      feather], [result, used_mask, in_sampling.seed],
+                                      feather, in_sampling.interval, in_sampling.step_schedule],
+                            [result, used_mask, in_sampling.seed],
                             concurrency_limit=1, concurrency_id="inpaint")
     return app.queue(max_size=QUEUE_SIZE)
 
@@ -246,6 +252,8 @@ class SamplingControls(NamedTuple):
     seed: object
     random_seed: object
     size: object
+    interval: object
+    step_schedule: object
 
 
 def _sampling_controls(gr, default_size: int, prefix: str) -> SamplingControls:
@@ -259,7 +267,12 @@ def _sampling_controls(gr, default_size: int, prefix: str) -> SamplingControls:
         seed = gr.Number(label="Seed", value=0, precision=0, elem_id=f"{prefix}-seed")
         random_seed = gr.Checkbox(False, label="Random seed")
         size = gr.Number(label=f"Size (px, ≤ {MAX_SIDE})", value=default_size, precision=0, elem_id=f"{prefix}-size")
-    return SamplingControls(sampler, steps, guidance, seed, random_seed, size)
+    with gr.Row():
+        interval = gr.Textbox("", label="Guidance interval (noise levels LO-HI, e.g. 0.28-5.42; blank = every step)",
+                              elem_id=f"{prefix}-interval")
+        step_schedule = gr.Dropdown([SAMPLER_SPACING, *STEP_SCHEDULES], value=SAMPLER_SPACING, label="Step schedule",
+                                    elem_id=f"{prefix}-step-schedule")
+    return SamplingControls(sampler, steps, guidance, seed, random_seed, size, interval, step_schedule)
 
 
 def _caption(settings: Settings, index: int) -> str:

@@ -18,6 +18,7 @@ from PIL import Image
 from core.errors import UserError
 from core.images import open_image
 from pipelines.defaults import INPAINT_METHODS as PIPELINE_METHODS
+from pipelines.defaults import STEP_SCHEDULES
 
 MAX_SIDE = 512  # pixels; 8x the emoji default's 64, already ~1 min per image on a CPU
 MAX_STEPS = 250
@@ -28,6 +29,7 @@ MAX_PROMPT_CHARS = 1000  # far beyond what the text encoders read (77 tokens), s
 MAX_UPLOAD_PIXELS = 16_000_000  # checked from the file header, before the image is decoded
 MAX_UPLOAD_MB = 20  # Gradio refuses larger uploads before they reach the handlers
 MODEL_SCHEDULER = "model's own"  # the sampler choice that leaves the model folder's scheduler in place
+SAMPLER_SPACING = "sampler's own"  # the step-schedule choice that keeps the sampler's spacing
 INPAINT_METHODS = ("auto", *PIPELINE_METHODS)  # auto: by the model's U-Net
 
 
@@ -50,13 +52,17 @@ class Settings:
     method: str = ""
     paste_back: bool = True
     feather: float = 0.0
+    guidance_interval: list[float] | None = None  # (sigma_lo, sigma_hi]; None = every step
+    step_schedule: str = ""  # "" = the sampler's own spacing
 
     def pipeline_kwargs(self) -> dict:
         """Pipeline.generate's arguments shared by text-to-image and inpainting."""
         return dict(negative_prompt=self.negative_prompt or None, num_images=self.num_images,
                     num_inference_steps=self.steps, guidance_scale=self.guidance_scale, height=self.size,
                     width=self.size, seed=self.seed, progress=True,
-                    scheduler=None if self.sampler == MODEL_SCHEDULER else self.sampler)
+                    scheduler=None if self.sampler == MODEL_SCHEDULER else self.sampler,
+                    guidance_interval=None if self.guidance_interval is None else tuple(self.guidance_interval),
+                    step_schedule=self.step_schedule or None)
 
 
 def _whole(name: str, value, low: int, high: int) -> int:
@@ -68,8 +74,21 @@ def _whole(name: str, value, low: int, high: int) -> int:
     return int(value)
 
 
+def guidance_interval_from(text: str | None) -> list[float] | None:
+    """The page's "LO-HI" interval box as [lo, hi] (blank = None, every step); the pipeline checks the values."""
+    if text is None or not text.strip():
+        return None
+    low, sep, high = text.strip().partition("-")
+    try:
+        return [float(low), float(high)]
+    except ValueError:
+        raise UserError(f"the guidance interval is two noise levels LO-HI, e.g. 0.28-5.42 (blank = every step), got "
+                        f"'{text[:40]}'") from None
+
+
 def check_settings(prompt: str | None, negative_prompt: str | None, sampler: str, steps, guidance_scale, seed,
-                   random_seed: bool, num_images, size, factor: int, model: str, **inpaint) -> Settings:
+                   random_seed: bool, num_images, size, factor: int, model: str, guidance_interval: str = "",
+                   step_schedule: str = SAMPLER_SPACING, **inpaint) -> Settings:
     """Every limit checked before any work; a random seed is drawn here so the PNG records the one used."""
     for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
         if text is not None and len(text) > MAX_PROMPT_CHARS:
@@ -81,9 +100,13 @@ def check_settings(prompt: str | None, negative_prompt: str | None, sampler: str
         raise UserError(f"size must be a multiple of {factor} (the autoencoder's downsampling factor), got {size}")
     if guidance_scale is None or math.isnan(guidance_scale) or not 0 <= guidance_scale <= MAX_GUIDANCE:
         raise UserError(f"guidance must be from 0 to {MAX_GUIDANCE}, got {guidance_scale}")
+    if step_schedule not in (SAMPLER_SPACING, *STEP_SCHEDULES):
+        raise UserError(f"unknown step schedule '{step_schedule}'; valid: {', '.join(STEP_SCHEDULES)}")
+    interval = guidance_interval_from(guidance_interval)
     seed = random.randint(0, MAX_SEED) if random_seed else _whole("seed", seed, 0, MAX_SEED)
     return Settings(prompt=prompt or "", negative_prompt=negative_prompt or "", sampler=sampler, steps=steps,
                     guidance_scale=float(guidance_scale), seed=seed, num_images=num_images, size=size, model=model,
+                    guidance_interval=interval, step_schedule="" if step_schedule == SAMPLER_SPACING else step_schedule,
                     **inpaint)
 
 
