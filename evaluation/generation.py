@@ -109,8 +109,9 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
                         sampling_settings: tuple[Setting, ...] = (), settings_heldout: bool = False) -> dict:
     """Run every measurement; returns the metrics dict (also written to `out/metrics.json`). Real images'
     features are cached in `cache_dir` (default `out/cache`), so evaluating several models on the same data and N
-    computes them once. `sampling_settings`: the sweep of sampling settings (evaluation/settings.py) at `sweep_images` training
-    prompts, and with `settings_heldout` on as many held-out prompts too; settings.png plots FID against time."""
+    computes them once. `sampling_settings`: the sweep of sampling settings (evaluation/settings.py) at
+    `sweep_images` training prompts, and with `settings_heldout` on as many held-out prompts too; settings.png plots
+    FID against time."""
     out = Path(out)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     # every argument and split checked before the first image: a typo must not cost the 20-minute main FID

@@ -94,16 +94,19 @@ def test_another_latent_space_is_refused(unusual_base, tmp_path):
     the base's own vae under another path is accepted."""
     with pytest.raises(UserError, match="does not encode as init_from"):
         ldm_config(ROOT / "configs" / "ldm" / "emoji-64-lora.yaml",
-                   [f"init_from={unusual_base}", f"output_dir={tmp_path}", f"data={tmp_path}", f"autoencoder={DEFAULT / 'vae'}"])
+                   [f"init_from={unusual_base}", f"output_dir={tmp_path}", f"data={tmp_path}",
+                    f"autoencoder={DEFAULT / 'vae'}"])
     import shutil
     copy = shutil.copytree(unusual_base / "vae", tmp_path / "vae-copy")
     config = ldm_config(ROOT / "configs" / "ldm" / "emoji-64-lora.yaml",
-                        [f"init_from={unusual_base}", f"output_dir={tmp_path}", f"data={tmp_path}", f"autoencoder={copy}"])
+                        [f"init_from={unusual_base}", f"output_dir={tmp_path}", f"data={tmp_path}",
+                         f"autoencoder={copy}"])
     assert config.autoencoder == str(copy)
 
 
 def test_from_scratch_the_defaults_apply(tmp_path):
-    config = ldm_config(ROOT / "configs" / "ldm" / "tiny.yaml", [f"output_dir={tmp_path}", f"data={tmp_path}", "autoencoder=x"])
+    config = ldm_config(ROOT / "configs" / "ldm" / "tiny.yaml",
+                        [f"output_dir={tmp_path}", f"data={tmp_path}", "autoencoder=x"])
     assert config.text_max_length == 16  # the preset's own
     for key in ("num_train_timesteps", "beta_schedule", "prediction_type", "learned_variance"):
         assert getattr(config, key) == SCRATCH_DEFAULTS[key]
