@@ -236,7 +236,7 @@ def check_setting(pipe, setting: Setting) -> None:
     real(f"guidance of setting '{setting.text}'", setting.guidance_scale, 0)
     pipe.check_sampler(with_step_schedule(make_scheduler(setting.scheduler, pipe.scheduler), setting.step_schedule),
                        setting.steps)
-    pipe.check_guidance_interval(setting.interval)
+    pipe.check_guidance(setting.interval)
     if setting.guide and pipe.guide_unet is None:
         raise UserError(f"setting '{setting.text}' asks for the guide: pass --guide-model DIR")
 

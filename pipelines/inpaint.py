@@ -94,7 +94,7 @@ class InpaintPipeline(Pipeline):
             prompt, negative_prompt, num_images, num_inference_steps, guidance_scale, height, width, output_type, seed,
             scheduler, image, mask_image, mask, method, strength, latent_mask, repaint_jump_length,
             repaint_jump_n_sample, paste_back, feather)
-        interval = self.check_guidance_interval(guidance_interval)
+        interval = self.check_guidance(guidance_interval)
         # 2. prepare image and mask (an empty mask returns the image unchanged)
         init_image, mask_condition = self.prepare_image_and_mask(image, mask_image, height, width)
         batch = len(prompts) * num_images

@@ -320,7 +320,7 @@ class Pipeline:
         prompts, negative, height, width = self.check_inputs(prompt, negative_prompt, num_images, num_inference_steps,
                                                              guidance_scale, height, width, output_type, seed,
                                                              scheduler)
-        interval = self.check_guidance_interval(guidance_interval)
+        interval = self.check_guidance(guidance_interval)
         if classifier is not None and self.is_consistency_student:
             raise UserError("classifier guidance is not available for a consistency-distilled student; use the "
                             "model it was distilled from")
@@ -422,9 +422,13 @@ class Pipeline:
             raise UserError(f"latents have shape {tuple(latents.shape)}; expected {shape} for these settings")
         return latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
 
-    def check_guidance_interval(self, interval) -> tuple[float, float] | None:
-        """A guidance interval in this model's noise levels (pipelines/arguments.py); none for a w-conditioned
-        student, which has no unconditional branch to leave out."""
+    def check_guidance(self, interval) -> tuple[float, float] | None:
+        """The guidance options as they stand now: a guidance interval in this model's noise levels
+        (pipelines/arguments.py), none for a w-conditioned student (no unconditional branch to leave out); a loaded
+        guide while an LCM-LoRA is active refused (a student cannot be autoguided)."""
+        if self.guide_unet is not None and self.is_consistency_student:
+            raise UserError(f"an LCM-LoRA is active, and a consistency student cannot be autoguided (guide "
+                            f"{self.guide_name}); activate_lora({{}}) or another adapter first")
         if interval is not None and self.embeds_guidance:
             raise UserError("guidance_interval needs classifier-free guidance; a consistency student takes the "
                             "guidance scale as an input (one call per step already)")

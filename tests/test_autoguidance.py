@@ -124,3 +124,22 @@ def test_a_guide_that_does_not_fit_is_one_line_naming_both(tiny_model_dir, tiny_
         Pipeline(model=tiny_model_dir, guide_model=short)
     with pytest.raises(UserError, match="not on disk"):
         Pipeline(model=tiny_model_dir, guide_model=tmp_path / "nowhere")
+
+
+def test_a_guide_with_an_active_lcm_lora_is_refused_until_it_is_switched_off(tiny_model_dir, guide_dir, tmp_path):
+    from ldm.lora import add_lora, base_fingerprint, write_adapter
+
+    pipe = Pipeline(model=tiny_model_dir, guide_model=guide_dir)
+    unet = copy.deepcopy(pipe.unet)
+    fingerprint = base_fingerprint(unet)
+    add_lora(unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    folder = tmp_path / "lcm-lora"
+    folder.mkdir()
+    write_adapter(folder, unet, {"base_model": str(tiny_model_dir), "base_fingerprint": fingerprint,
+                                 "consistency": {"original_inference_steps": 50, "timestep_scaling": 10.0}})
+    pipe.load_lora(folder, name="fast")
+    with pytest.raises(UserError, match="an LCM-LoRA is active, and a consistency student cannot be autoguided"):
+        _draw(pipe)
+    pipe.activate_lora({})
+    assert np.array_equal(_draw(pipe, guidance_scale=3.0),
+                          _draw(Pipeline(model=tiny_model_dir, guide_model=guide_dir), guidance_scale=3.0))
