@@ -321,6 +321,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     if args.text_encoder is None and not config_file.is_file():
         raise UserError(f"{path} has no config.yaml naming its text encoder; pass --text-encoder NAME")
     name = args.text_encoder or _saved_training_config(path).text_encoder
+    if not name:
+        raise UserError(f"{path}/config.yaml does not name its text encoder; pass --text-encoder NAME")
     folder = save_slim_model_folder(args.out, pipe.vae, pipe.unet, pipe.scheduler, name,
                                     pipe.text_encoder.max_length, getattr(torch, args.dtype), args.overwrite,
                                     config_file if config_file.is_file() else None)

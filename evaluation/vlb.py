@@ -27,8 +27,8 @@ def model_schedule(pipe, training_config=None) -> NoiseSchedule:
                                    learned_variance=pipe.predicts_variance)
     for key in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type",
                 "zero_terminal_snr"):
-        trained = getattr(training_config, key, getattr(schedule, key))
-        if trained != getattr(schedule, key):
+        trained = getattr(training_config, key, None)  # None: not recorded (a config read without validation)
+        if trained is not None and trained != getattr(schedule, key):
             raise UserError(f"the model's scheduler config says {key}={getattr(schedule, key)!r} but its training "
                             f"config.yaml says {trained!r}: the bound would use the wrong schedule")
     return schedule
