@@ -6,8 +6,10 @@ number), as in web-scale data, so the text cache cannot share states between ima
 from __future__ import annotations
 
 import io
+import json
 import random
 from pathlib import Path
+from typing import Callable
 
 from PIL import Image, ImageDraw
 from webdataset import ShardWriter
@@ -41,8 +43,10 @@ def synthetic_example(index: int, size: int, aspects: tuple[float, ...] = (1.0,)
 
 
 def write_synthetic_shards(out: str | Path, images: int, size: int = 32, rows_per_shard: int = 1000,
-                           aspects: tuple[float, ...] = (1.0,), image_format: str = "jpg") -> list[Path]:
-    """`images` examples as `out/00000.tar`, ... (KEY.jpg or .png + KEY.txt); returns the shard paths."""
+                           aspects: tuple[float, ...] = (1.0,), image_format: str = "jpg",
+                           fields: Callable[[int], dict[str, str]] | None = None) -> list[Path]:
+    """`images` examples as `out/00000.tar`, ... (KEY.jpg or .png + KEY.txt, and KEY.json holding `fields(index)`,
+    text fields that caption templates can name, when given); returns the shard paths."""
     out = Path(out)
     with atomic_folder(out, what="shard folder") as tmp:
         with ShardWriter(str(tmp / "%05d.tar"), maxcount=rows_per_shard, verbose=0) as writer:
@@ -50,14 +54,15 @@ def write_synthetic_shards(out: str | Path, images: int, size: int = 32, rows_pe
                 image, caption = synthetic_example(index, size, aspects)
                 buffer = io.BytesIO()
                 image.save(buffer, format="JPEG" if image_format == "jpg" else "PNG", quality=90)
-                writer.write({"__key__": f"{index:09d}", image_format: buffer.getvalue(), "txt": caption.encode()})
+                sample = {"__key__": f"{index:09d}", image_format: buffer.getvalue(), "txt": caption.encode()}
+                if fields is not None:
+                    sample["json"] = json.dumps(fields(index)).encode()
+                writer.write(sample)
     return sorted(out.glob("*.tar"))
 
 
 def write_synthetic_imagefolder(out: str | Path, images: int, size: int = 64) -> Path:
     """`images` square examples as an imagefolder (`train/` with PNGs and metadata.jsonl), for code that reads one."""
-    import json
-
     out = Path(out)
     with atomic_folder(out, what="synthetic imagefolder") as tmp:
         (tmp / "train").mkdir()
