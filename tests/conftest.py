@@ -8,9 +8,15 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One intra-op thread, in this process and the commands it starts, as `accelerate launch` already gives every rank:
+# the tiny tensors gain little from a second thread, and on a busy 2-core machine each parallel op waits for a
+# descheduled thread (the variational-bound test took 296 s there with two threads, 6 s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

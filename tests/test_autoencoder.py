@@ -92,6 +92,15 @@ def _ae_args(emoji_dir, output_dir, *extra):
             f"output_dir={output_dir}", "sample_every=1000", *extra]
 
 
+@pytest.fixture(scope="module")
+def two_step_run(emoji_dir, tmp_path_factory):
+    """A 2-step seeded run through `accelerate launch`, trained once: the base of the decoder-only fine-tune and the
+    model `ldm eval autoencoder` scores (neither writes into it)."""
+    out = tmp_path_factory.mktemp("ae2") / "ae"
+    run(LAUNCH + _ae_args(emoji_dir, out, "max_steps=2", "checkpoint_every=2"))
+    return out
+
+
 def test_two_processes_with_discriminator_and_ema(emoji_dir, tmp_path):
     out = tmp_path / "ddp"
     launch = TWO_RANKS
@@ -104,6 +113,7 @@ def test_two_processes_with_discriminator_and_ema(emoji_dir, tmp_path):
     assert AutoencoderKL.from_pretrained(out / "final").config.scaling_factor != 1.0
 
 
+@pytest.mark.slow  # 3 launches: CI's second stage (the LDM resume of the same loop: test_train_ldm.py)
 def test_resumed_run_matches_an_uninterrupted_one(emoji_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ("checkpoint_every=4", "disc_start=3")
@@ -117,9 +127,8 @@ def test_resumed_run_matches_an_uninterrupted_one(emoji_dir, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_decoder_only_fine_tuning_keeps_the_latent_space(emoji_dir, tmp_path):
-    base, tuned = tmp_path / "base", tmp_path / "tuned"
-    run(LAUNCH + _ae_args(emoji_dir, base, "max_steps=2", "checkpoint_every=2"))
+def test_decoder_only_fine_tuning_keeps_the_latent_space(emoji_dir, two_step_run, tmp_path):
+    base, tuned = two_step_run, tmp_path / "tuned"
     run(LAUNCH + _ae_args(emoji_dir, tuned, "max_steps=3", "checkpoint_every=3", f"pretrained={base}",
                           "decoder_only=true", "learning_rate=0.01"))
     before, after = AutoencoderKL.from_pretrained(base / "final"), AutoencoderKL.from_pretrained(tuned / "final")
@@ -155,9 +164,8 @@ def test_no_magic_scaling_literal_in_the_code():
                     assert "0.18215" not in open(os.path.join(dirpath, name)).read(), name
 
 
-def test_eval_command_writes_metrics_and_grid(emoji_dir, tmp_path):
-    model = tmp_path / "ae"
-    run(LAUNCH + _ae_args(emoji_dir, model, "max_steps=2", "checkpoint_every=2"))
+def test_eval_command_writes_metrics_and_grid(emoji_dir, two_step_run, tmp_path):
+    model = two_step_run
     result = run([str(BIN / "ldm"), "eval", "autoencoder", "--model", str(model), "--data", str(emoji_dir),
                   "--num-images", "6", "--no-fid", "--out", str(tmp_path / "eval")])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -85,6 +85,7 @@ def test_ldm_generate_command_and_python_api(chain):
     assert all(hi - lo > 10 for lo, hi in images[0].getextrema())
 
 
+@pytest.mark.slow  # 2 launches: CI's second stage (resume=auto: test_train_ldm.py; refusal: test_checkpoints.py)
 def test_resume_continues_and_refusal_protects_the_run(chain, tmp_path):
     ldm = chain["ldm"]
     refused = run(LAUNCH + ["train_ldm.py", "--config", "configs/ldm/tiny.yaml", f"output_dir={ldm}",

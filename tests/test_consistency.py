@@ -204,6 +204,7 @@ def test_distillation_exports_a_student_that_diffusers_samples_to_the_same_pixel
         _sample(Pipeline(model=teacher_dir), scheduler="lcm")
 
 
+@pytest.mark.slow  # 2 launches: CI's second stage (the same loop's resume: test_train_ldm.py, test_lora.py)
 def test_distillation_resumes_bit_exactly(emoji_dir, teacher_dir, lcm_run, tmp_path):
     resumed = tmp_path / "resumed"
     run(LAUNCH + _args(emoji_dir, teacher_dir, resumed, "max_steps=7"))

@@ -107,6 +107,7 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow  # a 2-rank run killed and resumed: CI's second stage (2-rank training: test_train_ldm.py)
 def test_killing_one_of_two_ranks_stops_the_other_and_resume_skips_partial_work(emoji_dir, autoencoder_dir,
                                                                                   tmp_path):
     out = tmp_path / "ddp"

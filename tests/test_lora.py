@@ -178,6 +178,7 @@ def _instance_folder(emoji_dir, folder, count=3):
     return folder
 
 
+@pytest.mark.slow
 def test_dreambooth_with_prior_preservation_draws_class_images_once(emoji_dir, base_dir, tmp_path):
     instance = _instance_folder(emoji_dir, tmp_path / "subject")
     args = ["train_ldm.py", "--config", "configs/ldm/tiny.yaml", f"init_from={base_dir}", f"data={emoji_dir}",

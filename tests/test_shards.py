@@ -256,6 +256,7 @@ def test_cache_reads_rows_from_disk_not_the_whole_cache(wide_shards, autoencoder
     assert original in {(32, 32), (23, 45), (45, 23)}
 
 
+@pytest.mark.slow  # 3 launches: CI's second stage (the sampler's resume: above; the trainer's: test_train_ldm.py)
 def test_training_from_shards_with_buckets_resumes_mid_epoch_bit_identically(wide_shards, autoencoder_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ("aspect_buckets=true", "checkpoint_every=4", f"cache_dir={tmp_path / 'cache'}")
@@ -270,6 +271,7 @@ def test_training_from_shards_with_buckets_resumes_mid_epoch_bit_identically(wid
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # 3 launches: CI's second stage (worker decoding: above; 2-rank training: test_train_ldm.py)
 def test_two_ranks_build_the_same_cache_as_one_and_train_from_shards(wide_shards, autoencoder_dir, tmp_path):
     one = ["cache", "--config", "configs/ldm/tiny.yaml", f"data={wide_shards}", f"autoencoder={autoencoder_dir}",
            "aspect_buckets=true"]
