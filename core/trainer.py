@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from torch import nn
@@ -53,7 +53,9 @@ class TrainConfig:
     batch_size: int = 32  # per rank and per micro-batch
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
-    lr_scheduler: str = "constant"  # any diffusers.optimization scheduler name, e.g. cosine (decays to 0 at max_steps)
+    # any diffusers.optimization scheduler name, e.g. cosine (decays to 0 at max_steps), or inverse_sqrt (warm-up, then
+    # lr * sqrt(lr_warmup_steps / step): EDM2's decay; transformers' schedule)
+    lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -106,6 +108,11 @@ class TrainConfig:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise UserError(f"unknown lr_scheduler '{self.lr_scheduler}'; valid: {', '.join(LR_SCHEDULERS)}")
+        if self.lr_warmup_steps < 0 or (self.lr_scheduler == "inverse_sqrt" and self.lr_warmup_steps < 1):
+            raise UserError(f"lr_warmup_steps must be >= 0 (>= 1 for inverse_sqrt, its time scale), got "
+                            f"{self.lr_warmup_steps}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise UserError(f"max_minutes must be positive (or null for no limit), got {self.max_minutes}")
         if not 0 <= self.validation_fraction < 1:
@@ -114,6 +121,19 @@ class TrainConfig:
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise UserError(f"{key} must be at least 1, got {getattr(self, key)}")
         check_trackers(self.log_with)
+
+
+LR_SCHEDULERS = (*(s.value for s in SchedulerType), "inverse_sqrt")
+
+
+def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int):
+    """diffusers' schedulers by name; inverse_sqrt from transformers (diffusers has none): linear warm-up over
+    `warmup_steps`, then lr * sqrt(warmup_steps / step)."""
+    if name == "inverse_sqrt":
+        from transformers.optimization import get_inverse_sqrt_schedule
+
+        return get_inverse_sqrt_schedule(optimizer, num_warmup_steps=warmup_steps, timescale=warmup_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
 
 
 def check_trackers(names: list[str]) -> None:
@@ -229,8 +249,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                       eps=config.adam_epsilon, weight_decay=config.weight_decay)
         # stepped by us once per optimiser step (a prepared scheduler would step once per process)
-        self.lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
-                                          num_training_steps=config.max_steps)
+        self.lr_scheduler = make_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.max_steps)
         if prepare_loader:
             self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         else:

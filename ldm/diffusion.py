@@ -171,9 +171,26 @@ class NoiseSchedule:
         return {**config, "variance_type": "learned_range"} if self.learned_variance else config
 
 
-def sample_timesteps(batch: int, num_train_timesteps: int, device: torch.device | str) -> torch.Tensor:
-    """t ~ Uniform{0, ..., T-1} (DDPM algorithm 1, line 3)."""
-    return torch.randint(0, num_train_timesteps, (batch,), device=device)
+TIMESTEP_DENSITIES = ("uniform", "logit_normal", "cosmap")
+
+
+def sample_timesteps(batch: int, num_train_timesteps: int, device: torch.device | str, density: str = "uniform",
+                     logit_mean: float = 0.0, logit_std: float = 1.0) -> torch.Tensor:
+    """Training timesteps t in {0, ..., T-1}.
+
+    "uniform": DDPM algorithm 1, line 3. The others draw u in (0, 1), the fraction of the schedule, and take
+    t = floor(u T), as SD3 (Esser et al. 2024, section 3.1) draws its flow time: "logit_normal", u = sigmoid(n),
+    n ~ N(logit_mean, logit_std^2), which favours the middle of the schedule (a positive mean shifts it to noisier
+    steps); "cosmap", u = 1 - 1 / (tan(pi u' / 2) + 1), u' uniform (SD3's CosMap)."""
+    if density == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch,), device=device)
+    if density == "logit_normal":
+        u = torch.sigmoid(torch.randn(batch, device=device) * logit_std + logit_mean)
+    elif density == "cosmap":
+        u = 1 - 1 / (torch.tan(math.pi / 2 * torch.rand(batch, device=device, dtype=torch.float64)) + 1)
+    else:
+        raise ValueError(f"unknown timestep density '{density}'; valid: {', '.join(TIMESTEP_DENSITIES)}")
+    return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
 
 def sample_noise(latents: torch.Tensor, offset_noise: float = 0.0) -> torch.Tensor:

@@ -66,6 +66,9 @@ class DistillTrainConfig(LDMTrainConfig):
                             "supported)")
         if self.instance_data:
             raise UserError("instance_data (DreamBooth) cannot be combined with distill=true")
+        if self.timestep_density != "uniform":
+            raise UserError(f"timestep_density={self.timestep_density}: distillation draws its timesteps from the "
+                            "solver grid (num_solver_steps); leave timestep_density out")
         if not self.use_ema:
             raise UserError("distill=true needs use_ema=true: the EMA of the student is the target network")
         lo, hi = self.guidance_scale_min, self.guidance_scale_max

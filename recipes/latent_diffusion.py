@@ -29,8 +29,8 @@ from core.errors import UserError
 from core.images import make_grid
 from core.trainer import TrainConfig, Trainer
 from ldm.cache import DTYPES, CacheInputs, CachedLatents, load_or_build_cache
-from ldm.diffusion import (BETA_SCHEDULES, NoiseSchedule, diffusion_loss, sample_noise, sample_timesteps,
-                           vlb_term)
+from ldm.diffusion import (BETA_SCHEDULES, TIMESTEP_DENSITIES, NoiseSchedule, diffusion_loss, sample_noise,
+                           sample_timesteps, vlb_term)
 from ldm.lora import DEFAULT_TARGETS, add_lora, base_fingerprint, check_lora_settings, write_adapter
 from ldm.text_encoders import load_text_encoder
 from ldm.unet import PRESETS, build_unet, enable_xformers, size_multiple
@@ -97,6 +97,10 @@ class LDMTrainConfig(TrainConfig):
     learned_variance: Optional[bool] = None
     vlb_weight: float = 0.001  # lambda of the hybrid objective; the bound's gradient reaches only the variance
     min_snr_gamma: Optional[float] = None  # None = uniform L_simple
+    # where training timesteps fall (ldm/diffusion.py sample_timesteps): uniform | logit_normal | cosmap
+    timestep_density: str = "uniform"
+    timestep_logit_mean: float = 0.0  # logit_normal's location (SD3: 0) and scale (SD3: 1)
+    timestep_logit_std: float = 1.0
     offset_noise: float = 0.0
     cond_drop_prob: float = 0.1
     gradient_checkpointing: bool = False
@@ -158,6 +162,13 @@ class LDMTrainConfig(TrainConfig):
             raise UserError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise UserError(f"unknown beta_schedule '{self.beta_schedule}'; valid: {', '.join(BETA_SCHEDULES)}")
+        if self.timestep_density not in TIMESTEP_DENSITIES:
+            raise UserError(f"unknown timestep_density '{self.timestep_density}'; valid: "
+                            f"{', '.join(TIMESTEP_DENSITIES)}")
+        if not (math.isfinite(self.timestep_logit_mean) and math.isfinite(self.timestep_logit_std)
+                and self.timestep_logit_std > 0):
+            raise UserError(f"timestep_logit_mean must be finite and timestep_logit_std finite and > 0, got "
+                            f"{self.timestep_logit_mean} and {self.timestep_logit_std}")
         if self.unet_preset not in PRESETS:
             raise UserError(f"unknown unet_preset '{self.unet_preset}'; valid: {', '.join(PRESETS)}")
         if self.cache_dtype not in DTYPES:
@@ -431,7 +442,9 @@ class LDMTrainer(Trainer):
         latents, context = self.encode_batch(batch)
         extra = self.extra_inputs(batch, latents)
         noise = sample_noise(latents, self.config.offset_noise)
-        timesteps = sample_timesteps(latents.shape[0], self.schedule.num_train_timesteps, latents.device)
+        timesteps = sample_timesteps(latents.shape[0], self.schedule.num_train_timesteps, latents.device,
+                                     self.config.timestep_density, self.config.timestep_logit_mean,
+                                     self.config.timestep_logit_std)
         noisy = self.schedule.add_noise(latents, noise, timesteps)
         model_input = noisy if extra is None else torch.cat([noisy, extra], dim=1)
         prediction = self.unet_forward(model_input, timesteps, encoder_hidden_states=context).sample
