@@ -303,6 +303,57 @@ def swap_decoder(vae, path: str):
     return tuned.eval().requires_grad_(False)
 
 
+def cmd_ema(args: argparse.Namespace) -> None:
+    """Post-hoc EMA: synthesise each --sigma-rel from the run's snapshots, score them by the run's validation loss
+    when there are several, and write the lowest as a model folder (post_hoc_ema.json records the choice)."""
+    import copy
+    import json
+
+    from cli.training_args import ldm_config
+    from core.files import atomic_folder, check_not_nested
+    from core.post_hoc_ema import SNAPSHOT_FOLDER, synthesize
+    from pipelines import InpaintPipeline, Pipeline
+    from pipelines.loading import is_model_folder, write_model_folder
+    from recipes.consistency import DistillTrainConfig
+    from recipes.inpainting import InpaintTrainConfig, InpaintTrainer
+    from recipes.latent_diffusion import LDMTrainer
+
+    run, out = Path(args.run), Path(args.out)
+    config_file = run / "final" / "config.yaml"
+    if not config_file.is_file():
+        raise UserError(f"{run} has no final/config.yaml: give a train_ldm.py output_dir whose run has exported "
+                        "(at max_steps, or at max_minutes)")
+    check_not_nested(out, run)
+    config = ldm_config(config_file)
+    if not config.post_hoc_ema or isinstance(config, DistillTrainConfig):
+        raise UserError(f"{run} was trained without post_hoc_ema: train with post_hoc_ema=[0.05, 0.10] to choose the "
+                        "EMA length afterwards")
+    inpainting = isinstance(config, InpaintTrainConfig)
+    pipe = (InpaintPipeline if inpainting else Pipeline)(model=run / "final")
+    states = {sigma: synthesize(pipe.unet, config.post_hoc_ema, run / SNAPSHOT_FOLDER, sigma)
+              for sigma in dict.fromkeys(args.sigma_rel)}
+    losses: dict[float, float] = {}
+    if len(states) > 1:
+        trainer = (InpaintTrainer if inpainting else LDMTrainer)(config)
+        trainer.setup_scoring()
+        if not trainer.validation_batches:
+            raise UserError(f"{run}'s data has no held-out images to score EMA lengths by: give one --sigma-rel")
+        for sigma, state in states.items():
+            unet = copy.deepcopy(pipe.unet)
+            unet.load_state_dict(state)
+            losses[sigma] = trainer.validation_loss_of(unet.to(trainer.accelerator.device))[0]
+            print(f"sigma_rel {sigma:g}: validation loss {losses[sigma]:.5f}")
+    chosen = min(losses, key=losses.get) if losses else next(iter(states))
+    pipe.unet.load_state_dict(states[chosen])
+    with atomic_folder(out, args.overwrite, is_model_folder, "model folder") as tmp:
+        write_model_folder(tmp, pipe.vae, pipe.text_encoder, pipe.unet, pipe.model_scheduler)
+        (tmp / "config.yaml").write_bytes(config_file.read_bytes())
+        record = {"run": str(run), "sigma_rel": chosen, "tracked": config.post_hoc_ema,
+                  "validation_loss": {str(k): v for k, v in losses.items()}}
+        (tmp / "post_hoc_ema.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out} (post-hoc EMA, sigma_rel {chosen:g})")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     import torch
 

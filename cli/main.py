@@ -4,6 +4,7 @@
   ldm inpaint PROMPT --image --mask  fill the white part of a mask (default: the embedded inpainting model)
   ldm serve                        the web page (Gradio) over both
   ldm export --model --out         a slim model folder (fp16, the embedded default's layout)
+  ldm ema RUN --sigma-rel ... --out  a post-hoc EMA length of a run (EDM2), the lowest validation loss of several
   ldm data emoji | shards | show-masks
                                    build the offline emoji dataset; write WebDataset shards; draw inpainting masks
   ldm cache --config FILE [k=v]    build a training config's latent/text cache ahead of training (per rank)
@@ -183,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--vae", default=None,
                         help="a decoder-only fine-tune of the model's autoencoder to ship instead (checked)")
     export.set_defaults(func=commands.cmd_export)
+
+    ema = subcommands.add_parser("ema", help="post-hoc EMA (EDM2): choose the EMA length after training")
+    ema.add_argument("run", help="train_ldm.py output_dir trained with post_hoc_ema=[...] (its final/ and snapshots)")
+    ema.add_argument("--sigma-rel", type=float, action="append", required=True,
+                     help="relative EMA length in (0, 0.2887), e.g. 0.08; repeat to score several by the run's "
+                          "validation loss and keep the lowest")
+    ema.add_argument("--out", required=True, help="model folder to write")
+    ema.add_argument("--overwrite", action="store_true",
+                     help="replace an existing model folder at --out (any other existing folder is refused)")
+    ema.set_defaults(func=commands.cmd_ema)
 
     generate = subcommands.add_parser("generate", help="text-to-image with a trained model")
     _add_sampling_args(generate, "model folder (default: the embedded default model)")

@@ -30,6 +30,7 @@ from core.accelerator import (all_ranks_true, assert_replicas_in_sync, endless_b
                               setup_logging, step_is_finite)
 from core.checkpoints import (load_checkpoint, lock_output_dir, resolve_resume, save_checkpoint,
                               save_trained_weights_only)
+from core import post_hoc_ema
 from core.config import save_config
 from core.data.dataset import SkippingCollate, check_data_path
 from core.errors import UserError
@@ -64,6 +65,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     use_ema: bool = True
     ema_decay: float = 0.999
+    # post-hoc EMA (EDM2; core/post_hoc_ema.py): relative lengths of power-function EMAs tracked beside ema_decay's,
+    # e.g. [0.05, 0.10] ([] = off), snapshotted every post_hoc_ema_every steps (default checkpoint_every) into
+    # output_dir/post-hoc-ema; `ldm ema RUN --sigma-rel ...` synthesises any length in between after training
+    post_hoc_ema: list[float] = field(default_factory=list)
+    post_hoc_ema_every: Optional[int] = None
     ddp_timeout_minutes: int = 10  # a rank that stops answering fails the others after this long
     max_steps: int = 10000
     # stop this invocation after this many minutes of training (checkpoint and export at the step reached;
@@ -108,6 +114,10 @@ class TrainConfig:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.post_hoc_ema:
+            post_hoc_ema.check_sigma_rels(self.post_hoc_ema)
+        if self.post_hoc_ema_every is not None and self.post_hoc_ema_every < 1:
+            raise UserError(f"post_hoc_ema_every must be at least 1, got {self.post_hoc_ema_every}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise UserError(f"unknown lr_scheduler '{self.lr_scheduler}'; valid: {', '.join(LR_SCHEDULERS)}")
         if self.lr_warmup_steps < 0 or (self.lr_scheduler == "inverse_sqrt" and self.lr_warmup_steps < 1):
@@ -261,6 +271,10 @@ class Trainer:
         if config.use_ema:  # EMA of every rank starts from the same (prepared, rank-0-broadcast) weights
             self.ema = EMAModel(trainable, decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
             self.ema.to(self.accelerator.device)
+        self.post_hoc = None  # kept alike on every rank (each sees the same weights), snapshotted by the main one
+        if config.post_hoc_ema:
+            self.post_hoc = post_hoc_ema.tracker(self.accelerator.unwrap_model(self.model), config.post_hoc_ema,
+                                                 Path(config.output_dir) / post_hoc_ema.SNAPSHOT_FOLDER)
         set_seed(config.seed, device_specific=True)  # each rank draws its own noise, timesteps and dropout
 
         self.validation_batches = self.build_validation()
@@ -277,6 +291,8 @@ class Trainer:
             if self.ema is not None:  # its state loads onto the CPU
                 self.ema.to(self.accelerator.device)
             logger.info("resumed from %s at step %d", resume_from, self.step)
+        if self.post_hoc is not None and self.accelerator.is_main_process:
+            post_hoc_ema.drop_snapshots_after(Path(config.output_dir) / post_hoc_ema.SNAPSHOT_FOLDER, self.step)
         self.accelerator.init_trackers(self.name, config={k: v for k, v in dataclasses.asdict(config).items()
                                                           if isinstance(v, (int, float, str, bool))})
         if self.step == 0:
@@ -303,6 +319,8 @@ class Trainer:
             return None
         if self.ema is not None:
             self.ema.step(trained_parameters(self.model))
+        if self.post_hoc is not None:
+            self.post_hoc.update()
         self.after_optimizer_step(batch, losses)
         return losses
 
@@ -347,6 +365,9 @@ class Trainer:
                 self.validate()
             if self.step % config.sample_every == 0 or last:
                 self.save_samples()
+            if self.post_hoc is not None and self.accelerator.is_main_process and \
+                    (self.step % (config.post_hoc_ema_every or config.checkpoint_every) == 0 or last):
+                self.post_hoc.checkpoint()
             if self.step % config.checkpoint_every == 0 or last:
                 self.save_checkpoint()
             if out_of_time:
@@ -381,7 +402,18 @@ class Trainer:
         With keep_best, a new lowest loss exports these weights as output_dir/best."""
         if not self.validation_batches:
             return None
-        model, rank, world = self.inference_model(), self.accelerator.process_index, self.accelerator.num_processes
+        loss, count = self.validation_loss_of(self.inference_model())
+        self.accelerator.log({"val/loss": loss}, step=self.step)
+        logger.info("step %d: validation loss %.5f over %d images", self.step, loss, count)
+        if self.config.keep_best and loss < self.best_validation_loss:
+            self.export("best", {"step": self.step, "validation_loss": loss})
+        self.best_validation_loss = min(self.best_validation_loss, loss)
+        return loss
+
+    @torch.no_grad()
+    def validation_loss_of(self, model: nn.Module) -> tuple[float, int]:
+        """(mean validation loss of `model`, images): the fixed held-out batches dealt to ranks, summed."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
         total = torch.zeros(2, dtype=torch.float64, device=self.accelerator.device)
         devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
         for b in range(rank, len(self.validation_batches), world):
@@ -391,18 +423,24 @@ class Trainer:
             total += torch.stack([losses.double().sum(), torch.tensor(float(len(losses)), dtype=torch.float64,
                                                                       device=total.device)])
         total = self.accelerator.reduce(total, reduction="sum")
-        loss = (total[0] / total[1]).item()
-        self.accelerator.log({"val/loss": loss}, step=self.step)
-        logger.info("step %d: validation loss %.5f over %d images", self.step, loss, int(total[1].item()))
-        if self.config.keep_best and loss < self.best_validation_loss:
-            self.export("best", {"step": self.step, "validation_loss": loss})
-        self.best_validation_loss = min(self.best_validation_loss, loss)
-        return loss
+        return (total[0] / total[1]).item(), int(total[1].item())
+
+    def setup_scoring(self) -> None:
+        """What `validation_loss_of` needs, without training state: the accelerator, the data (its cache) and the
+        held-out batches (`ldm ema` scores synthesised EMA lengths with it; nothing is logged or written)."""
+        config = self.config
+        self.accelerator = make_accelerator(config.output_dir, config.gradient_accumulation_steps,
+                                            config.ddp_timeout_minutes, config.log_with)
+        setup_logging(self.accelerator)
+        self.collate = SkippingCollate()
+        self.build_data()
+        self.validation_batches = self.build_validation()
 
     def checkpointed_states(self) -> dict:
         """What the checkpoint holds beside Accelerate's state, by file name: the LR schedule and the EMA (saved and
         loaded by us with `weights_only=True`; Accelerate would unpickle registered objects in full)."""
-        return {"lr_scheduler": self.lr_scheduler, **({"ema": self.ema} if self.ema is not None else {})}
+        return {"lr_scheduler": self.lr_scheduler, **({"ema": self.ema} if self.ema is not None else {}),
+                **({"post_hoc_ema": self.post_hoc} if self.post_hoc is not None else {})}
 
     def save_checkpoint(self) -> None:
         path = save_checkpoint(self.accelerator, self.config.output_dir, self.step, self.config,

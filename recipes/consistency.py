@@ -66,6 +66,9 @@ class DistillTrainConfig(LDMTrainConfig):
                             "supported)")
         if self.instance_data:
             raise UserError("instance_data (DreamBooth) cannot be combined with distill=true")
+        if self.post_hoc_ema:
+            raise UserError("post_hoc_ema is for denoiser training; distillation's EMA is its target network "
+                            "(ema_decay): leave post_hoc_ema out")
         if self.timestep_density != "uniform":
             raise UserError(f"timestep_density={self.timestep_density}: distillation draws its timesteps from the "
                             "solver grid (num_solver_steps); leave timestep_density out")

@@ -182,6 +182,9 @@ class LDMTrainConfig(TrainConfig):
                             "set cache_latents=true")
         if self.instance_data:
             self.check_dreambooth()
+        if self.post_hoc_ema and self.lora:
+            raise UserError("post_hoc_ema averages the whole U-Net; with lora=true leave it out (the adapter's EMA "
+                            "is ema_decay's)")
         if self.lora:
             if not self.init_from:
                 raise UserError("lora=true adapts a trained model: add init_from=DIR (e.g. pipelines/default_model)")
