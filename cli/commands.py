@@ -141,6 +141,19 @@ def cmd_generate(args: argparse.Namespace) -> None:
     _write_images(pipe.generate(**_sampling_kwargs(args), **classifier), out)
 
 
+def cmd_img2img(args: argparse.Namespace) -> None:
+    from core.images import open_image
+    from pipelines import Img2ImgPipeline
+
+    out = _output_path(args)
+    image = open_image(args.image, "--image")
+    pipe = Img2ImgPipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle, **_model_kwargs(args))
+    if args.fuse and pipe.adapters:
+        pipe.fuse_lora()
+    _raise_limits(pipe, args)
+    _write_images(pipe.generate(image=image, strength=args.strength, **_sampling_kwargs(args)), out)
+
+
 def cmd_inpaint(args: argparse.Namespace) -> None:
     from core.images import open_image
     from pipelines import InpaintPipeline

@@ -1,6 +1,7 @@
 """The `ldm` command:
 
   ldm generate PROMPT [--lora DIR] text-to-image with a trained model (default: the embedded one), LoRA adapters
+  ldm img2img PROMPT --image [--strength]  redraw an image under a prompt (SDEdit; default: the embedded model)
   ldm inpaint PROMPT --image --mask  fill the white part of a mask (default: the embedded inpainting model)
   ldm serve                        the web page (Gradio) over both
   ldm export --model --out         a slim model folder (fp16, the embedded default's layout)
@@ -204,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--class-label", default=None, help="the class to guide toward (e.g. 'Animals & Nature')")
     generate.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale (default 1)")
     generate.set_defaults(func=commands.cmd_generate)
+
+    img2img = subcommands.add_parser("img2img", help="redraw an image under a prompt (SDEdit)")
+    _add_sampling_args(img2img, "text-to-image model folder (default: the embedded default model)")
+    img2img.add_argument("--image", required=True, help="image to start from (transparency is composited on white)")
+    img2img.add_argument("--strength", type=float, default=0.8,
+                         help="in (0, 1]: how far the image is noised, the share of the steps run (default 0.8, "
+                              "diffusers'); low keeps the image, 1 keeps little of it")
+    img2img.set_defaults(func=commands.cmd_img2img)
 
     inpaint = subcommands.add_parser("inpaint", help="fill the white part of a mask from a prompt")
     _add_sampling_args(inpaint, "inpainting or text-to-image model folder (default: the embedded inpainting "

@@ -1,4 +1,4 @@
-"""Inference: text-to-image and inpainting pipelines, model loading and saving.
+"""Inference: text-to-image, image-to-image and inpainting pipelines, model loading and saving.
 
 `Pipeline` is imported on first use, so that light modules (pipelines/defaults.py, read by `ldm --help`) do not
 pay for torch and diffusers.
@@ -8,7 +8,7 @@ from core.torch_env import check_torchvision
 
 check_torchvision()  # before diffusers is imported; cheap when torchvision is not installed
 
-__all__ = ["Pipeline", "InpaintPipeline"]
+__all__ = ["Pipeline", "Img2ImgPipeline", "InpaintPipeline"]
 
 
 def __getattr__(name: str):
@@ -16,6 +16,10 @@ def __getattr__(name: str):
         from pipelines.text_to_image import Pipeline
 
         return Pipeline
+    if name == "Img2ImgPipeline":
+        from pipelines.img2img import Img2ImgPipeline
+
+        return Img2ImgPipeline
     if name == "InpaintPipeline":
         from pipelines.inpaint import InpaintPipeline
 

@@ -33,11 +33,11 @@ from ldm.inpainting import encode_masked_image, mask_at_latent_size, unet_condit
 from pipelines.arguments import image_input, mask_input, real, whole
 from pipelines.defaults import INPAINT_METHODS, LATENT_MASKS
 from pipelines.guidance import ClassifierFreeGuidance
-from pipelines.text_to_image import Pipeline, images_to_pil
+from pipelines.img2img import Img2ImgPipeline
 
 logger = logging.getLogger(__name__)
 
-class InpaintPipeline(Pipeline):
+class InpaintPipeline(Img2ImgPipeline):
     """Inpainting with a trained latent diffusion model (an inpainting fine-tune, or a text-to-image model).
 
     `InpaintPipeline(prompt, image=..., mask_image=...)` (alias `mask=`): PIL, numpy or torch, as diffusers takes
@@ -49,9 +49,8 @@ class InpaintPipeline(Pipeline):
 
     def __init__(self, prompt: str | list[str] | None = None, model=None, *, image=None, mask_image=None, mask=None,
                  **components) -> None:
-        super().__init__(prompt, model, **components)
-        self.image, self.mask_image = image, _one_mask(mask_image, mask)
-        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        super().__init__(prompt, model, image=image, **components)
+        self.mask_image = _one_mask(mask_image, mask)
         self.mask_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False,
                                                 do_binarize=True, do_convert_grayscale=True)
 
@@ -105,7 +104,7 @@ class InpaintPipeline(Pipeline):
         # 3. encode prompt
         cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
         # 4. prepare latents: the start, the image's latents, the mask and the masked image at latent size
-        sampler, timesteps = self.prepare_inpaint_scheduler(scheduler, num_inference_steps, strength, step_schedule)
+        sampler, timesteps = self.prepare_strength_scheduler(scheduler, num_inference_steps, strength, step_schedule)
         latents, noise, image_latents = self.prepare_inpaint_latents(
             batch, height, width, generator, latents, sampler, init_image, timesteps, strength,
             need_image_latents=method != "unet" or (latents is None and strength < 1))
@@ -197,17 +196,6 @@ class InpaintPipeline(Pipeline):
         whole("repaint_jump_n_sample", repaint_jump_n_sample, 1)
         return image, mask_image, method
 
-    def image_size(self, image, height: int | None, width: int | None) -> tuple[int, int]:
-        """(height, width): the given ones, else the image's own, which must fit the autoencoder's factor."""
-        if height is not None and width is not None:
-            return height, width
-        image_height, image_width = _image_size(image)
-        factor = self.vae_scale_factor
-        if image_height % factor or image_width % factor:
-            raise UserError(f"the image is {image_width}x{image_height}; its sides must be multiples of the "
-                            f"autoencoder's downsampling factor {factor}: pass height= and width= to resize it")
-        return height or image_height, width or image_width
-
     def unchanged(self, init_image: torch.Tensor, batch: int, output_type: str):
         """What an empty mask returns: the image itself (its posterior-mean latents for output_type="latent")."""
         logger.warning("the mask is empty (no pixel >= 0.5): returning the image unchanged")
@@ -240,25 +228,6 @@ class InpaintPipeline(Pipeline):
         if init_image.shape[0] != 1 or mask_condition.shape[0] != 1:
             raise UserError("pass one image and one mask (num_images makes several samples of it)")
         return init_image.to(self.device), mask_condition.to(self.device)
-
-    def prepare_inpaint_scheduler(self, scheduler: str | SchedulerMixin | None, num_inference_steps: int,
-                                  strength: float, step_schedule: str | None = None
-                                  ) -> tuple[SchedulerMixin, torch.Tensor]:
-        """The sampler and the last `strength` fraction of its timesteps (img2img's rule in diffusers)."""
-        sampler = self.prepare_scheduler(scheduler, num_inference_steps, step_schedule)
-        t_start = num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps)
-        if num_inference_steps - t_start < 1:
-            raise UserError(f"strength {strength} leaves no sampling step out of {num_inference_steps}; raise "
-                            "strength or num_inference_steps")
-        timesteps = sampler.timesteps[t_start * sampler.order:]
-        if hasattr(sampler, "set_begin_index"):
-            sampler.set_begin_index(t_start * sampler.order)
-        return sampler, timesteps
-
-    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Scaled latents: a posterior sample, drawn from `generator` as diffusers draws it."""
-        posterior = self.vae.encode(pixels.to(self.unet.dtype)).latent_dist
-        return posterior.sample(generator) * self.vae.config.scaling_factor
 
     def prepare_inpaint_latents(self, batch: int, height: int, width: int, generator: torch.Generator | None,
                                 latents: torch.Tensor | None, sampler: SchedulerMixin, init_image: torch.Tensor,
@@ -341,13 +310,6 @@ class InpaintPipeline(Pipeline):
             last = t
         return latents
 
-    @staticmethod
-    def decode_output(images: torch.Tensor, output_type: str):
-        """[0, 1] images (B, 3, H, W) as `output_type` ("pil", "numpy" or "torch")."""
-        if output_type == "torch":
-            return images
-        array = images.permute(0, 2, 3, 1).float().cpu().numpy()
-        return array if output_type == "numpy" else images_to_pil(array)
 
 
 def paste(generated: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, feather: float) -> torch.Tensor:
@@ -359,13 +321,6 @@ def paste(generated: torch.Tensor, original: torch.Tensor, mask: torch.Tensor, f
         soft = torch.from_numpy(np.asarray(blurred, dtype=np.float32) / 255).to(weight.device)
         weight = torch.maximum(weight, soft[None, None])
     return original * (1 - weight) + generated * weight
-
-
-def _image_size(image) -> tuple[int, int]:
-    """(height, width) of an image as `image_input` returns it: PIL, (B, H, W, 3) array or (B, 3, H, W) tensor."""
-    if isinstance(image, Image.Image):
-        return image.height, image.width
-    return tuple(image.shape[1:3]) if isinstance(image, np.ndarray) else tuple(image.shape[-2:])
 
 
 def _one_mask(mask_image, mask):
