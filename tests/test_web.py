@@ -253,6 +253,32 @@ def test_inpaint_tab_changes_only_the_painted_region(server, chromium, tmp_path)
     _shot(page, "web-inpaint.png")
 
 
+@browser
+def test_image_to_image_tab_redraws_the_upload_as_the_pipeline_does(server, chromium, tmp_path):
+    from pipelines import Img2ImgPipeline
+
+    source = np.full((64, 64, 3), 255, np.uint8)
+    source[12:52, 12:52] = (250, 200, 40)  # a yellow square on white
+    Image.fromarray(source).save(tmp_path / "in.png")
+    page = _open(chromium, server)
+    page.get_by_role("tab", name="Image to image").click()
+    page.locator("#i2i-image input[type=file]").first.set_input_files(str(tmp_path / "in.png"))
+    _wait_for(page, "#i2i-image img")
+    page.locator("#i2i-prompt textarea").fill("cat face")
+    page.locator("#img2img").click()
+    _wait_for(page, "#i2i-result img")
+    png = _fetch_png(page, "#i2i-result img")
+    settings = json.loads(png.text["parameters"])
+    assert settings["strength"] == 0.8 and settings["prompt"] == "cat face" and settings["seed"] == 0
+    expected = Img2ImgPipeline().generate("cat face", image=Image.open(tmp_path / "in.png"), strength=0.8,
+                                          num_inference_steps=settings["steps"], guidance_scale=settings["guidance_scale"],
+                                          seed=0, progress=False, output_type="numpy")[0]
+    got = np.asarray(png.convert("RGB")).astype(int)
+    assert np.abs(got - np.round(expected * 255)).max() <= 1
+    assert np.abs(got - source).mean() > 5  # redrawn, not returned as it was
+    _shot(page, "web-img2img.png")
+
+
 def test_upload_pixels_prompt_length_and_paths_are_checked_before_any_work(tmp_path):
     from web.requests import MAX_PROMPT_CHARS, open_upload, public_message
 

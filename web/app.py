@@ -1,4 +1,4 @@
-"""`ldm serve`: a Gradio page with a Generate tab and an Inpaint tab over the project's pipelines.
+"""`ldm serve`: a Gradio page with Generate, Image to image and Inpaint tabs over the project's pipelines.
 
 Gradio because it is what these users know (diffusers' and Stability's demos use it). Each model runs one request
 at a time (a Gradio concurrency group per model); others wait in a bounded queue. A bad setting shows its message on
@@ -31,6 +31,7 @@ from web.requests import (
     MAX_UPLOAD_MB,
     check_settings,
     editor_image_and_mask,
+    open_upload,
     public_message,
     with_settings,
 )
@@ -45,7 +46,7 @@ MAX_LORA_SCALE = 2.0
 # system fonts only: the default theme's web fonts would be fetched from the internet at every page load
 FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 # 64 px results drawn large and sharp
-CSS = """#result img, #used-mask img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}
+CSS = """#result img, #used-mask img, #i2i-result img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}
 #gallery img {object-fit: contain !important; image-rendering: pixelated}"""
 
 
@@ -90,10 +91,13 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
     for the Generate tab) load once, here. The Generate tab's "Fast" box samples a consistency student instead:
     `fast_model`, or the embedded one when the main model is the embedded default."""
     gr = _gradio()
-    from pipelines import InpaintPipeline, Pipeline
+    from pipelines import Img2ImgPipeline, InpaintPipeline, Pipeline
 
     pipe = Pipeline(model=model)
     adapters = load_adapters(pipe, lora_dir)
+    # image to image on the Generate tab's model (its networks shared, so one request at a time across both tabs)
+    img2img_pipe = Img2ImgPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, unet=pipe.unet,
+                                   scheduler=pipe.model_scheduler)
     inpaint_pipe = InpaintPipeline(model=inpaint_model)
     from pipelines.loading import DEFAULT_FAST_MODEL_DIR
 
@@ -144,6 +148,22 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
         new = [(with_settings(image, settings, i), _caption(settings, i)) for i, image in enumerate(images)]
         history = (new + (history or []))[:GALLERY_SIZE]
         return history, history, settings.seed
+
+    @page_errors
+    def img2img(upload, prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, size, strength,
+                interval="", step_schedule=SAMPLER_SPACING, progress=gr.Progress(track_tqdm=True)):
+        if not upload:
+            raise UserError("upload an image to start from first")
+        image = open_upload(upload, "the uploaded image")
+        if strength is None or not 0 < strength <= 1:
+            raise UserError(f"strength must be in (0, 1], got {strength}")
+        settings = check_settings(prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, 1, size,
+                                  factor, names["generate"], interval, step_schedule, strength=float(strength))
+        if adapters:  # the base model: adapters are the Generate tab's
+            pipe.activate_lora({})
+        result = img2img_pipe.generate(settings.prompt, image=image, strength=settings.strength,
+                                       **settings.pipeline_kwargs())[0]
+        return with_settings(result, settings, 0), settings.seed
 
     @page_errors
     def inpaint(editor, mask_upload, prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, size,
@@ -200,6 +220,25 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
             # gives the usual ones back, and a switch between other adapters keeps what the visitor set
             adapter.change(lambda name, steps, guidance: adapter_defaults(name, steps, guidance, pipe, gr), [
                 adapter, sampling.steps, sampling.guidance], [sampling.steps, sampling.guidance])
+        with gr.Tab("Image to image"):
+            with gr.Row():
+                with gr.Column():
+                    source = gr.Image(label="Image to start from (resized to Size)", type="filepath",
+                                      sources=["upload", "clipboard"], elem_id="i2i-image")
+                    i2i_prompt = gr.Textbox(label="Prompt", value="a cat", elem_id="i2i-prompt")
+                    i2i_negative = gr.Textbox(label="Negative prompt", elem_id="i2i-negative")
+                    i2i_sampling = _sampling_controls(gr, default_size, "i2i")
+                    i2i_strength = gr.Slider(0.05, 1.0, value=0.8, step=0.05, elem_id="i2i-strength",
+                                             label="Strength (how far the image is noised: low keeps it)")
+                    i2i_button = gr.Button("Redraw", variant="primary", elem_id="img2img")
+                with gr.Column():
+                    i2i_result = gr.Image(label="Result (PNG carries its settings)", format="png", type="pil",
+                                          height=360, elem_id="i2i-result")
+            i2i_button.click(img2img, [source, i2i_prompt, i2i_negative, i2i_sampling.sampler, i2i_sampling.steps,
+                                       i2i_sampling.guidance, i2i_sampling.seed, i2i_sampling.random_seed,
+                                       i2i_sampling.size, i2i_strength, i2i_sampling.interval,
+                                       i2i_sampling.step_schedule],
+                             [i2i_result, i2i_sampling.seed], concurrency_limit=1, concurrency_id="generate")
         with gr.Tab("Inpaint"):
             with gr.Row():
                 with gr.Column():
