@@ -1,0 +1,206 @@
+"""Time to quality: FID against training minutes for diffusers' text-to-image recipe, this project's shipped recipe
+and each training lever on top of it, all on the same U-Net, data, autoencoder and text encoder.
+
+Each arm trains through the real `accelerate launch train_ldm.py` in segments of `--segment` minutes of training
+(`max_minutes`; each segment exports `final/` and the next resumes bit-exactly from its checkpoint), until
+`--budget` minutes. After each segment, `final/` is scored by FID at `--num-images` training prompts (fixed prompts
+and seeds, one sampler and guidance; scoring and start-up time are not counted in the minutes). Arms:
+
+  diffusers      diffusers' examples/text_to_image/train_text_to_image.py as it runs by default: the VAE and the text
+                 encoder every step (no cache), epsilon, lr 1e-4 constant, no min-SNR weighting, no EMA, no caption
+                 dropout (the script has none: its model is still sampled with guidance, as the other arms are)
+  shipped        configs/ldm/emoji-64.yaml as it is (cache, min-SNR 5, lr 1e-3 with warm-up, EMA 0.999)
+  logit-normal   shipped + timestep_density=logit_normal (SD3)
+  inverse-sqrt   shipped + lr_scheduler=inverse_sqrt, a 2x peak (EDM2's decay)
+  post-hoc-ema   shipped + post_hoc_ema=[0.05, 0.10], scored with the sigma_rel that `ldm ema` picks by
+                 validation loss among --ema-lengths
+  xs / m         shipped with the emoji-xs (0.94M) / emoji-m U-Net: the size a CPU-hour budget favours
+
+    python benchmarks/time_to_quality.py --budget 45 --segment 9 --arms diffusers,shipped,logit-normal
+    python benchmarks/time_to_quality.py --quick      # tiny configs, seconds (what tests/test_time_to_quality.py runs)
+
+Writes OUT/metrics.json (every scored snapshot, rewritten after each), OUT/table.md and OUT/fid-vs-minutes.png.
+An interrupted run continues where it stopped, and a larger --budget extends it (segments and scores already done
+are kept; other settings on the same --out are refused). The headline: the
+minutes each arm needs to reach the diffusers arm's final FID, as a share of the diffusers arm's minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LAUNCH = [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+          "--dynamo_backend", "no"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+SHIPPED = "configs/ldm/emoji-64.yaml"
+DIFFUSERS = ["cache_latents=false", "min_snr_gamma=null", "learning_rate=1e-4", "lr_scheduler=constant",
+             "lr_warmup_steps=0", "use_ema=false", "cond_drop_prob=0"]
+ARMS: dict[str, list[str]] = {
+    "diffusers": DIFFUSERS,
+    "shipped": [],
+    "logit-normal": ["timestep_density=logit_normal"],
+    "inverse-sqrt": ["lr_scheduler=inverse_sqrt", "learning_rate=2e-3"],
+    "post-hoc-ema": ["post_hoc_ema=[0.05, 0.10]", "post_hoc_ema_every=100"],
+    "xs": ["unet_preset=emoji-xs"],
+    "m": ["unet_preset=emoji-m"],
+}
+# every arm: the embedded default's autoencoder and text encoder, run by time (max_steps out of reach), no samples
+COMMON = ["autoencoder=pipelines/default_model/vae", "text_encoder=minilm", "text_max_length=32", "max_steps=10000000",
+          "sample_every=10000000", "checkpoint_every=10000000", "validation_every=10000000", "keep_checkpoints=1"]
+QUICK = ["unet_preset=tiny", "batch_size=8", "autoencoder={autoencoder}", "text_max_length=16"]
+
+
+def train_segment(arm: str, out: Path, config: str, overrides: list[str], minutes: float) -> None:
+    """One `max_minutes` segment of the arm (resume=auto continues the last one); raises with the log's tail."""
+    folder = out / arm
+    command = LAUNCH + ["train_ldm.py", "--config", config, *overrides, f"output_dir={folder}",
+                        f"max_minutes={minutes}"]
+    with open(out / f"{arm}.log", "a") as log:
+        result = subprocess.run(command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = (out / f"{arm}.log").read_text().splitlines()[-5:]
+        raise SystemExit(f"arm {arm} failed ({result.returncode}); {out / f'{arm}.log'} ends:\n" + "\n".join(tail))
+
+
+def reached(folder: Path) -> tuple[int, int]:
+    """(step, images seen) of the arm's last export, from its last checkpoint (written with the export)."""
+    import yaml
+
+    from core.checkpoints import list_checkpoints
+
+    step = json.loads((list_checkpoints(folder)[-1] / "trainer_state.json").read_text())["step"]
+    config = yaml.safe_load((folder / "final" / "config.yaml").read_text())
+    return step, step * config["batch_size"] * config["gradient_accumulation_steps"]
+
+
+def score(model: Path, args, out: Path, tag: str) -> float:
+    """FID of `model` at --num-images training prompts (the main row of `ldm eval generate`)."""
+    command = [str(BIN / "ldm"), "eval", "generate", "--model", str(model), "--data", args.data, "--num-images",
+               str(args.num_images), "--sweep-images", "2", "--heldout-split", "none", "--samplers", "none",
+               "--guidance-scales", "none", "--scheduler", args.scheduler, "--num-inference-steps", str(args.steps),
+               "--guidance-scale", str(args.guidance), "--out", str(out / "scores" / tag), "--cache-dir",
+               str(out / "fid-cache")]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"scoring {model} failed: {result.stderr.strip().splitlines()[-1:]}")
+    return json.loads((out / "scores" / tag / "metrics.json").read_text())["train"]["fid"]
+
+
+def post_hoc_model(arm_folder: Path, lengths: list[float], out: Path, tag: str) -> Path:
+    """The post-hoc EMA arm's snapshot as `ldm ema` picks it by validation loss."""
+    target = out / "post-hoc" / tag
+    command = [str(BIN / "ldm"), "ema", str(arm_folder), "--out", str(target), "--overwrite"]
+    for length in lengths:
+        command += ["--sigma-rel", str(length)]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"ldm ema on {arm_folder} failed: {result.stderr.strip().splitlines()[-1:]}")
+    return target
+
+
+def minutes_to_reach(rows: list[dict], fid: float) -> float | None:
+    """The first scored minute at which an arm's FID is at or below `fid` (None: never within the budget)."""
+    return next((r["minutes"] for r in rows if r["fid"] <= fid), None)
+
+
+def table(metrics: dict) -> str:
+    arms = metrics["arms"]
+    reference = arms.get("diffusers", {}).get("rows")
+    target = reference[-1]["fid"] if reference else None
+    lines = ["| arm | minutes | images seen | FID (N = %d) | best FID | minutes to diffusers' final FID | share of "
+             "diffusers' minutes |" % metrics["settings"]["num_images"], "|---|---|---|---|---|---|---|"]
+    for name, arm in arms.items():
+        rows = arm["rows"]
+        if not rows:
+            continue
+        last, best = rows[-1], min(r["fid"] for r in rows)
+        reach = minutes_to_reach(rows, target) if target is not None else None
+        share = "-" if reach is None or not reference else f"{reach / reference[-1]['minutes']:.2f}"
+        lines.append(f"| {name} | {last['minutes']:g} | {last['images']:,} | {last['fid']:.1f} | {best:.1f} | "
+                     f"{'-' if reach is None else f'{reach:g}'} | {share} |")
+    return "\n".join(lines)
+
+
+def plot(metrics: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for name, arm in metrics["arms"].items():
+        rows = arm["rows"]
+        if rows:
+            axis.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], marker="o", label=name)
+    axis.set_xlabel("training minutes (2 CPU cores)" if not metrics["settings"]["quick"] else "training minutes")
+    axis.set_ylabel(f"FID, N = {metrics['settings']['num_images']} training prompts")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", default="diffusers,shipped", help=f"comma-separated, from {', '.join(ARMS)}")
+    parser.add_argument("--budget", type=float, default=45.0, help="training minutes per arm")
+    parser.add_argument("--segment", type=float, default=9.0, help="training minutes between scores")
+    parser.add_argument("--data", default="data/emoji")
+    parser.add_argument("--num-images", type=int, default=500)
+    parser.add_argument("--scheduler", default="dpm++")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--ema-lengths", default="0.03,0.05,0.08,0.1,0.15", help="post-hoc-ema arm's candidates")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny U-Net on --data with --autoencoder (a test: seconds per arm, not a measurement)")
+    parser.add_argument("--autoencoder", default=None, help="--quick: the tiny autoencoder's folder")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-time-to-quality"))
+    args = parser.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        raise SystemExit(f"unknown arm(s) {unknown}; valid: {', '.join(ARMS)}")
+    if args.segment <= 0 or args.budget < args.segment:
+        raise SystemExit("--segment must be > 0 and --budget at least one segment")
+    if args.quick and not args.autoencoder:
+        raise SystemExit("--quick needs --autoencoder DIR (a tiny autoencoder, e.g. the tests' fixture)")
+    lengths = [float(x) for x in args.ema_lengths.split(",")]
+    common = COMMON + [f"data={args.data}"] + ([o.format(autoencoder=args.autoencoder) for o in QUICK] if args.quick else [])
+    args.out.mkdir(parents=True, exist_ok=True)
+    metrics_path = args.out / "metrics.json"
+    settings = {"segment": args.segment, "data": args.data, "num_images": args.num_images,
+                "scheduler": args.scheduler, "steps": args.steps, "guidance": args.guidance, "quick": args.quick}
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"arms": {}}
+    if metrics.get("settings", settings) != settings:  # a larger --budget continues the same run
+        raise SystemExit(f"{metrics_path} holds a run with other settings ({metrics['settings']}); pick another --out")
+    metrics["settings"] = settings
+    segments = round(args.budget / args.segment)
+    for arm in arms:
+        record = metrics["arms"].setdefault(arm, {"overrides": ARMS[arm], "rows": []})
+        for k in range(len(record["rows"]) + 1, segments + 1):
+            train_segment(arm, args.out, SHIPPED, common + ARMS[arm], args.segment)
+            step, images = reached(args.out / arm)
+            model = args.out / arm / "final"
+            if arm == "post-hoc-ema":
+                model = post_hoc_model(args.out / arm, lengths, args.out, f"{arm}-{k}")
+            fid = score(model, args, args.out, f"{arm}-{k}")
+            record["rows"].append({"minutes": round(k * args.segment, 3), "step": step, "images": images,
+                                   "fid": fid})
+            metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+            print(f"{arm}: {k * args.segment:g} min, step {step}, FID {fid:.2f}", flush=True)
+    (args.out / "table.md").write_text(table(metrics) + "\n")
+    plot(metrics, args.out / "fid-vs-minutes.png")
+    print(table(metrics))
+
+
+if __name__ == "__main__":
+    main()

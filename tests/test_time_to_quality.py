@@ -1,0 +1,40 @@
+"""The time-to-quality benchmark's quick form: every arm kind through the real `accelerate launch`, scored by
+`ldm eval generate`, continued after an interruption, one table and one plot."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+
+@pytest.mark.slow
+def test_quick_form_trains_scores_and_resumes(emoji_dir, autoencoder_dir, tmp_path):
+    out = tmp_path / "ttq"
+    command = [sys.executable, "benchmarks/time_to_quality.py", "--quick", "--autoencoder", str(autoencoder_dir),
+               "--data", str(emoji_dir), "--arms", "diffusers,post-hoc-ema", "--segment", "0.05", "--num-images", "16",
+               "--steps", "2", "--ema-lengths", "0.05,0.12", "--out", str(out)]
+    first = subprocess.run([*command, "--budget", "0.05"], cwd=ROOT, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [len(a["rows"]) for a in metrics["arms"].values()] == [1, 1]
+    # other settings on the same --out are refused; a larger budget continues the run
+    other = [*command, "--budget", "0.1", "--guidance", "2"]
+    assert "other settings" in subprocess.run(other, cwd=ROOT, capture_output=True, text=True).stderr
+    second = subprocess.run([*command, "--budget", "0.1"], cwd=ROOT, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name, arm in metrics["arms"].items():
+        rows = arm["rows"]
+        assert [r["minutes"] for r in rows] == [0.05, 0.1], name
+        assert rows[1]["step"] > rows[0]["step"] > 0 and all(r["fid"] > 0 for r in rows)
+        assert rows[1]["images"] == rows[1]["step"] * 8
+    diffusers_config = (out / "diffusers" / "final" / "config.yaml").read_text()
+    assert "cache_latents: false" in diffusers_config and "use_ema: false" in diffusers_config
+    assert json.loads((out / "post-hoc" / "post-hoc-ema-2" / "post_hoc_ema.json").read_text())["sigma_rel"] in (0.05,
+                                                                                                             0.12)
+    assert "| diffusers |" in (out / "table.md").read_text() and (out / "fid-vs-minutes.png").stat().st_size > 1000
