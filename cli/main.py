@@ -258,11 +258,12 @@ def _add_sampling_args(parser: argparse.ArgumentParser, model_help: str) -> None
     parser.add_argument("-o", "--output", help="PNG to write (default: <prompt>.png); a grid when N > 1")
     parser.add_argument("--num-images", "-n", type=int, default=1)
     parser.add_argument("--num-inference-steps", "--steps", dest="num_inference_steps", type=int, default=None,
-                        help=f"sampling steps (default {D.NUM_INFERENCE_STEPS}, {D.FAST_NUM_INFERENCE_STEPS} for a "
-                             "consistency-distilled student; --steps: old name)")
+                        help=f"sampling steps (default: the model's own, from its sampling.json, else "
+                             f"{D.NUM_INFERENCE_STEPS}; {D.FAST_NUM_INFERENCE_STEPS} for a consistency-distilled "
+                             "student; --steps: old name)")
     parser.add_argument("--guidance-scale", "--guidance", dest="guidance_scale", type=float, default=None,
-                        help=f"classifier-free guidance scale (default {D.GUIDANCE_SCALE}, 1 with an LCM-LoRA; "
-                             "--guidance: old name)")
+                        help=f"classifier-free guidance scale (default: the model's own, from its sampling.json, "
+                             f"else {D.GUIDANCE_SCALE}; 1 with an LCM-LoRA; --guidance: old name)")
     parser.add_argument("--guide-model", dest="guide_model", default=None, metavar="DIR",
                         help="autoguidance: guide with this smaller model of the same task instead of the "
                              "unconditional branch (configs/ldm/emoji-64-guide.yaml; docs/generating.md)")

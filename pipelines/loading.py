@@ -131,6 +131,30 @@ def verify_checksums(path: Path) -> None:
             raise UserError(f"model file {file} is corrupted (SHA-256 differs from {CHECKSUMS}); {restore}")
 
 
+SAMPLING_DEFAULTS = "sampling.json"  # a model folder's own sampling settings (optional)
+SAMPLING_KEYS = ("num_inference_steps", "guidance_scale")
+
+
+def read_sampling_defaults(path: Path) -> dict:
+    """The sampling settings a model folder ships as its own (`sampling.json`: num_inference_steps and
+    guidance_scale), {} without the file. They replace the library
+    defaults (pipelines/defaults.py) for this model; the pipeline checks the values as it checks arguments."""
+    file = path / SAMPLING_DEFAULTS
+    if not file.is_file():
+        return {}
+    values = read_json(file)
+    unknown = sorted(set(values) - set(SAMPLING_KEYS))
+    if unknown:
+        raise UserError(f"{file} has unknown keys {unknown}; valid: {', '.join(SAMPLING_KEYS)}")
+    steps = values.get("num_inference_steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise UserError(f"{file}: num_inference_steps must be a whole number >= 1, got {steps!r}")
+    scale = values.get("guidance_scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0):
+        raise UserError(f"{file}: guidance_scale must be a number >= 0, got {scale!r}")
+    return values
+
+
 def read_text_encoder_reference(path: Path) -> dict | None:
     """The installed text encoder a slim folder names ({"name", "max_length"}), or None for a full folder."""
     file = path / TEXT_ENCODER_REFERENCE

@@ -30,7 +30,8 @@ from pipelines.arguments import MAX_SEED, Limits, guidance_interval, real, text_
 from pipelines.defaults import FAST_NUM_INFERENCE_STEPS, GUIDANCE_SCALE, LCM_MAX_STEPS, NUM_INFERENCE_STEPS
 from pipelines.guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance, EmbeddedGuidance
 from pipelines.guide import check_guide
-from pipelines.loading import base_model_name, check_model_folder, resolve_model_path, text_encoder_spec
+from pipelines.loading import (base_model_name, check_model_folder, read_sampling_defaults, resolve_model_path,
+                               text_encoder_spec)
 from pipelines.schedulers import (ays_timesteps, load_scheduler, make_scheduler, uses_learned_variance,
                                   with_step_schedule)
 
@@ -65,6 +66,7 @@ class Pipeline:
             raise UserError("fast=True loads the embedded distilled default; for your own student pass only "
                             "model=STUDENT_DIR (its folder samples with the lcm sampler by itself)")
         self.text_encoder_spec: tuple[str, int] | None = None  # (name, length) when loaded from a folder
+        self.sampling_defaults: dict = {}  # the folder's own steps and guidance (sampling.json), if it ships them
         if not any(given):
             path = resolve_model_path(model, inpainting=self.inpainting_default, fast=fast)
             check_model_folder(path, allow_pickle)
@@ -79,6 +81,7 @@ class Pipeline:
                 raise UserError(f"cannot load the model in {path}: {type(err).__name__}: {err}; restore or "
                                 "re-export the model folder") from err
             self.text_encoder_spec = text_encoder_spec(path)
+            self.sampling_defaults = read_sampling_defaults(path)
             text_encoder = load_text_encoder(*self.text_encoder_spec)
             scheduler = load_scheduler(path / "scheduler")
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
@@ -148,13 +151,21 @@ class Pipeline:
     def scheduler(self, scheduler: SchedulerMixin) -> None:
         self.model_scheduler = scheduler
 
+    def own_defaults(self) -> tuple[int, float]:
+        """(steps, guidance) the model folder ships as its own (sampling.json), else the library's: what the model
+        samples with when no adapter changes it."""
+        fallback = FAST_NUM_INFERENCE_STEPS if self.embeds_guidance else NUM_INFERENCE_STEPS
+        return (self.sampling_defaults.get("num_inference_steps", fallback),
+                float(self.sampling_defaults.get("guidance_scale", GUIDANCE_SCALE)))
+
     def default_steps(self) -> int:
-        return FAST_NUM_INFERENCE_STEPS if self.is_consistency_student else NUM_INFERENCE_STEPS
+        """4 with an active LCM-LoRA; else the model's own (`own_defaults`: 4 for a consistency student)."""
+        return FAST_NUM_INFERENCE_STEPS if self.consistency_adapter is not None else self.own_defaults()[0]
 
     def default_guidance_scale(self) -> float:
         """1 (no classifier-free guidance, one call per step) with an active LCM-LoRA, which learnt the guided
-        teacher's average; otherwise GUIDANCE_SCALE (a w-conditioned student takes it as its input)."""
-        return 1.0 if self.consistency_adapter is not None else GUIDANCE_SCALE
+        teacher's average; otherwise the model's own (a w-conditioned student takes it as its input)."""
+        return 1.0 if self.consistency_adapter is not None else self.own_defaults()[1]
 
     @property
     def predicts_variance(self) -> bool:

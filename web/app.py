@@ -17,8 +17,7 @@ import numpy as np
 from PIL import Image
 
 from core.errors import UserError
-from pipelines.defaults import (FAST_NUM_INFERENCE_STEPS, GUIDANCE_SCALE, NUM_INFERENCE_STEPS, SCHEDULER_NAMES,
-                                STEP_SCHEDULES)
+from pipelines.defaults import FAST_NUM_INFERENCE_STEPS, SCHEDULER_NAMES, STEP_SCHEDULES
 from web.requests import (
     INPAINT_METHODS,
     MAX_GUIDANCE,
@@ -98,6 +97,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
     # image to image on the Generate tab's model (its networks shared, so one request at a time across both tabs)
     img2img_pipe = Img2ImgPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, unet=pipe.unet,
                                    scheduler=pipe.model_scheduler)
+    img2img_pipe.sampling_defaults = pipe.sampling_defaults
     inpaint_pipe = InpaintPipeline(model=inpaint_model)
     from pipelines.loading import DEFAULT_FAST_MODEL_DIR
 
@@ -195,7 +195,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                 with gr.Column():
                     prompt = gr.Textbox(label="Prompt", value="a cat", elem_id="prompt")
                     negative = gr.Textbox(label="Negative prompt", elem_id="negative")
-                    sampling = _sampling_controls(gr, default_size, "gen")
+                    sampling = _sampling_controls(gr, default_size, "gen", pipe.own_defaults())
                     num_images = gr.Number(label="Number of images", value=4, precision=0, elem_id="gen-num")
                     fast = gr.Checkbox(False, label=f"Fast: the distilled student ({names['fast']}), lcm sampler, "
                                                     f"{FAST_NUM_INFERENCE_STEPS} steps", visible=fast_pipe is not None,
@@ -215,7 +215,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                                     adapter, adapter_scale, fast, sampling.interval, sampling.step_schedule],
                          [gallery, history, sampling.seed], concurrency_limit=1, concurrency_id="generate")
             # the student's own step count when Fast is ticked, the usual one when not
-            fast.change(lambda on: FAST_NUM_INFERENCE_STEPS if on else NUM_INFERENCE_STEPS, fast, sampling.steps)
+            fast.change(lambda on: FAST_NUM_INFERENCE_STEPS if on else pipe.own_defaults()[0], fast, sampling.steps)
             # an LCM-LoRA's own steps and guidance (1: it learnt the guided teacher) while it is picked; leaving it
             # gives the usual ones back, and a switch between other adapters keeps what the visitor set
             adapter.change(lambda name, steps, guidance: adapter_defaults(name, steps, guidance, pipe, gr), [
@@ -227,7 +227,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                                       sources=["upload", "clipboard"], elem_id="i2i-image")
                     i2i_prompt = gr.Textbox(label="Prompt", value="a cat", elem_id="i2i-prompt")
                     i2i_negative = gr.Textbox(label="Negative prompt", elem_id="i2i-negative")
-                    i2i_sampling = _sampling_controls(gr, default_size, "i2i")
+                    i2i_sampling = _sampling_controls(gr, default_size, "i2i", pipe.own_defaults())
                     i2i_strength = gr.Slider(0.05, 1.0, value=0.8, step=0.05, elem_id="i2i-strength",
                                              label="Strength (how far the image is noised: low keeps it)")
                     i2i_button = gr.Button("Redraw", variant="primary", elem_id="img2img")
@@ -251,7 +251,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                                                type="filepath", sources=["upload"], elem_id="mask-upload")
                     in_prompt = gr.Textbox(label="Prompt", value="a cat", elem_id="in-prompt")
                     in_negative = gr.Textbox(label="Negative prompt", elem_id="in-negative")
-                    in_sampling = _sampling_controls(gr, default_size, "in")
+                    in_sampling = _sampling_controls(gr, default_size, "in", inpaint_pipe.own_defaults())
                     strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength (1 = from noise)")
                     method = gr.Dropdown(list(INPAINT_METHODS), value="auto", label="Method (auto: the U-Net of an "
                                          "inpainting model, latent blending otherwise)")
@@ -278,7 +278,7 @@ def adapter_defaults(name: str, steps, guidance, pipe, gr) -> tuple:
     if name in pipe.consistency_adapters:
         return lcm
     if (steps, guidance) == lcm:
-        return NUM_INFERENCE_STEPS, GUIDANCE_SCALE
+        return pipe.own_defaults()
     return gr.update(), gr.update()
 
 
@@ -295,13 +295,13 @@ class SamplingControls(NamedTuple):
     step_schedule: object
 
 
-def _sampling_controls(gr, default_size: int, prefix: str) -> SamplingControls:
-    """The shared settings' components, laid out in two rows."""
+def _sampling_controls(gr, default_size: int, prefix: str, defaults: tuple[int, float]) -> SamplingControls:
+    """The shared settings' components, laid out in two rows; `defaults`: the model's own (steps, guidance)."""
     with gr.Row():
         sampler = gr.Dropdown([MODEL_SCHEDULER, *SCHEDULER_NAMES], value=MODEL_SCHEDULER, label="Sampler")
-        steps = gr.Number(label=f"Steps (≤ {MAX_STEPS})", value=NUM_INFERENCE_STEPS, precision=0,
+        steps = gr.Number(label=f"Steps (≤ {MAX_STEPS})", value=defaults[0], precision=0,
                           elem_id=f"{prefix}-steps")
-        guidance = gr.Slider(0, MAX_GUIDANCE, value=GUIDANCE_SCALE, step=0.5, label="Guidance")
+        guidance = gr.Slider(0, MAX_GUIDANCE, value=defaults[1], step=0.5, label="Guidance")
     with gr.Row():
         seed = gr.Number(label="Seed", value=0, precision=0, elem_id=f"{prefix}-seed")
         random_seed = gr.Checkbox(False, label="Random seed")
