@@ -179,3 +179,10 @@ def guidance_interval(value, sigma_min: float, sigma_max: float) -> tuple[float,
         raise UserError(f"guidance_interval ({low:g}, {high:g}] lies outside this model's noise levels "
                         f"[{sigma_min:.3g}, {sigma_max:.3g}] (sigma): no step would be guided")
     return low, high
+
+
+def image_size_of(image) -> tuple[int, int]:
+    """(height, width) of an image as `image_input` returns it: PIL, (B, H, W, 3) array or (B, 3, H, W) tensor."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    return tuple(image.shape[1:3]) if isinstance(image, np.ndarray) else tuple(image.shape[-2:])

@@ -8,15 +8,13 @@ text-to-image model here takes it, adapters and guidance options included; `Inpa
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
-from PIL import Image
 
 from core.errors import UserError
-from pipelines.arguments import image_input, real
+from pipelines.arguments import image_input, image_size_of, real
 from pipelines.text_to_image import Pipeline, images_to_pil
 
 IMG2IMG_STRENGTH = 0.8  # diffusers' default
@@ -28,6 +26,9 @@ class Img2ImgPipeline(Pipeline):
 
     def __init__(self, prompt: str | list[str] | None = None, model=None, *, image=None, **components) -> None:
         super().__init__(prompt, model, **components)
+        if self.controlnets:
+            raise UserError("ControlNets steer text-to-image sampling here (Pipeline(controlnet=...)); image-to-image "
+                            "and inpainting with a ControlNet are not supported")
         self.image = image
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -81,7 +82,7 @@ class Img2ImgPipeline(Pipeline):
         """(height, width): the given ones, else the image's own, which must fit the autoencoder's factor."""
         if height is not None and width is not None:
             return height, width
-        image_height, image_width = _image_size(image)
+        image_height, image_width = image_size_of(image)
         factor = self.vae_scale_factor
         if image_height % factor or image_width % factor:
             raise UserError(f"the image is {image_width}x{image_height}; its sides must be multiples of the "
@@ -133,10 +134,3 @@ class Img2ImgPipeline(Pipeline):
             return images
         array = images.permute(0, 2, 3, 1).float().cpu().numpy()
         return array if output_type == "numpy" else images_to_pil(array)
-
-
-def _image_size(image) -> tuple[int, int]:
-    """(height, width) of an image as `image_input` returns it: PIL, (B, H, W, 3) array or (B, 3, H, W) tensor."""
-    if isinstance(image, Image.Image):
-        return image.height, image.width
-    return tuple(image.shape[1:3]) if isinstance(image, np.ndarray) else tuple(image.shape[-2:])

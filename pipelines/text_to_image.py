@@ -47,7 +47,8 @@ class Pipeline:
     `fast=True` loads the embedded consistency-distilled student of the default model (the `lcm` sampler, 4 steps
     by default, one U-Net call per step) once one ships; none does in this release (docs/distillation.md).
     `guide_model=DIR` guides with that smaller model of the same task instead of the unconditional branch
-    (autoguidance; see `load_guide`).
+    (autoguidance; see `load_guide`). `controlnet=DIR` (or a list) steers the U-Net with ControlNets trained on this
+    model; `generate(control_image=...)` then takes their maps (see `load_controlnet`).
     """
 
     inpainting_default = False  # which embedded default `model=None` loads
@@ -56,7 +57,8 @@ class Pipeline:
                  vae: AutoencoderKL | None = None, text_encoder=None, unet: UNet2DConditionModel | None = None,
                  scheduler: SchedulerMixin | None = None, allow_pickle: bool = False,
                  lora: str | Path | list[str | Path] | None = None, lora_scale: float | list[float] = 1.0,
-                 lora_force: bool = False, fast: bool = False, guide_model: str | Path | None = None) -> None:
+                 lora_force: bool = False, fast: bool = False, guide_model: str | Path | None = None,
+                 controlnet: str | Path | list[str | Path] | None = None, controlnet_force: bool = False) -> None:
         self.prompt = prompt
         self.model_name = "the given components"
         given = [c is not None for c in (vae, text_encoder, unet, scheduler)]
@@ -96,6 +98,11 @@ class Pipeline:
         self.active_adapters: dict[str, float] = {}  # the ones sampling uses now (activate_lora picks)
         self.consistency_adapters: dict[str, dict] = {}  # LCM-LoRAs among them: name -> their lcm sampler settings
         self._base_fingerprint: str | None = None
+        self.controlnets: list = []  # ControlNetModels steering the U-Net (pipelines/controlnet.py)
+        self.controlnet_infos: list[dict] = []
+        for folder in [] if controlnet is None else [controlnet] if isinstance(controlnet, (str, Path)) \
+                else list(controlnet):
+            self.load_controlnet(folder, force=controlnet_force)
         folders = [] if lora is None else [lora] if isinstance(lora, (str, Path)) else list(lora)
         scales = lora_scale if isinstance(lora_scale, (list, tuple)) else [lora_scale] * len(folders)
         if len(scales) != len(folders):
@@ -237,6 +244,24 @@ class Pipeline:
         self.unet.fuse_lora(lora_scale=1.0, adapter_names=list(self.adapters))
         return self
 
+    def load_controlnet(self, folder: str | Path, force: bool = False) -> None:
+        """Add a ControlNet (a diffusers ControlNetModel folder; this project's records the base it was trained on,
+        checked against this model's U-Net unless `force`). Several add their residuals."""
+        from ldm.lora import base_fingerprint
+        from pipelines.controlnet import check_controlnet, read_controlnet
+
+        if self.embeds_guidance:
+            raise UserError("a consistency-distilled student cannot take a ControlNet here; use the model it was "
+                            "distilled from")
+        if self.adapters:
+            raise UserError("load ControlNets before LoRA adapters (their base is checked against the U-Net alone)")
+        controlnet, info = read_controlnet(folder)
+        if self._base_fingerprint is None:
+            self._base_fingerprint = base_fingerprint(self.unet)
+        check_controlnet(info, controlnet, self.unet, self._base_fingerprint, self.model_name, force)
+        self.controlnets.append(controlnet.to(self.device))
+        self.controlnet_infos.append(info)
+
     def load_guide(self, folder: str | Path) -> None:
         """Guide sampling with the U-Net of model folder `folder` (autoguidance, Karras et al. 2024): a smaller,
         shorter-trained model of the same task, e.g. `train_ldm.py --config configs/ldm/emoji-64-guide.yaml`. It
@@ -269,7 +294,7 @@ class Pipeline:
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "Pipeline":
         """Move the networks (diffusers-style); the text encoder keeps fp32 unless a dtype is given."""
-        for module in (self.vae, self.unet, self.text_encoder, self.guide_unet):
+        for module in (self.vae, self.unet, self.text_encoder, self.guide_unet, *self.controlnets):
             if module is not None:
                 module.to(device=device, dtype=dtype)
         self._empty_embedding = None
@@ -313,7 +338,8 @@ class Pipeline:
                  latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
                  output_type: str = "pil", progress: bool = True, classifier=None, class_label: str | None = None,
                  classifier_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None,
-                 step_schedule: str | None = None):
+                 step_schedule: str | None = None, control_image=None,
+                 controlnet_conditioning_scale: float | list[float] = 1.0):
         """Sample images for `prompt` ("" = unconditional). Returns PIL images, an array, a tensor or latents.
 
         `scheduler`: a name from pipelines/schedulers.py, a diffusers scheduler, or None for the model's own.
@@ -325,6 +351,8 @@ class Pipeline:
         in it, one U-Net call at the others (Kynkaanniemi et al. 2024); None = every step.
         `step_schedule`: where the sampler's steps fall, "karras" (Karras sigmas) or "ays" (Align Your Steps);
         None = the sampler's own spacing.
+        `control_image` (one per loaded ControlNet: PIL, numpy or torch, e.g. `ldm.control.control_map(image,
+        "canny")`) and `controlnet_conditioning_scale` (one number, or one per ControlNet): ControlNet guidance.
         """
         num_inference_steps = self.default_steps() if num_inference_steps is None else num_inference_steps
         guidance_scale = self.default_guidance_scale() if guidance_scale is None else guidance_scale
@@ -332,6 +360,7 @@ class Pipeline:
                                                              guidance_scale, height, width, output_type, seed,
                                                              scheduler)
         interval = self.check_guidance(guidance_interval)
+        control = self.check_control(control_image, controlnet_conditioning_scale)
         if classifier is not None and self.is_consistency_student:
             raise UserError("classifier guidance is not available for a consistency-distilled student; use the "
                             "model it was distilled from")
@@ -343,7 +372,8 @@ class Pipeline:
         cond, uncond = self.encode_prompt(prompts, negative, num_images, guidance_scale)
         sampler = self.prepare_scheduler(scheduler, num_inference_steps, step_schedule)
         latents = self.prepare_latents(len(prompts) * num_images, height, width, generator, latents, sampler)
-        guided = self.guidance(self.denoiser, cond, uncond, guidance_scale, interval)
+        guided = self.guidance(self.control_denoiser(control, len(prompts) * num_images, height, width), cond, uncond,
+                               guidance_scale, interval)
         if classifier is not None:
             guided = self.classifier_guidance(guided, classifier, class_label, classifier_scale, sampler, height)
         latents = self.denoise(latents, guided, sampler, generator, progress)
@@ -445,6 +475,33 @@ class Pipeline:
                             "guidance scale as an input (one call per step already)")
         sigmas = self.noise_schedule.sigmas()
         return guidance_interval(interval, float(sigmas.min()), float(sigmas.max()))
+
+    def check_control(self, control_image, scale) -> tuple[list, list[float]] | None:
+        """The control images and scales for the loaded ControlNets, checked before any work; None without any."""
+        from pipelines.controlnet import control_images, control_scales
+
+        if not self.controlnets:
+            if control_image is not None:
+                raise UserError("control_image needs a ControlNet: Pipeline(controlnet=DIR) (or --controlnet DIR)")
+            return None
+        if self.guide_unet is not None:
+            raise UserError("a ControlNet and autoguidance together are not supported: leave out guide_model")
+        count = len(self.controlnets)
+        return control_images(control_image, count), control_scales(scale, count)
+
+    def control_denoiser(self, control: tuple[list, list[float]] | None, batch: int, height: int, width: int):
+        """`denoiser`, or with ControlNets the U-Net with their residuals (pipelines/controlnet.py)."""
+        if control is None:
+            return self.denoiser
+        from diffusers.image_processor import VaeImageProcessor
+
+        from pipelines.controlnet import controlled_denoiser, prepare_control_image
+
+        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True,
+                                      do_normalize=False)
+        images = [prepare_control_image(processor, image, height, width, batch, self.device, self.unet.dtype)
+                  for image in control[0]]
+        return controlled_denoiser(self._unet_forward, self.controlnets, images, control[1])
 
     @property
     def noise_schedule(self) -> NoiseSchedule:
