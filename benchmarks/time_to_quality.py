@@ -4,11 +4,14 @@ and each training lever on top of it, all on the same U-Net, data, autoencoder a
 Each arm trains through the real `accelerate launch train_ldm.py` in segments of `--segment` minutes of training
 (`max_minutes`; each segment exports `final/` and the next resumes bit-exactly from its checkpoint), until
 `--budget` minutes. After each segment, `final/` is scored by FID at `--num-images` training prompts (fixed prompts
-and seeds, one sampler and guidance; scoring and start-up time are not counted in the minutes). Arms:
+and seeds, one sampler and guidance; scoring and start-up time are not counted in the minutes). An arm that trains
+from the latent/text cache builds it first with `ldm cache`, timed: those minutes are counted in its rows (the
+uncached arm pays for its encoders inside its training minutes). Arms:
 
   diffusers      diffusers' examples/text_to_image/train_text_to_image.py as it runs by default: the VAE and the text
-                 encoder every step (no cache), epsilon, lr 1e-4 constant, no min-SNR weighting, no EMA, no caption
-                 dropout (the script has none: its model is still sampled with guidance, as the other arms are)
+                 encoder every step (no cache), batch 16, epsilon, lr 1e-4 constant, no min-SNR weighting, no EMA,
+                 no caption dropout (the script has none: its model is still sampled with guidance, as the other
+                 arms are); the same data and caption variants (the script draws one of a row's captions at random)
   shipped        configs/ldm/emoji-64.yaml as it is (cache, min-SNR 5, lr 1e-3 with warm-up, EMA 0.999)
   logit-normal   shipped + timestep_density=logit_normal (SD3)
   inverse-sqrt   shipped + lr_scheduler=inverse_sqrt, a 2x peak (EDM2's decay)
@@ -32,6 +35,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,13 +45,13 @@ LAUNCH = [str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_mach
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 SHIPPED = "configs/ldm/emoji-64.yaml"
-DIFFUSERS = ["cache_latents=false", "min_snr_gamma=null", "learning_rate=1e-4", "lr_scheduler=constant",
+DIFFUSERS = ["cache_latents=false", "batch_size=16", "min_snr_gamma=null", "learning_rate=1e-4", "lr_scheduler=constant",
              "lr_warmup_steps=0", "use_ema=false", "cond_drop_prob=0"]
 ARMS: dict[str, list[str]] = {
     "diffusers": DIFFUSERS,
     "shipped": [],
     "logit-normal": ["timestep_density=logit_normal"],
-    "inverse-sqrt": ["lr_scheduler=inverse_sqrt", "learning_rate=2e-3"],
+    "inverse-sqrt": ["lr_scheduler=inverse_sqrt", "learning_rate=2e-3", "lr_timescale=2000"],
     "post-hoc-ema": ["post_hoc_ema=[0.05, 0.10]", "post_hoc_ema_every=100"],
     "xs": ["unet_preset=emoji-xs"],
     "m": ["unet_preset=emoji-m"],
@@ -68,6 +72,28 @@ def train_segment(arm: str, out: Path, config: str, overrides: list[str], minute
     if result.returncode != 0:
         tail = (out / f"{arm}.log").read_text().splitlines()[-5:]
         raise SystemExit(f"arm {arm} failed ({result.returncode}); {out / f'{arm}.log'} ends:\n" + "\n".join(tail))
+
+
+def build_cache(arm: str, out: Path, config: str, overrides: list[str]) -> float:
+    """Minutes `ldm cache` takes to build the arm's own cache in its output_dir (0 for an uncached arm): each arm
+    pays for its cache, none reuses another's."""
+    if "cache_latents=false" in overrides:
+        return 0.0
+    started = time.perf_counter()
+    with open(out / f"{arm}.log", "a") as log:
+        result = subprocess.run([str(BIN / "ldm"), "cache", "--config", config, *overrides,
+                                 f"output_dir={out / arm}"], cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SystemExit(f"building arm {arm}'s cache failed; see {out / f'{arm}.log'}")
+    return (time.perf_counter() - started) / 60
+
+
+def last_step(folder: Path) -> int:
+    """The step of the arm's last checkpoint (0 before its first segment)."""
+    from core.checkpoints import list_checkpoints
+
+    checkpoints = list_checkpoints(folder)
+    return json.loads((checkpoints[-1] / "trainer_state.json").read_text())["step"] if checkpoints else 0
 
 
 def reached(folder: Path) -> tuple[int, int]:
@@ -177,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     common = COMMON + [f"data={args.data}"] + ([o.format(autoencoder=args.autoencoder) for o in QUICK] if args.quick else [])
     args.out.mkdir(parents=True, exist_ok=True)
     metrics_path = args.out / "metrics.json"
-    settings = {"segment": args.segment, "data": args.data, "num_images": args.num_images,
+    settings = {"segment": args.segment, "ema_lengths": lengths, "data": args.data, "num_images": args.num_images,
                 "scheduler": args.scheduler, "steps": args.steps, "guidance": args.guidance, "quick": args.quick}
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"arms": {}}
     if metrics.get("settings", settings) != settings:  # a larger --budget continues the same run
@@ -186,15 +212,20 @@ def main(argv: list[str] | None = None) -> None:
     segments = round(args.budget / args.segment)
     for arm in arms:
         record = metrics["arms"].setdefault(arm, {"overrides": ARMS[arm], "rows": []})
+        if "cache_minutes" not in record:
+            record["cache_minutes"] = round(build_cache(arm, args.out, SHIPPED, common + ARMS[arm]), 3)
+            metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
         for k in range(len(record["rows"]) + 1, segments + 1):
-            train_segment(arm, args.out, SHIPPED, common + ARMS[arm], args.segment)
+            scored = record["rows"][-1]["step"] if record["rows"] else 0
+            if last_step(args.out / arm) <= scored:  # else: segment k trained, then the run stopped before scoring
+                train_segment(arm, args.out, SHIPPED, common + ARMS[arm], args.segment)
             step, images = reached(args.out / arm)
             model = args.out / arm / "final"
             if arm == "post-hoc-ema":
                 model = post_hoc_model(args.out / arm, lengths, args.out, f"{arm}-{k}")
             fid = score(model, args, args.out, f"{arm}-{k}")
-            record["rows"].append({"minutes": round(k * args.segment, 3), "step": step, "images": images,
-                                   "fid": fid})
+            record["rows"].append({"minutes": round(record["cache_minutes"] + k * args.segment, 3), "step": step,
+                                   "images": images, "training_minutes": round(k * args.segment, 3), "fid": fid})
             metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
             print(f"{arm}: {k * args.segment:g} min, step {step}, FID {fid:.2f}", flush=True)
     (args.out / "table.md").write_text(table(metrics) + "\n")

@@ -326,7 +326,7 @@ def cmd_ema(args: argparse.Namespace) -> None:
     from core.files import atomic_folder, check_not_nested
     from core.post_hoc_ema import SNAPSHOT_FOLDER, synthesize
     from pipelines import InpaintPipeline, Pipeline
-    from pipelines.loading import is_model_folder, write_model_folder
+    from pipelines.loading import is_model_folder, write_model_folder, write_sampling_defaults
     from recipes.consistency import DistillTrainConfig
     from recipes.inpainting import InpaintTrainConfig, InpaintTrainer
     from recipes.latent_diffusion import LDMTrainer
@@ -343,7 +343,7 @@ def cmd_ema(args: argparse.Namespace) -> None:
                         "EMA length afterwards")
     inpainting = isinstance(config, InpaintTrainConfig)
     pipe = (InpaintPipeline if inpainting else Pipeline)(model=run / "final")
-    states = {sigma: synthesize(pipe.unet, config.post_hoc_ema, run / SNAPSHOT_FOLDER, sigma)
+    states = {sigma: synthesize(pipe.unet, run / SNAPSHOT_FOLDER, sigma)
               for sigma in dict.fromkeys(args.sigma_rel)}
     losses: dict[float, float] = {}
     if len(states) > 1:
@@ -360,6 +360,7 @@ def cmd_ema(args: argparse.Namespace) -> None:
     pipe.unet.load_state_dict(states[chosen])
     with atomic_folder(out, args.overwrite, is_model_folder, "model folder") as tmp:
         write_model_folder(tmp, pipe.vae, pipe.text_encoder, pipe.unet, pipe.model_scheduler)
+        write_sampling_defaults(tmp, pipe.sampling_defaults)
         (tmp / "config.yaml").write_bytes(config_file.read_bytes())
         record = {"run": str(run), "sigma_rel": chosen, "tracked": config.post_hoc_ema,
                   "validation_loss": {str(k): v for k, v in losses.items()}}
@@ -389,5 +390,5 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise UserError(f"{path}/config.yaml does not name its text encoder; pass --text-encoder NAME")
     folder = save_slim_model_folder(args.out, pipe.vae, pipe.unet, pipe.scheduler, name,
                                     pipe.text_encoder.max_length, getattr(torch, args.dtype), args.overwrite,
-                                    config_file if config_file.is_file() else None)
+                                    config_file if config_file.is_file() else None, pipe.sampling_defaults)
     print(f"wrote {folder} (U-Net and autoencoder in {args.dtype}; text encoder '{name}' from its package)")

@@ -9,6 +9,7 @@ library); this module fixes where snapshots live, which lengths are valid, and h
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -22,6 +23,7 @@ from core.errors import UserError
 logger = logging.getLogger(__name__)
 
 SNAPSHOT_FOLDER = "post-hoc-ema"  # under the run's output_dir: {profile index}.{step}.pt per snapshot
+PROFILES = "profiles.json"  # beside the snapshots: the relative lengths their profile indices stand for
 MAX_SIGMA_REL = 12 ** -0.5  # sigma_rel of gamma = 0, the longest power-function EMA (a plain average of all steps)
 _SNAPSHOT = re.compile(r"^(\d+)\.(\d+)\.pt$")
 
@@ -35,6 +37,28 @@ def check_sigma_rels(values: list[float], what: str = "post_hoc_ema") -> None:
     for value in values:
         if not isinstance(value, (int, float)) or not 0 < value < MAX_SIGMA_REL:
             raise UserError(f"{what}: relative EMA length {value} is outside (0, {MAX_SIGMA_REL:.4f})")
+
+
+def record_profiles(folder: Path, sigma_rels: list[float]) -> None:
+    """Write (or check) the lengths the snapshots in `folder` are made with: a resumed run that tracks other ones
+    would mix two sets of averages under the same file names."""
+    file = folder / PROFILES
+    if file.is_file():
+        recorded = json.loads(file.read_text())["sigma_rels"]
+        if recorded != list(sigma_rels):
+            raise UserError(f"the post-hoc EMA snapshots in {folder} track lengths {recorded}; this run asks for "
+                            f"{list(sigma_rels)}: keep post_hoc_ema as it was, or train into another output_dir")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps({"sigma_rels": list(sigma_rels)}) + "\n")
+
+
+def recorded_profiles(folder: Path) -> list[float]:
+    """The lengths the snapshots in `folder` were made with (`record_profiles`)."""
+    file = folder / PROFILES
+    if not file.is_file():
+        raise UserError(f"no post-hoc EMA snapshots in {folder} (no {PROFILES}): train with post_hoc_ema=[0.05, 0.10]")
+    return json.loads(file.read_text())["sigma_rels"]
 
 
 def tracker(model: nn.Module, sigma_rels: list[float], folder: Path) -> PostHocEMA:
@@ -60,10 +84,11 @@ def drop_snapshots_after(folder: Path, step: int) -> None:
         logger.info("post-hoc EMA: removed %d snapshots past step %d (from before this start)", len(stale), step)
 
 
-def synthesize(model: nn.Module, sigma_rels: list[float], folder: Path, sigma_rel: float) -> dict[str, torch.Tensor]:
-    """The weights of an EMA of relative length `sigma_rel` at the last snapshot, from the snapshots in `folder` of
-    a run that tracked `sigma_rels`; `model` gives the architecture (its weights are unused). A length outside
-    (0, 12^-1/2) is refused."""
+def synthesize(model: nn.Module, folder: Path, sigma_rel: float) -> dict[str, torch.Tensor]:
+    """The weights of an EMA of relative length `sigma_rel` at the last snapshot, from the snapshots in `folder`
+    (made with the lengths its profiles.json records); `model` gives the architecture (its weights are unused). A
+    length outside (0, 12^-1/2) is refused."""
+    sigma_rels = recorded_profiles(folder)
     check_sigma_rels(sigma_rels, "the run's post_hoc_ema")
     if not 0 < sigma_rel < MAX_SIGMA_REL:
         raise UserError(f"relative EMA length {sigma_rel} is outside (0, {MAX_SIGMA_REL:.4f})")

@@ -54,9 +54,10 @@ class TrainConfig:
     batch_size: int = 32  # per rank and per micro-batch
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
-    # any diffusers.optimization scheduler name, e.g. cosine (decays to 0 at max_steps), or inverse_sqrt (warm-up, then
-    # lr * sqrt(lr_warmup_steps / step): EDM2's decay; transformers' schedule)
+    # a diffusers.optimization scheduler name, e.g. cosine (decays to 0 at max_steps), or inverse_sqrt (transformers'
+    # schedule: warm-up, then lr * sqrt(lr_timescale / (step - lr_warmup_steps + lr_timescale)))
     lr_scheduler: str = "constant"
+    lr_timescale: Optional[int] = None  # inverse_sqrt's time scale (default lr_warmup_steps)
     lr_warmup_steps: int = 0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -120,9 +121,16 @@ class TrainConfig:
             raise UserError(f"post_hoc_ema_every must be at least 1, got {self.post_hoc_ema_every}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise UserError(f"unknown lr_scheduler '{self.lr_scheduler}'; valid: {', '.join(LR_SCHEDULERS)}")
-        if self.lr_warmup_steps < 0 or (self.lr_scheduler == "inverse_sqrt" and self.lr_warmup_steps < 1):
-            raise UserError(f"lr_warmup_steps must be >= 0 (>= 1 for inverse_sqrt, its time scale), got "
-                            f"{self.lr_warmup_steps}")
+        if self.lr_warmup_steps < 0:
+            raise UserError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.lr_scheduler == "constant" and self.lr_warmup_steps:
+            raise UserError(f"lr_scheduler=constant has no warm-up (lr_warmup_steps={self.lr_warmup_steps} would be "
+                            "ignored): use constant_with_warmup, or lr_warmup_steps=0")
+        if self.lr_scheduler == "inverse_sqrt" and (self.lr_timescale or self.lr_warmup_steps) < 1:
+            raise UserError("lr_scheduler=inverse_sqrt needs a time scale: lr_timescale >= 1 (default "
+                            "lr_warmup_steps)")
+        if self.lr_timescale is not None and self.lr_scheduler != "inverse_sqrt":
+            raise UserError(f"lr_timescale is inverse_sqrt's; lr_scheduler={self.lr_scheduler} would ignore it")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise UserError(f"max_minutes must be positive (or null for no limit), got {self.max_minutes}")
         if not 0 <= self.validation_fraction < 1:
@@ -133,16 +141,19 @@ class TrainConfig:
         check_trackers(self.log_with)
 
 
-LR_SCHEDULERS = (*(s.value for s in SchedulerType), "inverse_sqrt")
+# diffusers' schedulers that need nothing beyond warm-up and length (piecewise_constant needs rules), and inverse_sqrt
+LR_SCHEDULERS = (*(s.value for s in SchedulerType if s.value != "piecewise_constant"), "inverse_sqrt")
 
 
-def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int):
+def make_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int,
+                      timescale: int | None = None):
     """diffusers' schedulers by name; inverse_sqrt from transformers (diffusers has none): linear warm-up over
-    `warmup_steps`, then lr * sqrt(warmup_steps / step)."""
+    `warmup_steps`, then lr * sqrt(timescale / (step - warmup_steps + timescale)), timescale default warmup_steps."""
     if name == "inverse_sqrt":
         from transformers.optimization import get_inverse_sqrt_schedule
 
-        return get_inverse_sqrt_schedule(optimizer, num_warmup_steps=warmup_steps, timescale=warmup_steps)
+        return get_inverse_sqrt_schedule(optimizer, num_warmup_steps=warmup_steps,
+                                         timescale=timescale or warmup_steps)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=max_steps)
 
 
@@ -259,7 +270,8 @@ class Trainer:
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                                       eps=config.adam_epsilon, weight_decay=config.weight_decay)
         # stepped by us once per optimiser step (a prepared scheduler would step once per process)
-        self.lr_scheduler = make_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.max_steps)
+        self.lr_scheduler = make_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.max_steps,
+                                              config.lr_timescale)
         if prepare_loader:
             self.model, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         else:
@@ -273,6 +285,8 @@ class Trainer:
             self.ema.to(self.accelerator.device)
         self.post_hoc = None  # kept alike on every rank (each sees the same weights), snapshotted by the main one
         if config.post_hoc_ema:
+            if self.accelerator.is_main_process:
+                post_hoc_ema.record_profiles(Path(config.output_dir) / post_hoc_ema.SNAPSHOT_FOLDER, config.post_hoc_ema)
             self.post_hoc = post_hoc_ema.tracker(self.accelerator.unwrap_model(self.model), config.post_hoc_ema,
                                                  Path(config.output_dir) / post_hoc_ema.SNAPSHOT_FOLDER)
         set_seed(config.seed, device_specific=True)  # each rank draws its own noise, timesteps and dropout

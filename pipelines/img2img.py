@@ -8,6 +8,8 @@ text-to-image model here takes it, adapters and guidance options included; `Inpa
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -57,6 +59,9 @@ class Img2ImgPipeline(Pipeline):
                                                              guidance_scale, height, width, output_type, seed,
                                                              scheduler)
         interval = self.check_guidance(guidance_interval)
+        if negative_prompt is not None and self.embeds_guidance:
+            warnings.warn("a consistency student takes the guidance scale as an input and has no unconditional "
+                          "branch: negative_prompt is ignored (as in diffusers)", stacklevel=3)
         sampler, timesteps = self.prepare_strength_scheduler(scheduler, num_inference_steps, strength, step_schedule)
         # 2. prepare the image, the prompt, the noised start
         init_image = self.preprocess_image(image, height, width)

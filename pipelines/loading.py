@@ -155,6 +155,13 @@ def read_sampling_defaults(path: Path) -> dict:
     return values
 
 
+def write_sampling_defaults(folder: Path, sampling: dict | None) -> None:
+    """sampling.json in `folder` when the model has its own sampling settings (the inverse of
+    `read_sampling_defaults`)."""
+    if sampling:
+        (folder / SAMPLING_DEFAULTS).write_text(json.dumps(sampling, indent=2) + "\n")
+
+
 def read_text_encoder_reference(path: Path) -> dict | None:
     """The installed text encoder a slim folder names ({"name", "max_length"}), or None for a full folder."""
     file = path / TEXT_ENCODER_REFERENCE
@@ -190,9 +197,10 @@ def is_model_folder(path: Path) -> bool:
 
 def save_slim_model_folder(folder: str | Path, vae, unet, scheduler, text_encoder_name: str, max_length: int,
                            dtype: torch.dtype = torch.float16, overwrite: bool = False,
-                           training_config: Path | None = None) -> Path:
+                           training_config: Path | None = None, sampling: dict | None = None) -> Path:
     """The embedded-default layout: model_index.json, unet/, vae/, scheduler/ (weights in `dtype`), the text
-    encoder named in text_encoder.json, the run's config.yaml if given, and checksums.json over the weight files.
+    encoder named in text_encoder.json, the model's own sampling settings (sampling.json) if any, the run's
+    config.yaml if given, and checksums.json over the weight files and the configs that change what it draws.
     An existing model folder is replaced only with `overwrite`; any other existing folder is refused."""
     import copy
     import shutil
@@ -207,7 +215,9 @@ def save_slim_model_folder(folder: str | Path, vae, unet, scheduler, text_encode
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / TEXT_ENCODER_REFERENCE).write_text(json.dumps({"name": text_encoder_name,
                                                                "max_length": max_length}, indent=2) + "\n")
+        write_sampling_defaults(tmp, sampling)
         covered = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*.safetensors")) + list(CHECKSUMMED_CONFIGS)
+        covered += [SAMPLING_DEFAULTS] if sampling else []
         (tmp / CHECKSUMS).write_text(json.dumps({f: file_sha256(tmp / f) for f in covered}, indent=2) + "\n")
         if training_config is not None:
             shutil.copy(training_config, tmp / "config.yaml")
@@ -239,9 +249,12 @@ def write_model_folder(folder: Path, vae, text_encoder, unet, scheduler) -> None
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
-def save_model_folder(folder: str | Path, vae, text_encoder, unet, scheduler, overwrite: bool = False) -> Path:
-    """`write_model_folder`, atomically: a reader never sees a half-written folder. An existing model folder is
-    replaced only with `overwrite`; any other existing folder is refused, never deleted."""
+def save_model_folder(folder: str | Path, vae, text_encoder, unet, scheduler, overwrite: bool = False,
+                      sampling: dict | None = None) -> Path:
+    """`write_model_folder` (and the model's own sampling settings), atomically: a reader never sees a half-written
+    folder. An existing model folder is replaced only with `overwrite`; any other existing folder is refused, never
+    deleted."""
     with atomic_folder(folder, overwrite, is_model_folder, "model folder") as tmp:
         write_model_folder(tmp, vae, text_encoder, unet, scheduler)
+        write_sampling_defaults(tmp, sampling)
     return Path(folder)

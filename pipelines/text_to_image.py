@@ -312,7 +312,8 @@ class Pipeline:
         any other existing folder is refused (never deleted)."""
         from pipelines.loading import save_model_folder
 
-        return save_model_folder(folder, self.vae, self.text_encoder, self.unet, self.scheduler, overwrite)
+        return save_model_folder(folder, self.vae, self.text_encoder, self.unet, self.scheduler, overwrite,
+                                 self.sampling_defaults)
 
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """Text hidden states (B, L, D) for the U-Net; the "" embedding is cached (used by every guided call)."""
@@ -343,8 +344,9 @@ class Pipeline:
         """Sample images for `prompt` ("" = unconditional). Returns PIL images, an array, a tensor or latents.
 
         `scheduler`: a name from pipelines/schedulers.py, a diffusers scheduler, or None for the model's own.
-        `num_inference_steps`: default 30, or 4 for a consistency student (`fast=True`).
-        `guidance_scale`: default 5 (1, no classifier-free guidance, with an active LCM-LoRA).
+        `num_inference_steps`, `guidance_scale`: default the model's own (its folder's sampling.json), else 30 and
+        5; 4 steps for a consistency student (`fast=True`); guidance 1 (no classifier-free guidance) with an active
+        LCM-LoRA.
         `classifier` (a folder from train_classifier.py, or the model), `class_label`, `classifier_scale`: classifier
         guidance, alone (prompt "") or on top of classifier-free guidance.
         `guidance_interval` (sigma_lo, sigma_hi]: classifier-free guidance only at steps whose noise level sigma lies

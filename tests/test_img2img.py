@@ -42,6 +42,14 @@ def test_same_pixels_as_diffusers_img2img_pipeline(tiny_components, folder, sche
     assert got.shape == expected.shape == (2, 32, 32, 3)
     assert np.abs(got - expected).max() <= 1 / 255
     assert np.abs(got[0] - got[1]).max() > 1e-3  # two samples of one image differ
+    # the latents, tightly: a wrong order of the random draws (posterior sample, then noise) would show here
+    their_latents = theirs("a cat", image=_image(), strength=strength, negative_prompt=negative, num_inference_steps=8,
+                           guidance_scale=3.0, num_images_per_prompt=2, output_type="latent",
+                           generator=torch.Generator().manual_seed(3)).images
+    our_latents = Img2ImgPipeline(**tiny_components).generate(
+        "a cat", image=_image(), strength=strength, negative_prompt=negative, num_inference_steps=8,
+        guidance_scale=3.0, num_images=2, seed=3, scheduler=scheduler, output_type="latent", progress=False)
+    torch.testing.assert_close(our_latents, their_latents, rtol=1e-4, atol=1e-5)
 
 
 def test_strength_sets_how_much_of_the_image_is_kept_and_how_many_steps_run(tiny_components):

@@ -80,13 +80,23 @@ def test_inverse_sqrt_warms_up_then_decays_as_one_over_the_root_of_the_step():
         scheduler.step()
     assert rates[5] == pytest.approx(1.0) and rates[10] == pytest.approx(2.0)
     assert rates[40] == pytest.approx(2.0 * math.sqrt(10 / 40))
+    # a time scale of its own: the decay starts slowly after warm-up (EDM2's shape, transformers' formula)
+    optimizer = torch.optim.SGD([parameter], lr=2.0)
+    scheduler = make_lr_scheduler("inverse_sqrt", optimizer, warmup_steps=10, max_steps=100, timescale=1000)
+    for _ in range(1010):
+        optimizer.step()
+        scheduler.step()
+    assert scheduler.get_last_lr()[0] == pytest.approx(2.0 * math.sqrt(1000 / 2000))
 
 
 @pytest.mark.parametrize("overrides, message", [
     (["timestep_density=lognormal"], "unknown timestep_density 'lognormal'; valid: uniform, logit_normal, cosmap"),
     (["timestep_density=logit_normal", "timestep_logit_std=0"], "timestep_logit_std finite and > 0"),
     (["lr_scheduler=inverse_square_root"], "unknown lr_scheduler 'inverse_square_root'; valid: linear, cosine"),
-    (["lr_scheduler=inverse_sqrt", "lr_warmup_steps=0"], "(>= 1 for inverse_sqrt, its time scale)"),
+    (["lr_scheduler=inverse_sqrt", "lr_warmup_steps=0"], "inverse_sqrt needs a time scale"),
+    (["lr_scheduler=piecewise_constant"], "unknown lr_scheduler 'piecewise_constant'"),
+    (["lr_scheduler=constant", "lr_warmup_steps=100"], "lr_scheduler=constant has no warm-up"),
+    (["lr_scheduler=cosine", "lr_timescale=100"], "lr_timescale is inverse_sqrt's"),
 ])
 def test_bad_lever_settings_are_one_line_each(overrides, message, tmp_path):
     with pytest.raises(UserError) as error:

@@ -51,3 +51,15 @@ def test_a_bad_sampling_json_is_one_line_naming_the_file(tiny_model_dir, content
     with pytest.raises(UserError) as error:
         Pipeline(model=tiny_model_dir)
     assert message in str(error.value) and "sampling.json" in str(error.value)
+
+
+def test_saving_and_exporting_keep_the_folders_own_settings(tiny_model_dir, tmp_path):
+    from pipelines.loading import save_slim_model_folder
+
+    (tiny_model_dir / "sampling.json").write_text(json.dumps({"num_inference_steps": 3, "guidance_scale": 2.5}))
+    pipe = Pipeline(model=tiny_model_dir)
+    assert Pipeline(model=pipe.save_pretrained(tmp_path / "saved")).own_defaults() == (3, 2.5)
+    slim = save_slim_model_folder(tmp_path / "slim", pipe.vae, pipe.unet, pipe.model_scheduler, "minilm", 16,
+                                  sampling=pipe.sampling_defaults)
+    assert "sampling.json" in json.loads((slim / "checksums.json").read_text())  # it changes what the model draws
+    assert Pipeline(model=slim).own_defaults() == (3, 2.5)

@@ -30,9 +30,11 @@ def test_quick_form_trains_scores_and_resumes(emoji_dir, autoencoder_dir, tmp_pa
     metrics = json.loads((out / "metrics.json").read_text())
     for name, arm in metrics["arms"].items():
         rows = arm["rows"]
-        assert [r["minutes"] for r in rows] == [0.05, 0.1], name
+        assert [r["training_minutes"] for r in rows] == [0.05, 0.1], name
+        assert [r["minutes"] for r in rows] == [round(arm["cache_minutes"] + m, 3) for m in (0.05, 0.1)]
         assert rows[1]["step"] > rows[0]["step"] > 0 and all(r["fid"] > 0 for r in rows)
-        assert rows[1]["images"] == rows[1]["step"] * 8
+        assert rows[1]["images"] == rows[1]["step"] * (16 if name == "diffusers" else 8)
+    assert metrics["arms"]["diffusers"]["cache_minutes"] == 0 < metrics["arms"]["post-hoc-ema"]["cache_minutes"]
     diffusers_config = (out / "diffusers" / "final" / "config.yaml").read_text()
     assert "cache_latents: false" in diffusers_config and "use_ema: false" in diffusers_config
     assert json.loads((out / "post-hoc" / "post-hoc-ema-2" / "post_hoc_ema.json").read_text())["sigma_rel"] in (0.05,
