@@ -131,14 +131,35 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from pipelines import Pipeline
 
     out = _output_path(args)
+    control = _control_kwargs(args)
     pipe = Pipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle, fast=args.fast,
-                    **_model_kwargs(args))
+                    controlnet=args.controlnet, controlnet_force=args.force, **_model_kwargs(args))
     if args.fuse and pipe.adapters:
         pipe.fuse_lora()
     _raise_limits(pipe, args)
     classifier = {} if args.classifier is None else {"classifier": args.classifier, "class_label": args.class_label,
                                                      "classifier_scale": args.classifier_scale}
-    _write_images(pipe.generate(**_sampling_kwargs(args), **classifier), out)
+    _write_images(pipe.generate(**_sampling_kwargs(args), **classifier, **control), out)
+
+
+def _control_kwargs(args: argparse.Namespace) -> dict:
+    """--control images (through --control-type's detector) and --controlnet-scale as generate's arguments,
+    checked against --controlnet before any model loads."""
+    from core.images import open_image
+    from ldm.control import control_map
+
+    images, scales = args.control or [], args.controlnet_scale
+    if not args.controlnet:
+        if images or scales:
+            raise UserError("--control and --controlnet-scale need a ControlNet: add --controlnet DIR")
+        return {}
+    if len(images) != len(args.controlnet):
+        raise UserError(f"give one --control image per --controlnet ({len(args.controlnet)}), got {len(images)}")
+    maps = [open_image(path, "--control") for path in images]
+    if args.control_type != "none":
+        maps = [control_map(image, args.control_type) for image in maps]
+    scale = 1.0 if not scales else scales[0] if len(scales) == 1 else scales
+    return {"control_image": maps if len(maps) > 1 else maps[0], "controlnet_conditioning_scale": scale}
 
 
 def cmd_img2img(args: argparse.Namespace) -> None:

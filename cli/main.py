@@ -204,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--classifier", default=None, help="classifier guidance: a train_classifier.py output")
     generate.add_argument("--class-label", default=None, help="the class to guide toward (e.g. 'Animals & Nature')")
     generate.add_argument("--classifier-scale", type=float, default=1.0, help="classifier guidance scale (default 1)")
+    generate.add_argument("--controlnet", action="append", default=None, metavar="DIR",
+                          help="a ControlNet folder trained on --model (repeat for several; docs/control.md)")
+    generate.add_argument("--control", action="append", default=None, metavar="IMAGE",
+                          help="its control image, one per --controlnet: a photo, turned into the map by "
+                               "--control-type, or a ready map (--control-type none)")
+    generate.add_argument("--control-type", choices=("canny", "colour", "none"), default="canny",
+                          help="the detector applied to --control images (default canny; none: they are maps)")
+    generate.add_argument("--controlnet-scale", type=float, action="append", default=None,
+                          help="conditioning scale, one per --controlnet or one for all (default 1)")
     generate.set_defaults(func=commands.cmd_generate)
 
     img2img = subcommands.add_parser("img2img", help="redraw an image under a prompt (SDEdit)")
@@ -287,7 +296,7 @@ def _add_sampling_args(parser: argparse.ArgumentParser, model_help: str) -> None
     parser.add_argument("--lora-scale", action="append", type=float, default=None, metavar="S",
                         help="the adapter's scale (default 1); one for all, or one per --lora in order")
     parser.add_argument("--force", action="store_true",
-                        help="apply adapters recorded as trained on another base model")
+                        help="apply adapters (and ControlNets) recorded as trained on another base model")
     parser.add_argument("--fuse", action="store_true", help="merge the adapters into the U-Net before sampling")
     parser.add_argument("--max-images", type=int, default=None,
                         help="raise the limit on images per call (default: Pipeline's, 64)")
