@@ -115,7 +115,21 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(negative_prompt=args.negative_prompt, num_images=args.num_images,
                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                 height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
-                guidance_interval=args.guidance_interval, step_schedule=args.step_schedule)
+                guidance_interval=_interval(args.guidance_interval), step_schedule=args.step_schedule)
+
+
+def _interval(values: list[str] | None):
+    """--guidance-interval: not given = the model's own; `none` = every step; LO HI = that interval."""
+    if values is None:
+        return "model"
+    if [v.lower() for v in values] == ["none"]:
+        return None
+    try:
+        low, high = (float(v) for v in values)
+    except ValueError:
+        raise UserError(f"--guidance-interval takes LO HI (noise levels, e.g. 0.28 5.42) or none, got "
+                        f"{' '.join(values)}") from None
+    return low, high
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict:

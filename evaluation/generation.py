@@ -140,8 +140,10 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
     prompts_set, reference, _ = training_real_sets(train, num_images, seed, size, network, cache, notes)
     num_images = len(prompts_set.captions)
 
+    own_interval = pipe.check_guidance("model")  # the model's own (sampling.json), used by every row but --settings
     settings = {"model": module_digest(pipe.unet), "scheduler": scheduler, "num_inference_steps": num_inference_steps,
-                "guidance_scale": guidance_scale, "heldout_split": heldout_split, "sweep_images": sweep_images}
+                "guidance_scale": guidance_scale, "heldout_split": heldout_split, "sweep_images": sweep_images,
+                "guidance_interval": None if own_interval is None else list(own_interval)}
     metrics: dict = {"data": str(data), "num_images": num_images, "resolution": size, "notes": notes, "seed": seed,
                      "settings": settings, "model_name": pipe.model_name}
     earlier = _earlier_results(out / "metrics.json", metrics)

@@ -41,7 +41,7 @@ class Img2ImgPipeline(Pipeline):
                  generator: torch.Generator | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
                  output_type: str = "pil", progress: bool = True, *, image=None, strength: float = IMG2IMG_STRENGTH,
-                 guidance_interval: tuple[float, float] | None = None, step_schedule: str | None = None):
+                 guidance_interval: tuple[float, float] | str | None = "model", step_schedule: str | None = None):
         """Redraw `image` under `prompt`; `Pipeline.generate`'s arguments in its order, then `image` and `strength`
         (in (0, 1]: the share of the `num_inference_steps` steps run, from the image noised to the first of them)
         by keyword. The image is resized to `height` x `width` (default: its own size). `latents`: the noise added

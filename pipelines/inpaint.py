@@ -77,7 +77,8 @@ class InpaintPipeline(Img2ImgPipeline):
                  output_type: str = "pil", progress: bool = True, *, image=None, mask_image=None, mask=None,
                  strength: float = 1.0, masked_image_latents: torch.Tensor | None = None, method: str | None = None,
                  repaint_jump_length: int = 10, repaint_jump_n_sample: int = 10, latent_mask: str = "nearest",
-                 paste_back: bool = True, feather: float = 0.0, guidance_interval: tuple[float, float] | None = None,
+                 paste_back: bool = True, feather: float = 0.0,
+                 guidance_interval: tuple[float, float] | str | None = "model",
                  step_schedule: str | None = None):
         """Fill the mask of `image` from `prompt`; `Pipeline.generate`'s arguments in its order, then the
         inpainting ones by keyword. `strength` < 1 starts from the noised image instead of noise; `method`: None

@@ -132,12 +132,12 @@ def verify_checksums(path: Path) -> None:
 
 
 SAMPLING_DEFAULTS = "sampling.json"  # a model folder's own sampling settings (optional)
-SAMPLING_KEYS = ("num_inference_steps", "guidance_scale")
+SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "guidance_interval")
 
 
 def read_sampling_defaults(path: Path) -> dict:
-    """The sampling settings a model folder ships as its own (`sampling.json`: num_inference_steps and
-    guidance_scale), {} without the file. They replace the library
+    """The sampling settings a model folder ships as its own (`sampling.json`: num_inference_steps,
+    guidance_scale, guidance_interval [sigma_lo, sigma_hi] or null), {} without the file. They replace the library
     defaults (pipelines/defaults.py) for this model; the pipeline checks the values as it checks arguments."""
     file = path / SAMPLING_DEFAULTS
     if not file.is_file():
@@ -152,14 +152,19 @@ def read_sampling_defaults(path: Path) -> dict:
     scale = values.get("guidance_scale")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0):
         raise UserError(f"{file}: guidance_scale must be a number >= 0, got {scale!r}")
-    return values
+    interval = values.get("guidance_interval")
+    if interval is not None and (not isinstance(interval, list) or len(interval) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)):
+        raise UserError(f"{file}: guidance_interval must be [sigma_lo, sigma_hi] or null, got {interval!r}")
+    return {k: tuple(v) if k == "guidance_interval" and v is not None else v for k, v in values.items()}
 
 
 def write_sampling_defaults(folder: Path, sampling: dict | None) -> None:
     """sampling.json in `folder` when the model has its own sampling settings (the inverse of
     `read_sampling_defaults`)."""
     if sampling:
-        (folder / SAMPLING_DEFAULTS).write_text(json.dumps(sampling, indent=2) + "\n")
+        written = {k: list(v) if isinstance(v, tuple) else v for k, v in sampling.items()}
+        (folder / SAMPLING_DEFAULTS).write_text(json.dumps(written, indent=2) + "\n")
 
 
 def read_text_encoder_reference(path: Path) -> dict | None:

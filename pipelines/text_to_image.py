@@ -338,7 +338,7 @@ class Pipeline:
                  generator: torch.Generator | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
                  output_type: str = "pil", progress: bool = True, classifier=None, class_label: str | None = None,
-                 classifier_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None,
+                 classifier_scale: float = 1.0, guidance_interval: tuple[float, float] | str | None = "model",
                  step_schedule: str | None = None, control_image=None,
                  controlnet_conditioning_scale: float | list[float] = 1.0):
         """Sample images for `prompt` ("" = unconditional). Returns PIL images, an array, a tensor or latents.
@@ -350,7 +350,8 @@ class Pipeline:
         `classifier` (a folder from train_classifier.py, or the model), `class_label`, `classifier_scale`: classifier
         guidance, alone (prompt "") or on top of classifier-free guidance.
         `guidance_interval` (sigma_lo, sigma_hi]: classifier-free guidance only at steps whose noise level sigma lies
-        in it, one U-Net call at the others (Kynkaanniemi et al. 2024); None = every step.
+        in it, one U-Net call at the others (Kynkaanniemi et al. 2024); None = every step; "model" (the default) =
+        the model folder's own (its sampling.json), every step if it has none.
         `step_schedule`: where the sampler's steps fall, "karras" (Karras sigmas) or "ays" (Align Your Steps);
         None = the sampler's own spacing.
         `control_image` (one per loaded ControlNet: PIL, numpy or torch, e.g. `ldm.control.control_map(image,
@@ -465,10 +466,16 @@ class Pipeline:
             raise UserError(f"latents have shape {tuple(latents.shape)}; expected {shape} for these settings")
         return latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
 
-    def check_guidance(self, interval) -> tuple[float, float] | None:
+    def check_guidance(self, interval="model") -> tuple[float, float] | None:
         """The guidance options as they stand now: a guidance interval in this model's noise levels
-        (pipelines/arguments.py), none for a w-conditioned student (no unconditional branch to leave out); a loaded
-        guide while an LCM-LoRA is active refused (a student cannot be autoguided)."""
+        (pipelines/arguments.py; "model" = the folder's own, none for a consistency student), none for a
+        w-conditioned student (no unconditional branch to leave out); a loaded guide while an LCM-LoRA is active
+        refused (a student cannot be autoguided)."""
+        if isinstance(interval, str):
+            if interval != "model":
+                raise UserError(f"guidance_interval must be a pair (sigma_lo, sigma_hi), None (every step) or "
+                                f"'model' (the model's own), got {interval!r}")
+            interval = None if self.is_consistency_student else self.sampling_defaults.get("guidance_interval")
         if self.guide_unet is not None and self.is_consistency_student:
             raise UserError(f"an LCM-LoRA is active, and a consistency student cannot be autoguided (guide "
                             f"{self.guide_name}); activate_lora({{}}) or another adapter first")

@@ -195,7 +195,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                 with gr.Column():
                     prompt = gr.Textbox(label="Prompt", value="a cat", elem_id="prompt")
                     negative = gr.Textbox(label="Negative prompt", elem_id="negative")
-                    sampling = _sampling_controls(gr, default_size, "gen", pipe.own_defaults())
+                    sampling = _sampling_controls(gr, default_size, "gen", pipe)
                     num_images = gr.Number(label="Number of images", value=4, precision=0, elem_id="gen-num")
                     fast = gr.Checkbox(False, label=f"Fast: the distilled student ({names['fast']}), lcm sampler, "
                                                     f"{FAST_NUM_INFERENCE_STEPS} steps", visible=fast_pipe is not None,
@@ -227,7 +227,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                                       sources=["upload", "clipboard"], elem_id="i2i-image")
                     i2i_prompt = gr.Textbox(label="Prompt", value="a cat", elem_id="i2i-prompt")
                     i2i_negative = gr.Textbox(label="Negative prompt", elem_id="i2i-negative")
-                    i2i_sampling = _sampling_controls(gr, default_size, "i2i", pipe.own_defaults())
+                    i2i_sampling = _sampling_controls(gr, default_size, "i2i", pipe)
                     i2i_strength = gr.Slider(0.05, 1.0, value=0.8, step=0.05, elem_id="i2i-strength",
                                              label="Strength (how far the image is noised: low keeps it)")
                     i2i_button = gr.Button("Redraw", variant="primary", elem_id="img2img")
@@ -251,7 +251,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                                                type="filepath", sources=["upload"], elem_id="mask-upload")
                     in_prompt = gr.Textbox(label="Prompt", value="a cat", elem_id="in-prompt")
                     in_negative = gr.Textbox(label="Negative prompt", elem_id="in-negative")
-                    in_sampling = _sampling_controls(gr, default_size, "in", inpaint_pipe.own_defaults())
+                    in_sampling = _sampling_controls(gr, default_size, "in", inpaint_pipe)
                     strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength (1 = from noise)")
                     method = gr.Dropdown(list(INPAINT_METHODS), value="auto", label="Method (auto: the U-Net of an "
                                          "inpainting model, latent blending otherwise)")
@@ -295,8 +295,11 @@ class SamplingControls(NamedTuple):
     step_schedule: object
 
 
-def _sampling_controls(gr, default_size: int, prefix: str, defaults: tuple[int, float]) -> SamplingControls:
-    """The shared settings' components, laid out in two rows; `defaults`: the model's own (steps, guidance)."""
+def _sampling_controls(gr, default_size: int, prefix: str, pipe) -> SamplingControls:
+    """The shared settings' components, laid out in rows, starting from `pipe`'s model's own steps, guidance and
+    guidance interval (its sampling.json)."""
+    defaults = pipe.own_defaults()
+    own_interval = pipe.sampling_defaults.get("guidance_interval")
     with gr.Row():
         sampler = gr.Dropdown([MODEL_SCHEDULER, *SCHEDULER_NAMES], value=MODEL_SCHEDULER, label="Sampler")
         steps = gr.Number(label=f"Steps (≤ {MAX_STEPS})", value=defaults[0], precision=0,
@@ -307,7 +310,8 @@ def _sampling_controls(gr, default_size: int, prefix: str, defaults: tuple[int, 
         random_seed = gr.Checkbox(False, label="Random seed")
         size = gr.Number(label=f"Size (px, ≤ {MAX_SIDE})", value=default_size, precision=0, elem_id=f"{prefix}-size")
     with gr.Row():
-        interval = gr.Textbox("", label="Guidance interval (noise levels LO-HI, e.g. 0.28-5.42; blank = every step)",
+        interval = gr.Textbox("" if own_interval is None else "-".join(f"{v:g}" for v in own_interval),
+                              label="Guidance interval (noise levels LO-HI, e.g. 0.28-5.42; blank = every step)",
                               elem_id=f"{prefix}-interval")
         step_schedule = gr.Dropdown([SAMPLER_SPACING, *STEP_SCHEDULES], value=SAMPLER_SPACING, label="Step schedule",
                                     elem_id=f"{prefix}-step-schedule")
