@@ -110,6 +110,9 @@ def test_bad_post_hoc_settings_are_one_line_each(post_hoc_run, tmp_path):
     result = run(LDM + ["ema", str(post_hoc_run), "--sigma-rel", "0.29", "--out", str(tmp_path / "x")], check=False)
     assert result.returncode != 0 and "relative EMA length 0.29 is outside (0, 0.2887)" in result.stderr
     assert not (tmp_path / "x").exists()
+    with pytest.raises(UserError, match=r"length 0.01 is outside what the snapshots of lengths \[0.05, 0.2\] "
+                                        r"reconstruct well, \[0.02, 0.2877\]"):
+        synthesize(torch.nn.Linear(1, 1), post_hoc_run / "post-hoc-ema", 0.01)
     result = run(LDM + ["ema", str(tmp_path), "--sigma-rel", "0.1", "--out", str(tmp_path / "y")], check=False)
     assert result.returncode != 0 and "has no final/config.yaml" in result.stderr
 
