@@ -72,9 +72,11 @@ def alignment(generated: np.ndarray, gallery: RealImages, top: int = 5) -> dict[
 
 def evaluate_setting(pipe, network, prompts_from: RealImages, scheduler: str, steps: int, guidance: float,
                      seed: int, batch_size: int) -> tuple[dict, torch.Tensor]:
-    """FID against the real images whose captions were the prompts, alignment, and time, for one setting."""
-    images, seconds = generate_images(pipe, prompts_from.captions, scheduler, steps, guidance, seed, batch_size,
-                                      f"{scheduler} {steps} steps, guidance {guidance:g}")
+    """FID against the real images whose captions were the prompts, alignment, and time, for one setting, with
+    classifier-free guidance: a loaded --guide-model is for the ':guide' sweep settings alone."""
+    with guide_switched(pipe, False):
+        images, seconds = generate_images(pipe, prompts_from.captions, scheduler, steps, guidance, seed, batch_size,
+                                          f"{scheduler} {steps} steps, guidance {guidance:g}")
     features = features_with_progress(network, images, "Inception, samples")
     result = {"scheduler": scheduler, "steps": steps, "guidance_scale": guidance, "images": len(images),
               "fid": frechet_distance(features, prompts_from.features), "seconds_per_image": seconds,

@@ -91,6 +91,11 @@ def test_a_settings_sweep_counts_calls_and_draws_the_pareto_front(tiny_model_dir
     assert rows["ddim:4:3:guide"]["fid"] != pytest.approx(rows["ddim:4:3"]["fid"], rel=1e-3)
     assert [r["setting"] for r in metrics["sampling_settings_heldout"]["rows"]] == list(rows)
     assert (tmp_path / "out" / "settings.png").is_file() and "(front)" in format_tables(metrics)
+    # the main row is classifier-free guided although a guide is loaded: the guide is for ':guide' settings alone
+    plain = evaluate_generation(Pipeline(model=tiny_model_dir), str(emoji_dir), tmp_path / "plain", num_images=6,
+                                sweep_images=6, num_inference_steps=1, samplers=(), guidance_scales=(), batch_size=6,
+                                heldout_split=None)
+    assert metrics["train"]["fid"] == pytest.approx(plain["train"]["fid"], rel=1e-9)
     front = pareto_front(list(rows.values()))
     assert front and all(not (o["fid"] < f["fid"] and o["seconds_per_image"] < f["seconds_per_image"])
                          for f in front for o in rows.values())
