@@ -115,7 +115,9 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(negative_prompt=args.negative_prompt, num_images=args.num_images,
                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                 height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
-                guidance_interval=_interval(args.guidance_interval), step_schedule=args.step_schedule)
+                guidance_interval=_interval(args.guidance_interval),
+                step_schedule="model" if args.step_schedule is None else None if args.step_schedule == "none"
+                else args.step_schedule)
 
 
 def _interval(values: list[str] | None):

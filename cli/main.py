@@ -282,9 +282,10 @@ def _add_sampling_args(parser: argparse.ArgumentParser, model_help: str) -> None
                              "call at the others: LO HI, or none for every step (default: the model's own, from its "
                              "sampling.json, else every step; docs/generating.md)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--step-schedule", dest="step_schedule", choices=D.STEP_SCHEDULES, default=None,
-                        help="where the sampler's steps fall: karras (Karras sigmas) or ays (Align Your Steps); "
-                             "default: the sampler's own spacing")
+    parser.add_argument("--step-schedule", dest="step_schedule", choices=(*D.STEP_SCHEDULES, "none"), default=None,
+                        help="where the sampler's steps fall: karras (Karras sigmas), ays (Align Your Steps) or none "
+                             "(the sampler's own spacing); default: the model's own with its own sampler "
+                             "(sampling.json), else the sampler's spacing")
     parser.add_argument("--scheduler", default=None,
                         help=f"one of {', '.join(D.SCHEDULER_NAMES)} (default: the model's own, "
                              f"{D.DEFAULT_SCHEDULER} for models trained here)")

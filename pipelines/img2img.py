@@ -41,7 +41,8 @@ class Img2ImgPipeline(Pipeline):
                  generator: torch.Generator | None = None, seed: int | None = None,
                  latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
                  output_type: str = "pil", progress: bool = True, *, image=None, strength: float = IMG2IMG_STRENGTH,
-                 guidance_interval: tuple[float, float] | str | None = "model", step_schedule: str | None = None):
+                 guidance_interval: tuple[float, float] | str | None = "model",
+                 step_schedule: str | None = "model"):
         """Redraw `image` under `prompt`; `Pipeline.generate`'s arguments in its order, then `image` and `strength`
         (in (0, 1]: the share of the `num_inference_steps` steps run, from the image noised to the first of them)
         by keyword. The image is resized to `height` x `width` (default: its own size). `latents`: the noise added
@@ -105,7 +106,7 @@ class Img2ImgPipeline(Pipeline):
         return pixels.to(self.device)
 
     def prepare_strength_scheduler(self, scheduler: str | SchedulerMixin | None, num_inference_steps: int,
-                                   strength: float, step_schedule: str | None = None
+                                   strength: float, step_schedule: str | None = "model"
                                    ) -> tuple[SchedulerMixin, torch.Tensor]:
         """The sampler and the last `strength` fraction of its timesteps (diffusers' img2img rule)."""
         sampler = self.prepare_scheduler(scheduler, num_inference_steps, step_schedule)

@@ -79,7 +79,7 @@ class InpaintPipeline(Img2ImgPipeline):
                  repaint_jump_length: int = 10, repaint_jump_n_sample: int = 10, latent_mask: str = "nearest",
                  paste_back: bool = True, feather: float = 0.0,
                  guidance_interval: tuple[float, float] | str | None = "model",
-                 step_schedule: str | None = None):
+                 step_schedule: str | None = "model"):
         """Fill the mask of `image` from `prompt`; `Pipeline.generate`'s arguments in its order, then the
         inpainting ones by keyword. `strength` < 1 starts from the noised image instead of noise; `method`: None
         (= `unet` for an inpainting U-Net, `blend` otherwise); `latent_mask`: how `blend` and `repaint` take the

@@ -16,6 +16,7 @@ import torch
 
 from core.errors import MissingFileError, UserError
 from core.files import atomic_folder
+from pipelines.defaults import STEP_SCHEDULES
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
 DEFAULT_INPAINT_MODEL_DIR = Path(__file__).parent / "default_inpaint_model"  # fine-tuned from the one above
@@ -132,12 +133,13 @@ def verify_checksums(path: Path) -> None:
 
 
 SAMPLING_DEFAULTS = "sampling.json"  # a model folder's own sampling settings (optional)
-SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "guidance_interval")
+SAMPLING_KEYS = ("num_inference_steps", "guidance_scale", "guidance_interval", "step_schedule")
 
 
 def read_sampling_defaults(path: Path) -> dict:
     """The sampling settings a model folder ships as its own (`sampling.json`: num_inference_steps,
-    guidance_scale, guidance_interval [sigma_lo, sigma_hi] or null), {} without the file. They replace the library
+    guidance_scale, guidance_interval [sigma_lo, sigma_hi] or null, step_schedule "karras" / "ays" / null: where its
+    own scheduler's steps fall), {} without the file. They replace the library
     defaults (pipelines/defaults.py) for this model; the pipeline checks the values as it checks arguments."""
     file = path / SAMPLING_DEFAULTS
     if not file.is_file():
@@ -156,6 +158,9 @@ def read_sampling_defaults(path: Path) -> dict:
     if interval is not None and (not isinstance(interval, list) or len(interval) != 2 or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in interval)):
         raise UserError(f"{file}: guidance_interval must be [sigma_lo, sigma_hi] or null, got {interval!r}")
+    if values.get("step_schedule") not in (None, *STEP_SCHEDULES):
+        raise UserError(f"{file}: step_schedule must be one of {', '.join(STEP_SCHEDULES)} or null, got "
+                        f"{values['step_schedule']!r}")
     return {k: tuple(v) if k == "guidance_interval" and v is not None else v for k, v in values.items()}
 
 

@@ -339,7 +339,7 @@ class Pipeline:
                  latents: torch.Tensor | None = None, scheduler: str | SchedulerMixin | None = None,
                  output_type: str = "pil", progress: bool = True, classifier=None, class_label: str | None = None,
                  classifier_scale: float = 1.0, guidance_interval: tuple[float, float] | str | None = "model",
-                 step_schedule: str | None = None, control_image=None,
+                 step_schedule: str | None = "model", control_image=None,
                  controlnet_conditioning_scale: float | list[float] = 1.0):
         """Sample images for `prompt` ("" = unconditional). Returns PIL images, an array, a tensor or latents.
 
@@ -353,7 +353,8 @@ class Pipeline:
         in it, one U-Net call at the others (Kynkaanniemi et al. 2024); None = every step; "model" (the default) =
         the model folder's own (its sampling.json), every step if it has none.
         `step_schedule`: where the sampler's steps fall, "karras" (Karras sigmas) or "ays" (Align Your Steps);
-        None = the sampler's own spacing.
+        None = the sampler's own spacing; "model" (the default) = the model folder's own with its own scheduler
+        (sampling.json), the sampler's spacing otherwise.
         `control_image` (one per loaded ControlNet: PIL, numpy or torch, e.g. `ldm.control.control_map(image,
         "canny")`) and `controlnet_conditioning_scale` (one number, or one per ControlNet): ControlNet guidance.
         """
@@ -426,9 +427,12 @@ class Pipeline:
         return cond, self.text_embeddings(negative).repeat_interleave(num_images, dim=0).to(self.unet.dtype)
 
     def prepare_scheduler(self, scheduler: str | SchedulerMixin | None, num_inference_steps: int,
-                          step_schedule: str | None = None) -> SchedulerMixin:
-        """A fresh sampler (schedulers keep state) with its timesteps set, placed by `step_schedule`; lcm for
-        consistency students only."""
+                          step_schedule: str | None = "model") -> SchedulerMixin:
+        """A fresh sampler (schedulers keep state) with its timesteps set, placed by `step_schedule` ("model": the
+        folder's own, when sampling with its own scheduler); lcm for consistency students only."""
+        if step_schedule == "model":
+            own = scheduler is None and not self.is_consistency_student
+            step_schedule = self.sampling_defaults.get("step_schedule") if own else None
         sampler = with_step_schedule(make_scheduler(scheduler, self.scheduler), step_schedule)
         self.check_sampler(sampler, num_inference_steps)
         if step_schedule == "ays":

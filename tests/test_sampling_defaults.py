@@ -71,11 +71,22 @@ def test_the_folders_guidance_interval_is_the_default_and_none_means_every_step(
     assert Pipeline(model=pipe.save_pretrained(tmp_path / "saved")).sampling_defaults["guidance_interval"] == (0, 2)
 
 
+def test_the_folders_step_schedule_applies_to_its_own_scheduler_only(tiny_model_dir):
+    (tiny_model_dir / "sampling.json").write_text(json.dumps({"step_schedule": "karras"}))
+    pipe = Pipeline(model=tiny_model_dir)
+    own = pipe.prepare_scheduler(None, 5)
+    assert own.config.use_karras_sigmas  # the model's own sampler, placed by its own schedule
+    assert not pipe.prepare_scheduler(None, 5, step_schedule=None).config.use_karras_sigmas  # None: sampler's own
+    assert not pipe.prepare_scheduler("euler", 5).config.use_karras_sigmas  # another sampler: its own spacing
+    assert pipe.prepare_scheduler("euler", 5, step_schedule="karras").config.use_karras_sigmas
+
+
 @pytest.mark.parametrize("content, message", [
     ({"steps": 3}, "unknown keys ['steps']"),
     ({"num_inference_steps": 0}, "num_inference_steps must be a whole number >= 1"),
     ({"guidance_scale": -1}, "guidance_scale must be a number >= 0"),
     ({"guidance_interval": [0.3]}, "guidance_interval must be [sigma_lo, sigma_hi] or null"),
+    ({"step_schedule": "cosine"}, "step_schedule must be one of karras, ays or null"),
 ])
 def test_a_bad_sampling_json_is_one_line_naming_the_file(tiny_model_dir, content, message):
     (tiny_model_dir / "sampling.json").write_text(json.dumps(content))

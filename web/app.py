@@ -300,6 +300,7 @@ def _sampling_controls(gr, default_size: int, prefix: str, pipe) -> SamplingCont
     guidance interval (its sampling.json)."""
     defaults = pipe.own_defaults()
     own_interval = pipe.sampling_defaults.get("guidance_interval")
+    own_schedule = pipe.sampling_defaults.get("step_schedule") or SAMPLER_SPACING
     with gr.Row():
         sampler = gr.Dropdown([MODEL_SCHEDULER, *SCHEDULER_NAMES], value=MODEL_SCHEDULER, label="Sampler")
         steps = gr.Number(label=f"Steps (≤ {MAX_STEPS})", value=defaults[0], precision=0,
@@ -313,7 +314,7 @@ def _sampling_controls(gr, default_size: int, prefix: str, pipe) -> SamplingCont
         interval = gr.Textbox("" if own_interval is None else "-".join(f"{v:g}" for v in own_interval),
                               label="Guidance interval (noise levels LO-HI, e.g. 0.28-5.42; blank = every step)",
                               elem_id=f"{prefix}-interval")
-        step_schedule = gr.Dropdown([SAMPLER_SPACING, *STEP_SCHEDULES], value=SAMPLER_SPACING, label="Step schedule",
+        step_schedule = gr.Dropdown([SAMPLER_SPACING, *STEP_SCHEDULES], value=own_schedule, label="Step schedule",
                                     elem_id=f"{prefix}-step-schedule")
     return SamplingControls(sampler, steps, guidance, seed, random_seed, size, interval, step_schedule)
 
