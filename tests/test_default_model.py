@@ -49,15 +49,38 @@ def test_default_is_the_shipped_recipe(default_pipe):
     assert Pipeline.from_pretrained().unet.config == default_pipe.unet.config
 
 
+def test_the_default_samples_with_its_own_measured_settings(default_pipe):
+    """sampling.json (2026-12-06, docs/evaluation.md): 10 DPM-Solver++ steps placed by Align Your Steps, guidance
+    4 (half the U-Net calls of 20 evenly spaced steps, a third of the earlier default's 30); checksummed like the
+    weights."""
+    from pipelines.schedulers import ays_timesteps
+
+    assert default_pipe.sampling_defaults == {"num_inference_steps": 10, "guidance_scale": 4.0,
+                                              "step_schedule": "ays"}
+    sampler = default_pipe.prepare_scheduler(None, 10)
+    assert sampler.timesteps.tolist() == list(ays_timesteps(10))
+    assert "sampling.json" in json.loads((DEFAULT_MODEL_DIR / "checksums.json").read_text())
+    calls = []
+    real = default_pipe.denoiser
+    default_pipe.denoiser = lambda x, t, context: calls.append(x.shape[0]) or real(x, t, context)
+    try:
+        default_pipe.generate(seed=0, progress=False)
+    finally:
+        default_pipe.denoiser = real
+    assert calls == [2] * 10  # ten steps, both guidance branches in one call each
+
+
 def test_save_pretrained_of_the_default_loads_in_diffusers(default_pipe, tmp_path):
     folder = default_pipe.save_pretrained(tmp_path / "sd")
     theirs = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     theirs.set_progress_bar_config(disable=True)
     assert type(theirs.scheduler).__name__ == "DPMSolverMultistepScheduler"  # the default sampler on both sides
-    expected = theirs("a cat", num_inference_steps=4, guidance_scale=5.0, output_type="np",
+    # the default's own settings on both sides: diffusers takes Align Your Steps as `timesteps=`
+    from pipelines.schedulers import ays_timesteps
+
+    expected = theirs("a cat", timesteps=list(ays_timesteps(10)), guidance_scale=4.0, output_type="np",
                       generator=torch.Generator().manual_seed(3)).images
-    got = default_pipe.generate(num_inference_steps=4, guidance_scale=5.0, guidance_interval=None, seed=3,
-                                output_type="numpy", progress=False)
+    got = default_pipe.generate(seed=3, output_type="numpy", progress=False)
     np.testing.assert_allclose(got, expected, atol=1 / 255)
 
 
