@@ -11,7 +11,7 @@ from cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
-COMMAND = re.compile(r"(?<![\w/.-])ldm ([a-z][a-z-]*)(?: ([a-z][a-z-]*))?")
+COMMAND = re.compile(r"(?<![\w/.-])ldm ([a-z][a-z0-9-]*)(?: ([a-z][a-z0-9-]*))?")
 
 
 def pages(root: Path) -> list[Path]:
