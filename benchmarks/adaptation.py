@@ -78,8 +78,10 @@ def samples(pipe, prompts: list[str], seed: int, steps: int, guidance: float, ba
     """Images in [-1, 1]; batch b seeded seed + b x batch, the same for every model compared."""
     out = []
     for start in range(0, len(prompts), batch):
+        # the protocol's sampler as documented (even steps, every step guided), not a model folder's own settings
         out.append(pipe.generate(prompts[start:start + batch], num_inference_steps=steps, guidance_scale=guidance,
-                                 seed=seed + start, output_type="torch", progress=False) * 2 - 1)
+                                 seed=seed + start, output_type="torch", progress=False, step_schedule=None,
+                                 guidance_interval=None) * 2 - 1)
     return torch.cat(out)
 
 
