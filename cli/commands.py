@@ -115,23 +115,16 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(negative_prompt=args.negative_prompt, num_images=args.num_images,
                 num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                 height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
-                guidance_interval=_interval(args.guidance_interval),
+                guidance_interval=_interval(args.guidance_interval, args.guide_every_step),
                 step_schedule="model" if args.step_schedule is None else None if args.step_schedule == "none"
                 else args.step_schedule)
 
 
-def _interval(values: list[str] | None):
-    """--guidance-interval: not given = the model's own; `none` = every step; LO HI = that interval."""
-    if values is None:
-        return "model"
-    if [v.lower() for v in values] == ["none"]:
-        return None
-    try:
-        low, high = (float(v) for v in values)
-    except ValueError:
-        raise UserError(f"--guidance-interval takes LO HI (noise levels, e.g. 0.28 5.42) or none, got "
-                        f"{' '.join(values)}") from None
-    return low, high
+def _interval(values: list[float] | None, every_step: bool):
+    """--guidance-interval LO HI, --guide-every-step (None: every step), or neither: the model's own."""
+    if values is not None and every_step:
+        raise UserError("--guidance-interval and --guide-every-step contradict each other: pass one")
+    return None if every_step else "model" if values is None else tuple(values)
 
 
 def _model_kwargs(args: argparse.Namespace) -> dict:

@@ -276,11 +276,13 @@ def _add_sampling_args(parser: argparse.ArgumentParser, model_help: str) -> None
     parser.add_argument("--guide-model", dest="guide_model", default=None, metavar="DIR",
                         help="autoguidance: guide with this smaller model of the same task instead of the "
                              "unconditional branch (configs/ldm/emoji-64-guide.yaml; docs/generating.md)")
-    parser.add_argument("--guidance-interval", dest="guidance_interval", nargs="+", default=None,
-                        metavar="SIGMA",
+    parser.add_argument("--guidance-interval", dest="guidance_interval", type=float, nargs=2, default=None,
+                        metavar=("SIGMA_LO", "SIGMA_HI"),
                         help="classifier-free guidance only at steps with noise level sigma in (LO, HI], one U-Net "
-                             "call at the others: LO HI, or none for every step (default: the model's own, from its "
-                             "sampling.json, else every step; docs/generating.md)")
+                             "call at the others (default: the model's own, from its sampling.json, else every step; "
+                             "docs/generating.md)")
+    parser.add_argument("--guide-every-step", action="store_true",
+                        help="classifier-free guidance at every step, whatever interval the model's own settings name")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step-schedule", dest="step_schedule", choices=(*D.STEP_SCHEDULES, "none"), default=None,
                         help="where the sampler's steps fall: karras (Karras sigmas), ays (Align Your Steps) or none "

@@ -27,7 +27,8 @@ def main() -> None:
         captions.append(data[row]["caption"][:18])
         for strength in STRENGTHS:
             cells += pipe.generate(prompt, image=image, strength=strength, num_inference_steps=STEPS,
-                                   guidance_scale=GUIDANCE, seed=0, progress=False)
+                                   guidance_scale=GUIDANCE, seed=0, progress=False, step_schedule=None,
+                                   guidance_interval=None)
             captions.append(f"'{prompt}' {strength:g}")
     captioned_grid(cells, captions, columns=1 + len(STRENGTHS)).save(Path(__file__).parent / "img2img-example.png")
 

@@ -33,7 +33,8 @@ def main() -> None:
         mask_image = Image.fromarray((mask.numpy() * 255).astype(np.uint8))
         shown = grey_hole_image(image, mask_image)
         outputs = [pipe.generate(caption, image=shown, mask_image=mask_image, method=method,
-                                 num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=0, progress=False)[0]
+                                 num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=0, progress=False,
+                                 step_schedule=None, guidance_interval=None)[0]
                    for pipe, method in ((tuned, None), (t2i, "blend"), (t2i, "repaint"))]
         cells += [image, shown, *outputs]
         captions += [caption[:18], f"{kind} mask", "fine-tuned", "latent blend", "RePaint"]

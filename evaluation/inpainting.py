@@ -119,7 +119,8 @@ def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, sp
                 return pipe.generate(captions[i], image=given[i:i + 1], mask_image=masks[i:i + 1], method=base,
                                      latent_mask=latent_mask, num_inference_steps=num_inference_steps,
                                      guidance_scale=guidance_scale, seed=seed + i, paste_back=False,
-                                     output_type="torch", progress=False).cpu()
+                                     output_type="torch", progress=False, step_schedule=None,
+                                     guidance_interval=None).cpu()
 
             if (name, kind) in done:  # finished by an earlier run: its row, and its first fill redrawn for the grid
                 metrics["rows"].append(done[name, kind])

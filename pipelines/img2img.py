@@ -27,12 +27,13 @@ class Img2ImgPipeline(Pipeline):
     numpy or torch (as diffusers takes it). No `model` = the embedded default."""
 
     def __init__(self, prompt: str | list[str] | None = None, model=None, *, image=None, **components) -> None:
-        super().__init__(prompt, model, **components)
-        if self.controlnets:
-            raise UserError("ControlNets steer text-to-image sampling here (Pipeline(controlnet=...)); image-to-image "
-                            "and inpainting with a ControlNet are not supported")
+        super().__init__(prompt, model, **components)  # a controlnet= is refused by load_controlnet below
         self.image = image
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def load_controlnet(self, folder, force: bool = False) -> None:
+        raise UserError("ControlNets steer text-to-image sampling here (Pipeline(controlnet=...)); image-to-image "
+                        "and inpainting with a ControlNet are not supported")
 
     @torch.inference_mode()
     def generate(self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,

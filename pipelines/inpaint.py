@@ -50,6 +50,8 @@ class InpaintPipeline(Img2ImgPipeline):
     def __init__(self, prompt: str | list[str] | None = None, model=None, *, image=None, mask_image=None, mask=None,
                  **components) -> None:
         super().__init__(prompt, model, image=image, **components)
+        if not self.is_inpainting_unet:  # a text-to-image model's own settings were measured for text-to-image, not
+            self.sampling_defaults = {}  # for latent blending or RePaint: those use the library's defaults
         self.mask_image = _one_mask(mask_image, mask)
         self.mask_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor, do_normalize=False,
                                                 do_binarize=True, do_convert_grayscale=True)

@@ -106,6 +106,9 @@ def ays_timesteps(num_inference_steps: int) -> list[int]:
     """Align Your Steps' timesteps for `num_inference_steps` steps: the stored 10, or their interpolation linear in
     log t (the paper's `loglinear_interp` works on sigmas; on timesteps it keeps both ends), descending, distinct."""
     stored = np.array(AysSchedules["StableDiffusionTimesteps"], dtype=np.float64)
+    if num_inference_steps < 2:
+        raise UserError("step_schedule=ays needs at least 2 steps (one step would start at its last, low-noise "
+                        "timestep); pass step_schedule=None (--step-schedule none) for 1 step")
     if num_inference_steps == len(stored):
         return [int(t) for t in stored]
     xs = np.linspace(0, 1, len(stored))

@@ -88,6 +88,7 @@ class Pipeline:
             scheduler = load_scheduler(path / "scheduler")
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.model_scheduler = scheduler  # the folder's own sampler; `scheduler` is the one sampling uses now
+        self._own_scheduler = True  # False once another sampler is set in its place
         self.check_unet()
         for module in (self.vae, self.unet, self.text_encoder):
             module.eval().requires_grad_(False)
@@ -112,8 +113,22 @@ class Pipeline:
             self.load_lora(folder, scale, force=lora_force)
         self.guide_unet: UNet2DConditionModel | None = None
         self.guide_name: str | None = None
+        if self.sampling_defaults:  # before the guide: the folder's settings are checked against the model alone
+            self.check_sampling_defaults(path)
         if guide_model is not None:
             self.load_guide(guide_model)
+
+    def check_sampling_defaults(self, path: Path) -> None:
+        """The folder's own settings fit this model (its noise levels, its scheduler), or one line naming the file."""
+        try:
+            self.check_guidance("model")
+            schedule = None if self.embeds_guidance else self.sampling_defaults.get("step_schedule")
+            if schedule is not None:
+                with_step_schedule(self.model_scheduler, schedule)
+            if schedule == "ays":
+                ays_timesteps(self.own_defaults()[0])
+        except UserError as err:
+            raise UserError(f"{path / 'sampling.json'}: {err}") from None
 
     def check_unet(self) -> None:
         """Text-to-image needs a U-Net whose input is the latent alone."""
@@ -157,6 +172,7 @@ class Pipeline:
     @scheduler.setter
     def scheduler(self, scheduler: SchedulerMixin) -> None:
         self.model_scheduler = scheduler
+        self._own_scheduler = False  # the folder's step schedule (sampling.json) no longer applies
 
     def own_defaults(self) -> tuple[int, float]:
         """(steps, guidance) the model folder ships as its own (sampling.json), else the library's: what the model
@@ -259,7 +275,7 @@ class Pipeline:
         if self._base_fingerprint is None:
             self._base_fingerprint = base_fingerprint(self.unet)
         check_controlnet(info, controlnet, self.unet, self._base_fingerprint, self.model_name, force)
-        self.controlnets.append(controlnet.to(self.device))
+        self.controlnets.append(controlnet.to(self.device, self.unet.dtype))
         self.controlnet_infos.append(info)
 
     def load_guide(self, folder: str | Path) -> None:
@@ -431,8 +447,11 @@ class Pipeline:
         """A fresh sampler (schedulers keep state) with its timesteps set, placed by `step_schedule` ("model": the
         folder's own, when sampling with its own scheduler); lcm for consistency students only."""
         if step_schedule == "model":
-            own = scheduler is None and not self.is_consistency_student
+            own = scheduler is None and self._own_scheduler and not self.is_consistency_student
             step_schedule = self.sampling_defaults.get("step_schedule") if own else None
+        if step_schedule is not None and isinstance(make_scheduler(scheduler, self.scheduler), LCMScheduler):
+            raise UserError(f"step_schedule={step_schedule}: a consistency student samples on its own timestep grid "
+                            "(the lcm sampler); leave step_schedule out")
         sampler = with_step_schedule(make_scheduler(scheduler, self.scheduler), step_schedule)
         self.check_sampler(sampler, num_inference_steps)
         if step_schedule == "ays":

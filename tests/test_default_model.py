@@ -27,7 +27,8 @@ def default_pipe():
 def test_default_generates_seeded_images_of_the_pinned_statistics(default_pipe):
     # the weights' pins: the sampling settings of 2026-11-26 given explicitly (the folder's own may change apart)
     images = default_pipe.generate(num_images=2, num_inference_steps=4, guidance_scale=5.0, guidance_interval=None,
-                                   seed=0, scheduler="dpm++", output_type="numpy", progress=False)
+                                   step_schedule=None, seed=0, scheduler="dpm++", output_type="numpy",
+                                   progress=False)
     assert images.shape == (2, 64, 64, 3)
     assert 0 <= images.min() and images.max() <= 1
     # a different value means the weights or the sampling math changed

@@ -63,7 +63,8 @@ def test_the_folders_guidance_interval_is_the_default_and_none_means_every_step(
                                              progress=False))
     with pytest.raises(UserError, match="or 'model' \\(the model's own\\), got 'every'"):
         pipe.generate("a cat", guidance_interval="every", progress=False)
-    for extra, same_as in (([], own), (["--guidance-interval", "none"], every)):
+    assert np.abs(own - every).max() > 2 / 255  # the two CLI runs below can tell them apart
+    for extra, same_as in (([], own), (["--guide-every-step"], every)):
         out = tmp_path / f"out{len(extra)}.png"
         run([str(BIN / "ldm"), "generate", "a cat", "--model", str(tiny_model_dir), "--seed", "1", "-o", str(out),
              *extra])
@@ -105,3 +106,14 @@ def test_saving_and_exporting_keep_the_folders_own_settings(tiny_model_dir, tmp_
                                   sampling=pipe.sampling_defaults)
     assert "sampling.json" in json.loads((slim / "checksums.json").read_text())  # it changes what the model draws
     assert Pipeline(model=slim).own_defaults() == (3, 2.5)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"guidance_interval": [20.0, 30.0]}, "lies outside this model's noise levels"),
+    ({"step_schedule": "ays", "num_inference_steps": 1}, "needs at least 2 steps"),
+])
+def test_settings_that_do_not_fit_the_model_are_refused_at_load_naming_the_file(tiny_model_dir, content, message):
+    (tiny_model_dir / "sampling.json").write_text(json.dumps(content))
+    with pytest.raises(UserError, match=message) as error:
+        Pipeline(model=tiny_model_dir)
+    assert "sampling.json" in str(error.value)

@@ -214,12 +214,15 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                                     sampling.seed, sampling.random_seed, num_images, sampling.size, history,
                                     adapter, adapter_scale, fast, sampling.interval, sampling.step_schedule],
                          [gallery, history, sampling.seed], concurrency_limit=1, concurrency_id="generate")
-            # the student's own step count when Fast is ticked, the usual one when not
-            fast.change(lambda on: FAST_NUM_INFERENCE_STEPS if on else pipe.own_defaults()[0], fast, sampling.steps)
+            # the student's own steps and its own timestep grid when Fast is ticked, the model's own ones when not
+            own_schedule = pipe.sampling_defaults.get("step_schedule") or SAMPLER_SPACING
+            fast.change(lambda on: (FAST_NUM_INFERENCE_STEPS, SAMPLER_SPACING) if on
+                        else (pipe.own_defaults()[0], own_schedule), fast, [sampling.steps, sampling.step_schedule])
             # an LCM-LoRA's own steps and guidance (1: it learnt the guided teacher) while it is picked; leaving it
             # gives the usual ones back, and a switch between other adapters keeps what the visitor set
             adapter.change(lambda name, steps, guidance: adapter_defaults(name, steps, guidance, pipe, gr), [
-                adapter, sampling.steps, sampling.guidance], [sampling.steps, sampling.guidance])
+                adapter, sampling.steps, sampling.guidance], [sampling.steps, sampling.guidance,
+                                                              sampling.step_schedule])
         with gr.Tab("Image to image"):
             with gr.Row():
                 with gr.Column():
@@ -272,14 +275,14 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
 
 
 def adapter_defaults(name: str, steps, guidance, pipe, gr) -> tuple:
-    """The steps and guidance boxes after picking adapter `name`: an LCM-LoRA's own, the usual ones when leaving an
-    LCM-LoRA's, else unchanged."""
+    """The steps, guidance and step-schedule boxes after picking adapter `name`: an LCM-LoRA's own (its sampler's
+    own grid), the model's own when leaving an LCM-LoRA's, else unchanged."""
     lcm = (FAST_NUM_INFERENCE_STEPS, 1.0)
     if name in pipe.consistency_adapters:
-        return lcm
+        return (*lcm, SAMPLER_SPACING)
     if (steps, guidance) == lcm:
-        return pipe.own_defaults()
-    return gr.update(), gr.update()
+        return (*pipe.own_defaults(), pipe.sampling_defaults.get("step_schedule") or SAMPLER_SPACING)
+    return gr.update(), gr.update(), gr.update()
 
 
 class SamplingControls(NamedTuple):
