@@ -137,6 +137,7 @@ def test_controlnets_are_refused_where_unsupported(t2i_folder, tmp_path):
         Pipeline(model=t2i_folder, controlnet=tmp_path / "nowhere")
 
 
+@pytest.mark.slow
 def test_ldm_generate_with_a_controlnet_applies_the_detector_and_draws_the_api_pixels(t2i_folder, tmp_path):
     from helpers import BIN, run
 

@@ -130,6 +130,7 @@ def test_an_inpainting_model_is_sent_to_the_inpainting_pipeline(tiny_components)
         Img2ImgPipeline(**{**tiny_components, "unet": unet})
 
 
+@pytest.mark.slow
 def test_ldm_img2img_command(folder, tmp_path):
     source = tmp_path / "in.png"
     _image().save(source)

@@ -414,7 +414,9 @@ def test_the_page_samples_the_base_with_its_own_sampler_beside_an_lcm_lora(base_
     assert np.abs(page("none", 5, 3.0) - ours(5, 3.0)).max() <= 1  # and back
     switch = next(f.fn for f in app.fns.values() if f.fn.__name__ == "<lambda>" and f.inputs
                   and getattr(f.inputs[0], "elem_id", None) == "adapter")
-    assert switch("fast", 12, 3.0) == (4, 1.0)  # an LCM-LoRA's own steps and guidance
-    assert switch("plain", 4, 1.0) == (30, 5.0) and switch("none", 4, 1.0) == (30, 5.0)  # leaving it
+    # an LCM-LoRA's own steps and guidance, on its own timestep grid (no step schedule)
+    assert switch("fast", 12, 3.0) == (4, 1.0, "sampler's own")
+    # leaving it: the model's own (this base has no sampling.json: the library's, even spacing)
+    assert switch("plain", 4, 1.0) == (30, 5.0, "sampler's own") == switch("none", 4, 1.0)
     kept = switch("plain", 12, 3.0)  # between other adapters, the visitor's values stay
     assert all(isinstance(u, dict) and set(u) <= {"__type__"} for u in kept)

@@ -43,6 +43,7 @@ def _snapshot_unet(run_dir: Path, profile: int, step: int) -> dict[str, torch.Te
     return {k.removeprefix("ema_model."): v for k, v in state.items() if k.startswith("ema_model.")}
 
 
+@pytest.mark.slow
 def test_snapshots_are_written_every_n_steps_for_each_tracked_length(post_hoc_run):
     assert snapshot_steps(post_hoc_run / "post-hoc-ema") == [4, 8, 12]
     assert sorted(p.name for p in (post_hoc_run / "post-hoc-ema").iterdir())[:2] == ["0.12.pt", "0.4.pt"]
@@ -51,6 +52,7 @@ def test_snapshots_are_written_every_n_steps_for_each_tracked_length(post_hoc_ru
     assert any(not torch.equal(short[k], long[k]) for k in short)  # two different averages of the same weights
 
 
+@pytest.mark.slow
 def test_a_tracked_length_is_synthesised_back_as_itself(post_hoc_run, tmp_path):
     """Least squares over the snapshots reproduces a length that was tracked (it is one of the basis profiles)."""
     out = tmp_path / "ema-0.05"
@@ -67,6 +69,7 @@ def test_a_tracked_length_is_synthesised_back_as_itself(post_hoc_run, tmp_path):
     assert any(not torch.allclose(final[k], exported[k], atol=1e-4) for k in final)
 
 
+@pytest.mark.slow
 def test_several_lengths_are_scored_by_validation_loss_and_the_lowest_kept(post_hoc_run, tmp_path):
     out = tmp_path / "ema-best"
     result = run(LDM + ["ema", str(post_hoc_run), "--sigma-rel", "0.03", "--sigma-rel", "0.1", "--sigma-rel", "0.25",
@@ -96,6 +99,7 @@ def test_a_resumed_run_writes_the_same_snapshots(emoji_dir, autoencoder_dir, pos
     assert snapshot_steps(resumed / "post-hoc-ema") == [4, 8, 12]
 
 
+@pytest.mark.slow
 def test_bad_post_hoc_settings_are_one_line_each(post_hoc_run, tmp_path):
     base = [f"output_dir={tmp_path}", f"data={tmp_path}", "autoencoder=x"]
     for overrides, message in ((["post_hoc_ema=[0.05]"], "two or more different relative EMA lengths"),

@@ -42,8 +42,6 @@ def test_the_folders_steps_and_guidance_are_the_defaults_and_arguments_still_win
 
 
 def test_the_folders_guidance_interval_is_the_default_and_none_means_every_step(tiny_model_dir, tmp_path):
-    from helpers import BIN, run
-
     (tiny_model_dir / "sampling.json").write_text(json.dumps({"num_inference_steps": 6, "guidance_interval": [0, 2]}))
     pipe = Pipeline(model=tiny_model_dir)
     calls = []
@@ -63,13 +61,24 @@ def test_the_folders_guidance_interval_is_the_default_and_none_means_every_step(
                                              progress=False))
     with pytest.raises(UserError, match="or 'model' \\(the model's own\\), got 'every'"):
         pipe.generate("a cat", guidance_interval="every", progress=False)
-    assert np.abs(own - every).max() > 2 / 255  # the two CLI runs below can tell them apart
+    assert np.abs(own - every).max() > 2 / 255
+    assert Pipeline(model=pipe.save_pretrained(tmp_path / "saved")).sampling_defaults["guidance_interval"] == (0, 2)
+
+
+@pytest.mark.slow
+def test_ldm_generate_takes_the_folders_interval_unless_told_every_step(tiny_model_dir, tmp_path):
+    from helpers import BIN, run
+
+    (tiny_model_dir / "sampling.json").write_text(json.dumps({"num_inference_steps": 6, "guidance_interval": [0, 2]}))
+    pipe = Pipeline(model=tiny_model_dir)
+    own = pipe.generate("a cat", seed=1, output_type="numpy", progress=False)
+    every = pipe.generate("a cat", seed=1, guidance_interval=None, output_type="numpy", progress=False)
+    assert np.abs(own - every).max() > 2 / 255  # the two runs below can tell them apart
     for extra, same_as in (([], own), (["--guide-every-step"], every)):
         out = tmp_path / f"out{len(extra)}.png"
         run([str(BIN / "ldm"), "generate", "a cat", "--model", str(tiny_model_dir), "--seed", "1", "-o", str(out),
              *extra])
         assert np.abs(np.asarray(Image.open(out), dtype=float) / 255 - same_as[0]).max() <= 1 / 255
-    assert Pipeline(model=pipe.save_pretrained(tmp_path / "saved")).sampling_defaults["guidance_interval"] == (0, 2)
 
 
 def test_the_folders_step_schedule_applies_to_its_own_scheduler_only(tiny_model_dir):
