@@ -126,11 +126,16 @@ def check_base(info: dict, unet: UNet2DConditionModel, fingerprint: str, model_n
         raise UserError(f"LoRA adapter {folder} was trained on a U-Net with {info['in_channels']} input channels "
                         f"({kinds.get(info['in_channels'], 'another kind')}); this model's U-Net takes "
                         f"{unet.config.in_channels} (an inpainting model takes 9): train an adapter on this model")
+    check_recorded_base(f"LoRA adapter {folder}", info, fingerprint, model_name, force, "force=True (--force)")
+
+
+def check_recorded_base(what: str, info: dict, fingerprint: str, model_name: str, force: bool, override: str) -> None:
+    """Refuse `what` (an adapter, a ControlNet) recorded as trained on another base U-Net, both named, unless
+    `force`; nothing recorded (a file from elsewhere) passes."""
     if force or "base_fingerprint" not in info or info["base_fingerprint"] == fingerprint:
         return
-    raise UserError(f"LoRA adapter {folder} was trained on base {info.get('base_model', '?')} (U-Net "
-                    f"{info['base_fingerprint'][:12]}), not on this model {model_name} (U-Net {fingerprint[:12]}); "
-                    "pass force=True (--force) to apply it anyway")
+    raise UserError(f"{what} was trained on base {info.get('base_model', '?')} (U-Net {info['base_fingerprint'][:12]}), "
+                    f"not on this model {model_name} (U-Net {fingerprint[:12]}); pass {override} to apply it anyway")
 
 
 def load_adapter(unet: UNet2DConditionModel, folder: str | Path, adapter_name: str) -> None:

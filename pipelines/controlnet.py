@@ -20,6 +20,7 @@ from diffusers.image_processor import VaeImageProcessor
 from safetensors import SafetensorError
 
 from core.errors import MissingFileError, UserError
+from ldm.lora import check_recorded_base
 from pipelines.arguments import image_input, image_size_of
 
 CONTROLNET_INFO = "controlnet.json"  # {"base_model", "base_fingerprint", "control_type"}
@@ -62,11 +63,8 @@ def check_controlnet(info: dict, controlnet: ControlNetModel, unet, fingerprint:
     if differs or controlnet.config.in_channels != unet.config.in_channels:
         raise UserError(f"ControlNet {folder} was made for another U-Net shape ({', '.join(differs) or 'in_channels'} "
                         f"differ from {model_name}'s); train one on this model")
-    if force or "base_fingerprint" not in info or info["base_fingerprint"] == fingerprint:
-        return
-    raise UserError(f"ControlNet {folder} was trained on base {info.get('base_model', '?')} (U-Net "
-                    f"{info['base_fingerprint'][:12]}), not on this model {model_name} (U-Net {fingerprint[:12]}); "
-                    "pass controlnet_force=True (--force) to apply it anyway")
+    check_recorded_base(f"ControlNet {folder}", info, fingerprint, model_name, force,
+                        "controlnet_force=True (--force)")
 
 
 def _as_list(value):

@@ -84,6 +84,9 @@ def with_step_schedule(sampler: SchedulerMixin, step_schedule: str | None) -> Sc
         return sampler
     if step_schedule not in STEP_SCHEDULES:
         raise UserError(f"unknown step_schedule '{step_schedule}'; valid: {', '.join(STEP_SCHEDULES)}")
+    if isinstance(sampler, LCMScheduler):
+        raise UserError(f"step_schedule={step_schedule}: a consistency student samples on its own timestep grid "
+                        "(the lcm sampler); leave step_schedule out")
     name = type(sampler).__name__
     if step_schedule == "karras":
         if "use_karras_sigmas" not in inspect.signature(type(sampler).__init__).parameters:

@@ -449,9 +449,6 @@ class Pipeline:
         if step_schedule == "model":
             own = scheduler is None and self._own_scheduler and not self.is_consistency_student
             step_schedule = self.sampling_defaults.get("step_schedule") if own else None
-        if step_schedule is not None and isinstance(make_scheduler(scheduler, self.scheduler), LCMScheduler):
-            raise UserError(f"step_schedule={step_schedule}: a consistency student samples on its own timestep grid "
-                            "(the lcm sampler); leave step_schedule out")
         sampler = with_step_schedule(make_scheduler(scheduler, self.scheduler), step_schedule)
         self.check_sampler(sampler, num_inference_steps)
         if step_schedule == "ays":

@@ -34,3 +34,15 @@ def scalars(output_dir: Path, tag: str) -> list[float]:
         if tag in accumulator.Tags()["scalars"]:
             values += [e.value for e in accumulator.Scalars(tag)]
     return values
+
+
+def count_denoiser_calls(pipe) -> list[int]:
+    """Wrap `pipe.denoiser` so that every U-Net call appends its batch size to the returned list."""
+    calls, real = [], pipe.denoiser
+
+    def counting(x, t, context):
+        calls.append(x.shape[0])
+        return real(x, t, context)
+
+    pipe.denoiser = counting
+    return calls

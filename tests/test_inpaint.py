@@ -17,6 +17,7 @@ from ldm.masks import GENERATORS, MaskGenerator
 from ldm.unet import inpainting_unet_from
 from pipelines import InpaintPipeline, Pipeline
 from pipelines.schedulers import SCHEDULERS
+from helpers import count_denoiser_calls
 
 COVERAGE = {"strokes": (0.01, 0.95), "boxes": (0.01, 0.9), "ellipses": (0.02, 0.9), "outpaint": (0.1, 0.95)}
 
@@ -124,14 +125,7 @@ def tmp_model_dir_factory(tmp_path):
 def test_repaint_ends_with_the_known_region_equal_to_the_image_latents(tiny_components):
     image, mask = _image_and_mask()
     pipe = InpaintPipeline("a cat", image=image, mask=mask, **tiny_components)
-    calls = {"n": 0}
-    real = pipe.denoiser
-
-    def counting(x, t, context):
-        calls["n"] += 1
-        return real(x, t, context)
-
-    pipe.denoiser = counting
+    calls = count_denoiser_calls(pipe)
     latents = pipe.generate(method="repaint", num_inference_steps=6, repaint_jump_length=2,
                             repaint_jump_n_sample=3, seed=4, output_type="latent", progress=False)
     generator = torch.Generator().manual_seed(4)
@@ -140,7 +134,7 @@ def test_repaint_ends_with_the_known_region_equal_to_the_image_latents(tiny_comp
     known = torch.nn.functional.interpolate(pipe.mask_processor.preprocess(mask), size=(16, 16)) < 0.5
     known = known.expand_as(latents)
     torch.testing.assert_close(latents[known], expected[known])
-    assert calls["n"] == 6 + 2 * 2 * 2  # 6 steps, then 2 jumps of 2 steps, re-run twice more each
+    assert len(calls) == 6 + 2 * 2 * 2  # 6 steps, then 2 jumps of 2 steps, re-run twice more each
     with pytest.raises(UserError, match="own scheduler"):
         pipe.generate(method="repaint", scheduler="ddim")
 

@@ -11,6 +11,7 @@ from PIL import Image
 from core.errors import UserError
 from pipelines import Img2ImgPipeline, Pipeline
 from pipelines.defaults import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
+from helpers import count_denoiser_calls
 
 
 def test_a_folder_without_sampling_json_keeps_the_library_defaults(tiny_model_dir):
@@ -22,16 +23,9 @@ def test_the_folders_steps_and_guidance_are_the_defaults_and_arguments_still_win
     (tiny_model_dir / "sampling.json").write_text(json.dumps({"num_inference_steps": 3, "guidance_scale": 2.5}))
     pipe = Pipeline(model=tiny_model_dir)
     assert pipe.own_defaults() == (3, 2.5) and (pipe.default_steps(), pipe.default_guidance_scale()) == (3, 2.5)
-    calls = {"n": 0}
-    real = pipe.denoiser
-
-    def counting(x, t, context):
-        calls["n"] += 1
-        return real(x, t, context)
-
-    pipe.denoiser = counting
+    calls = count_denoiser_calls(pipe)
     implicit = pipe.generate("a cat", seed=1, output_type="numpy", progress=False)
-    assert calls["n"] == 3  # three steps, both branches batched in one call each
+    assert len(calls) == 3  # three steps, both branches batched in one call each
     explicit = pipe.generate("a cat", num_inference_steps=3, guidance_scale=2.5, seed=1, output_type="numpy",
                              progress=False)
     assert np.array_equal(implicit, explicit)
@@ -44,14 +38,7 @@ def test_the_folders_steps_and_guidance_are_the_defaults_and_arguments_still_win
 def test_the_folders_guidance_interval_is_the_default_and_none_means_every_step(tiny_model_dir, tmp_path):
     (tiny_model_dir / "sampling.json").write_text(json.dumps({"num_inference_steps": 6, "guidance_interval": [0, 2]}))
     pipe = Pipeline(model=tiny_model_dir)
-    calls = []
-    real = pipe.denoiser
-
-    def counting(x, t, context):
-        calls.append(x.shape[0])
-        return real(x, t, context)
-
-    pipe.denoiser = counting
+    calls = count_denoiser_calls(pipe)
     own = pipe.generate("a cat", seed=1, output_type="numpy", progress=False)
     assert 1 in calls and 2 in calls  # steps outside (0, 2] unguided (one branch), those inside guided (two)
     calls.clear()
