@@ -4,12 +4,15 @@ output_dir=runs/ldm autoencoder=runs/ae data=data/emoji [key=value ...]
 `init_from=DIR` (a text-to-image model folder) starts the U-Net from that model's weights; with `inpainting: true`
 (set in configs/ldm/*-inpaint.yaml) it fine-tunes an inpainting U-Net from that model instead
 (recipes/inpainting.py); with `distill: true` (configs/ldm/*-lcm.yaml) it distils that model into a consistency
-student that samples in 1-8 steps (recipes/consistency.py)."""
+student that samples in 1-8 steps (recipes/consistency.py); with `controlnet: true` (configs/ldm/*-controlnet-*.yaml)
+it trains a ControlNet that steers that model's frozen U-Net with a control map (recipes/controlnet.py)."""
 
 from cli.training_args import ldm_config, parse_training_args
 from core.errors import exit_on_user_error
 from recipes.consistency import DistillTrainConfig
 from recipes.consistency import run as run_distillation
+from recipes.controlnet import ControlNetTrainConfig
+from recipes.controlnet import run as run_controlnet
 from recipes.inpainting import InpaintTrainConfig
 from recipes.inpainting import run as run_inpainting
 from recipes.latent_diffusion import run as run_text_to_image
@@ -22,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
         run_inpainting(config)
     elif isinstance(config, DistillTrainConfig):
         run_distillation(config)
+    elif isinstance(config, ControlNetTrainConfig):
+        run_controlnet(config)
     else:
         run_text_to_image(config)
 

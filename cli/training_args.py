@@ -21,16 +21,19 @@ def parse_training_args(description: str, argv: list[str] | None = None) -> tupl
 def ldm_config(path: str | Path | None, overrides: list[str] | None = None,
                validate: bool = True):
     """A text-to-image (`LDMTrainConfig`), with `inpainting: true` an inpainting fine-tune config
-    (`InpaintTrainConfig`), with `distill: true` a consistency distillation config (`DistillTrainConfig`): the file
-    read once. The recipes load here, not for the other training scripts."""
+    (`InpaintTrainConfig`), with `distill: true` a consistency distillation config (`DistillTrainConfig`), with
+    `controlnet: true` a ControlNet config (`ControlNetTrainConfig`): the file read once. The recipes load here, not for the other training scripts."""
     from recipes.consistency import DistillTrainConfig
+    from recipes.controlnet import ControlNetTrainConfig
     from recipes.inpainting import InpaintTrainConfig
     from recipes.latent_diffusion import LDMTrainConfig
 
     values, sources = read_config(path, overrides)
-    if values.get("inpainting") is True and values.get("distill") is True:
+    chosen = [key for key in ("inpainting", "distill", "controlnet") if values.get(key) is True]
+    if len(chosen) > 1:
         from core.errors import UserError
-        raise UserError("inpainting=true and distill=true: distillation supports text-to-image teachers only")
-    cls = (InpaintTrainConfig if values.get("inpainting") is True
-           else DistillTrainConfig if values.get("distill") is True else LDMTrainConfig)
+        raise UserError(f"{' and '.join(f'{k}=true' for k in chosen)}: a run trains one of these recipes (an "
+                        "inpainting fine-tune, a distilled student or a ControlNet), each from a text-to-image model")
+    cls = {"inpainting": InpaintTrainConfig, "distill": DistillTrainConfig,
+           "controlnet": ControlNetTrainConfig}.get(chosen[0] if chosen else "", LDMTrainConfig)
     return build_config(cls, values, sources, validate=validate)

@@ -4,7 +4,8 @@ One cache shard per source shard (core/data/sources.py), built by the rank that 
 i % world_size, all ranks in parallel) and written atomically, so a killed build keeps every finished shard and never
 takes a partial one. Per image, grouped by bucket: the autoencoder posterior's mean and log-variance (every epoch
 still draws a fresh latent sample, as encoding on the fly does), the ids of its caption variants, and its position,
-original size and crop; per shard, the text encoder's hidden states of its distinct captions. Stored in
+original size and crop (and for a ControlNet run, its control map as uint8 pixels: ldm/control.py); per shard, the
+text encoder's hidden states of its distinct captions. Stored in
 `cache_dtype` (float16 halves the disk; see docs/data.md for the loss it changes).
 
 Training reads one row at a time (core/data/rows_file.py), so a rank's memory does not grow with the dataset. The
@@ -35,6 +36,7 @@ from core.data.sources import DataSource, SourceShard, prepared_rows
 from core.errors import UserError
 from core.files import atomic_write
 from core.locks import FileLock
+from ldm.control import control_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +68,7 @@ class CacheInputs:
     dtype: str = "float16"
     batch_size: int = 64
     workers: int = 0  # loader processes decoding images (the result is the same for any number)
+    control_type: str | None = None  # also store each image's control map of this kind (ldm/control.py)
 
     def key(self, data: dict | None = None) -> str:
         """A hash that changes whenever the data (tar shards by their bytes), the buckets, the templates or a frozen
@@ -77,6 +80,8 @@ class CacheInputs:
                 "caption_templates": list(self.templates), "vae": module_digest(self.vae),
                 "text_encoder": module_digest(self.text_encoder), "text_max_length": self.text_encoder.max_length,
                 "dtype": self.dtype}
+        if self.control_type is not None:  # absent otherwise, so the caches of other runs keep their names
+            spec["control_type"] = self.control_type
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -100,7 +105,10 @@ def encode_shard(inputs: CacheInputs, shard: SourceShard, device: torch.device) 
 
     def flush(bucket: tuple[int, int]) -> None:
         rows = pending.pop(bucket)
-        posterior = inputs.vae.encode(torch.stack([r.pixels for r in rows]).to(device)).latent_dist
+        pixels = torch.stack([r.pixels for r in rows])
+        posterior = inputs.vae.encode(pixels.to(device)).latent_dist
+        if inputs.control_type is not None:
+            out[bucket]["control"].append(control_tensor(pixels, inputs.control_type))
         out[bucket]["moments"].append(torch.cat([posterior.mean, posterior.logvar], dim=1).cpu().to(dtype))
         out[bucket]["caption_ids"].append(torch.tensor([[caption_ids.setdefault(c, len(caption_ids))
                                                          for c in r.captions] for r in rows]))
@@ -174,9 +182,10 @@ class CachedLatents(torch.utils.data.Dataset):
         moments = f.row(f"{name}.moments", row).float()
         mean, logvar = moments.chunk(2, dim=0)
         info = f.row(f"{name}.info", row)
+        control = {"control": f.row(f"{name}.control", row)} if f"{name}.control" in f else {}
         return {"latent_mean": mean, "latent_logvar": logvar, "shard": torch.tensor(shard),
                 "caption_ids": f.row(f"{name}.caption_ids", row), "index": info[0], "original_size": info[1:3],
-                "crop_top_left": info[3:5]}
+                "crop_top_left": info[3:5], **control}
 
     def text_states(self, shards: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
         """(images, length, width) float32: the states of caption `caption_ids[k]` of shard `shards[k]`, each read
@@ -220,7 +229,8 @@ def load_or_build_cache(state, inputs: CacheInputs, cache_dir: str | Path) -> Ca
         _write(folder / "empty.safetensors", {"empty": empty}, {})
         atomic_write(folder / "spec.json", lambda tmp: tmp.write_text(json.dumps(
             {"data": data, "pixels": inputs.bucketer.spec(), "dtype": inputs.dtype,
-             "caption_templates": list(inputs.templates), "shards": len(shards)}, indent=1)))
+             "caption_templates": list(inputs.templates), "shards": len(shards),
+             **({"control_type": inputs.control_type} if inputs.control_type else {})}, indent=1)))
     _wait_for_shards(folder, len(shards))
     while not (folder / "empty.safetensors").is_file():
         time.sleep(0.5)

@@ -5,15 +5,18 @@
 - "colour": the image's coarse colour layout (averaged over 8x8 cells, shown at full size): what suits emoji, whose
   identity is much in their colours and rough shapes.
 
-Both take and return PIL images of the same size; the pipelines and the ControlNet recipe call them alike.
+Both take and return PIL images of the same size; the pipelines and the ControlNet recipe call them alike
+(`control_tensor` applies them to a training batch, as the latent cache stores them).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image
 
 from core.errors import UserError
+from core.images import tensor_to_pil
 
 CONTROL_TYPES = ("canny", "colour")
 CANNY_THRESHOLDS = (100, 200)
@@ -32,6 +35,13 @@ def control_map(image: Image.Image, kind: str) -> Image.Image:
         return Image.fromarray(np.stack([edges] * 3, axis=-1))
     small = rgb.resize((COLOUR_CELLS, COLOUR_CELLS), Image.Resampling.BOX)
     return small.resize(rgb.size, Image.Resampling.NEAREST)
+
+
+def control_tensor(pixels: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, 3, H, W) uint8 control maps of images in [-1, 1] (B, 3, H, W): each image as the 8-bit picture a user
+    would pass, then `control_map`; the recipe reads them as uint8 / 255, the scale the pipelines feed."""
+    maps = [np.asarray(control_map(image, kind)) for image in tensor_to_pil(pixels)]
+    return torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2).contiguous()
 
 
 def controlnet_from_unet(unet, vae_scale_factor: int):

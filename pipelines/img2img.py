@@ -32,6 +32,9 @@ class Img2ImgPipeline(Pipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def load_controlnet(self, folder, force: bool = False) -> None:
+        self.add_controlnet(None, {}, force)
+
+    def add_controlnet(self, controlnet, info: dict, force: bool = False) -> None:
         raise UserError("ControlNets steer text-to-image sampling here (Pipeline(controlnet=...)); image-to-image "
                         "and inpainting with a ControlNet are not supported")
 

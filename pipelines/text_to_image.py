@@ -263,15 +263,21 @@ class Pipeline:
     def load_controlnet(self, folder: str | Path, force: bool = False) -> None:
         """Add a ControlNet (a diffusers ControlNetModel folder; this project's records the base it was trained on,
         checked against this model's U-Net unless `force`). Several add their residuals."""
+        from pipelines.controlnet import read_controlnet
+
+        self.add_controlnet(*read_controlnet(folder), force=force)
+
+    def add_controlnet(self, controlnet, info: dict, force: bool = False) -> None:
+        """Add a ControlNetModel held in memory (`info`: what `read_controlnet` gives: its folder, and the base it
+        records, checked as `load_controlnet` does); the ControlNet recipe's sample grid uses it."""
         from ldm.lora import base_fingerprint
-        from pipelines.controlnet import check_controlnet, read_controlnet
+        from pipelines.controlnet import check_controlnet
 
         if self.embeds_guidance:
             raise UserError("a consistency-distilled student cannot take a ControlNet here; use the model it was "
                             "distilled from")
         if self.adapters:
             raise UserError("load ControlNets before LoRA adapters (their base is checked against the U-Net alone)")
-        controlnet, info = read_controlnet(folder)
         if self._base_fingerprint is None:
             self._base_fingerprint = base_fingerprint(self.unet)
         check_controlnet(info, controlnet, self.unet, self._base_fingerprint, self.model_name, force)

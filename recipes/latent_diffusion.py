@@ -78,6 +78,7 @@ class LDMTrainConfig(TrainConfig):
     prior_loss_weight: float = 1.0
     inpainting: bool = False  # true: the inpainting fine-tune (recipes/inpainting.py; train_ldm.py dispatches on it)
     distill: bool = False  # true: consistency distillation of init_from (recipes/consistency.py)
+    controlnet: bool = False  # true: a ControlNet trained on init_from's frozen U-Net (recipes/controlnet.py)
     autoencoder: str = ""  # output_dir (or final/) of train_autoencoder.py, or any diffusers AutoencoderKL folder;
     # default with init_from: its vae/ (another one must encode identically: same encoder and scaling factor)
     # What a model folder fixes (recipes/inherit.py): unset (empty / null) = init_from's, or SCRATCH_DEFAULTS from
@@ -145,6 +146,9 @@ class LDMTrainConfig(TrainConfig):
                             "train_ldm.py picks from the config")
         if self.distill and type(self) is LDMTrainConfig:
             raise UserError("distill=true selects the distillation recipe (recipes/consistency.py), which "
+                            "train_ldm.py picks from the config")
+        if self.controlnet and type(self) is LDMTrainConfig:
+            raise UserError("controlnet=true selects the ControlNet recipe (recipes/controlnet.py), which "
                             "train_ldm.py picks from the config")
         if self.init_from:
             self.fill_from_init(self.resolve_init())  # checked once: checksums hash every weight file
@@ -251,8 +255,12 @@ class LDMTrainer(Trainer):
         bucketer = Bucketer(self.resolution, self.factor * self.unet_size_multiple(), config.aspect_buckets,
                             config.bucket_max_ratio)
         inputs = CacheInputs(source, tuple(config.caption_templates), bucketer, self.vae, self.text_encoder,
-                             config.cache_dtype, workers=config.num_workers)
+                             config.cache_dtype, workers=config.num_workers, control_type=self.cached_control_type())
         return load_or_build_cache(state, inputs, config.cache_dir or Path(config.output_dir) / "cache")
+
+    def cached_control_type(self) -> str | None:
+        """The kind of control map the cache also stores per image: none here (the ControlNet recipe's)."""
+        return None
 
     def build_data(self) -> tuple[torch.utils.data.Dataset, Callable]:
         config = self.config
@@ -328,11 +336,15 @@ class LDMTrainer(Trainer):
                 mean = self.vae.encode(pixels).latent_dist.mean
                 context = self.text_encoder.encode([r["captions"][0] for r in chunk]).hidden_states
                 batch = {"pixel_values": pixels}
-            batches.append({**batch, "latents": mean.float() * self.vae.config.scaling_factor,
-                            "context": context.float()})
+            batches.append({**batch, **self.validation_inputs(chunk), "context": context.float(),
+                            "latents": mean.float() * self.vae.config.scaling_factor})
         if batches:
             logger.info("validation: %d held-out images x %d timesteps", len(rows), self.config.validation_timesteps)
         return batches
+
+    def validation_inputs(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """What else a held-out batch carries for this recipe's loss: nothing here (the ControlNet's control maps)."""
+        return {}
 
     def validation_loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """L_simple (unweighted MSE of the prediction target) per image, averaged over a fixed timestep grid."""
@@ -342,11 +354,10 @@ class LDMTrainer(Trainer):
         timesteps = steps.repeat(count).to(latents.device)
         noise = torch.randn(latents.shape, device=latents.device)
         noisy = self.schedule.add_noise(latents, noise, timesteps)
-        repeated = {key: v.repeat_interleave(k, 0) for key, v in batch.items() if key == "pixel_values"}
+        repeated = {key: v.repeat_interleave(k, 0) for key, v in batch.items() if key not in ("latents", "context")}
         extra = self.extra_inputs(repeated, latents)
-        model_input = noisy if extra is None else torch.cat([noisy, extra], dim=1)
-        prediction = model(model_input, timesteps, encoder_hidden_states=batch["context"].repeat_interleave(k, 0))
-        prediction = prediction.sample[:, :latents.shape[1]]  # the mean part of a learned-variance output
+        prediction = self.denoise(model, noisy, timesteps, batch["context"].repeat_interleave(k, 0), extra)
+        prediction = prediction[:, :latents.shape[1]]  # the mean part of a learned-variance output
         target = self.schedule.target(latents, noise, timesteps)
         per_row = (prediction.float() - target.float()).square().flatten(1).mean(1)
         return per_row.reshape(count, k).mean(1)
@@ -436,9 +447,15 @@ class LDMTrainer(Trainer):
         return sample * self.vae.config.scaling_factor, context.to(device)
 
     def extra_inputs(self, batch: dict, latents: torch.Tensor) -> torch.Tensor | None:
-        """Channels concatenated to the noisy latents as the U-Net's input: none for text-to-image (the inpainting
-        recipe adds the mask and the masked image's latents)."""
+        """What the denoiser takes beside the noisy latents and the text: none for text-to-image (the inpainting
+        recipe's mask and masked-image latents, the ControlNet recipe's control maps)."""
         return None
+
+    def denoise(self, model: nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                extra: torch.Tensor | None) -> torch.Tensor:
+        """The trained model's prediction: the U-Net on the noisy latents with `extra` as further input channels."""
+        model_input = noisy if extra is None else torch.cat([noisy, extra], dim=1)
+        return model(model_input, timesteps, encoder_hidden_states=context).sample
 
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
         """L_simple (or its weighted variants) for one batch: noise the latents at random t, predict, compare."""
@@ -449,8 +466,7 @@ class LDMTrainer(Trainer):
                                      self.config.timestep_density, self.config.timestep_logit_mean,
                                      self.config.timestep_logit_std)
         noisy = self.schedule.add_noise(latents, noise, timesteps)
-        model_input = noisy if extra is None else torch.cat([noisy, extra], dim=1)
-        prediction = self.unet_forward(model_input, timesteps, encoder_hidden_states=context).sample
+        prediction = self.denoise(self.unet_forward, noisy, timesteps, context, extra)
         target = self.schedule.target(latents, noise, timesteps)
         weights = self.schedule.loss_weights(timesteps, self.config.min_snr_gamma)
         if "prior" in batch:  # DreamBooth: instance + prior_loss_weight x class images
@@ -469,11 +485,14 @@ class LDMTrainer(Trainer):
 
     def inference_pipeline(self) -> Pipeline:
         """The EMA U-Net with the frozen stages and the default sampler on the training noise schedule."""
+        return self.sampling_pipeline(self.inference_model())
+
+    def sampling_pipeline(self, unet: UNet2DConditionModel) -> Pipeline:
+        """`unet` with the frozen stages and the default sampler on the training noise schedule."""
         # a learned-variance model saves the sampler that uses its variance (DDPM), so diffusers picks it too
         name = "ddpm" if self.config.learned_variance else DEFAULT_SCHEDULER
         scheduler = SCHEDULERS[name].from_config(self.schedule.to_scheduler_config())
-        return self.pipeline_class(vae=self.vae, text_encoder=self.text_encoder, unet=self.inference_model(),
-                                   scheduler=scheduler)
+        return self.pipeline_class(vae=self.vae, text_encoder=self.text_encoder, unet=unet, scheduler=scheduler)
 
     def make_samples(self) -> tuple[str, Image.Image]:
         """Fixed prompts and seed, EMA weights: one row per sampling step."""

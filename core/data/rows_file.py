@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64, "I32": torch.int32}
+DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64, "I32": torch.int32,
+          "U8": torch.uint8}
 
 
 class SafetensorsRows:
