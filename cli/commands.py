@@ -156,6 +156,7 @@ def _control_kwargs(args: argparse.Namespace) -> dict:
     checked against --controlnet before any model loads."""
     from core.images import open_image
     from ldm.control import control_map
+    from pipelines.controlnet import recorded_control_type
 
     images, scales = args.control or [], args.controlnet_scale
     if not args.controlnet:
@@ -165,8 +166,14 @@ def _control_kwargs(args: argparse.Namespace) -> dict:
     if len(images) != len(args.controlnet):
         raise UserError(f"give one --control image per --controlnet ({len(args.controlnet)}), got {len(images)}")
     maps = [open_image(path, "--control") for path in images]
-    if args.control_type != "none":
-        maps = [control_map(image, args.control_type) for image in maps]
+    for i, folder in enumerate(args.controlnet):
+        recorded = recorded_control_type(folder)
+        if args.control_type not in (None, "none") and recorded not in (None, args.control_type):
+            raise UserError(f"ControlNet {folder} was trained on {recorded} maps, not {args.control_type}: leave "
+                            "--control-type out (each ControlNet's own kind is used), or pass none for ready maps")
+        kind = args.control_type or recorded or "canny"
+        if kind != "none":
+            maps[i] = control_map(maps[i], kind)
     scale = 1.0 if not scales else scales[0] if len(scales) == 1 else scales
     return {"control_image": maps if len(maps) > 1 else maps[0], "controlnet_conditioning_scale": scale}
 
@@ -308,6 +315,28 @@ def cmd_eval_inpaint(args: argparse.Namespace) -> None:
                                   num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
                                   seed=args.seed, kinds=tuple(args.masks.split(",")),
                                   masked_input=not args.original_input)
+    print(format_table(metrics))
+    print(f"wrote {out}/metrics.json and {out}/examples.png")
+
+
+def cmd_eval_control(args: argparse.Namespace) -> None:
+    from evaluation.control import evaluate_control, format_table
+    from pipelines import Pipeline
+    from pipelines.controlnet import control_scales
+
+    try:
+        scales = tuple(float(s) for s in args.scales.split(",") if s.strip())
+    except ValueError:
+        raise UserError(f"--scales must be numbers separated by commas, got '{args.scales}'") from None
+    if not scales:
+        raise UserError("--scales is empty: give at least one conditioning scale, e.g. --scales 1")
+    control_scales(list(scales), len(scales))  # finite, before any model loads
+    base = Pipeline(model=args.model)
+    pipe = Pipeline(model=args.model, controlnet=args.controlnet)
+    out = args.out or "eval-control"
+    metrics = evaluate_control(base, pipe, args.data, out, split=args.split, num_images=args.num_images,
+                               scales=scales, num_inference_steps=args.num_inference_steps,
+                               guidance_scale=args.guidance_scale, seed=args.seed)
     print(format_table(metrics))
     print(f"wrote {out}/metrics.json and {out}/examples.png")
 

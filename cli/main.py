@@ -9,7 +9,7 @@
   ldm data emoji | shards | show-masks
                                    build the offline emoji dataset; write WebDataset shards; draw inpainting masks
   ldm cache --config FILE [k=v]    build a training config's latent/text cache ahead of training (per rank)
-  ldm eval autoencoder | generate | inpaint | classifier-guidance | vlb
+  ldm eval autoencoder | generate | inpaint | control | classifier-guidance | vlb
                                    measure a trained stage (evaluation/)
 
 Training runs through Accelerate instead: `accelerate launch train_autoencoder.py|train_ldm.py|train_classifier.py
@@ -147,6 +147,20 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint_eval.add_argument("--out", default=None, help="results folder (default eval-inpaint)")
     inpaint_eval.set_defaults(func=commands.cmd_eval_inpaint)
 
+    control_eval = evaluate.add_parser("control", help="a ControlNet's edge fidelity (F1 of Canny maps) and FID "
+                                                       "against the base model on held-out images")
+    control_eval.add_argument("--controlnet", required=True, metavar="DIR", help="a ControlNet trained on --model")
+    control_eval.add_argument("--model", default=None, help="its base model folder (default: the embedded one)")
+    control_eval.add_argument("--data", required=True, help="imagefolder with a held-out split")
+    control_eval.add_argument("--split", default="validation")
+    control_eval.add_argument("--num-images", type=int, default=200, help="N held-out images (default 200)")
+    control_eval.add_argument("--scales", default="1", help="conditioning scales, one row each (default 1)")
+    control_eval.add_argument("--num-inference-steps", type=int, default=None, help="default: the model's own")
+    control_eval.add_argument("--guidance-scale", type=float, default=None, help="default: the model's own")
+    control_eval.add_argument("--seed", type=int, default=0)
+    control_eval.add_argument("--out", default=None, help="results folder (default eval-control)")
+    control_eval.set_defaults(func=commands.cmd_eval_control)
+
     cg_eval = evaluate.add_parser("classifier-guidance",
                                   help="FID and label accuracy of classifier-guided samples as the scale grows")
     cg_eval.add_argument("--classifier", required=True, help="train_classifier.py output_dir (or its final/)")
@@ -209,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--control", action="append", default=None, metavar="IMAGE",
                           help="its control image, one per --controlnet: a photo, turned into the map by "
                                "--control-type, or a ready map (--control-type none)")
-    generate.add_argument("--control-type", choices=("canny", "colour", "none"), default="canny",
-                          help="the detector applied to --control images (default canny; none: they are maps)")
+    generate.add_argument("--control-type", choices=("canny", "colour", "none"), default=None,
+                          help="the detector applied to --control images (default: the kind each ControlNet "
+                               "records, else canny; none: they are maps already)")
     generate.add_argument("--controlnet-scale", type=float, action="append", default=None,
                           help="conditioning scale, one per --controlnet or one for all (default 1)")
     generate.set_defaults(func=commands.cmd_generate)

@@ -26,12 +26,27 @@ from pipelines.arguments import image_input, image_size_of
 CONTROLNET_INFO = "controlnet.json"  # {"base_model", "base_fingerprint", "control_type"}
 
 
+def controlnet_folder(folder: str | Path) -> Path:
+    """The folder holding the ControlNet: `folder` itself, or for a ControlNet run's output_dir its final/."""
+    folder = Path(folder).expanduser()
+    if (folder / "final" / "config.json").is_file() and not (folder / "config.json").is_file():
+        return folder / "final"
+    return folder
+
+
+def recorded_control_type(folder: str | Path) -> str | None:
+    """The kind of control map a ControlNet folder records it was trained on (None: nothing recorded)."""
+    info_file = controlnet_folder(folder) / CONTROLNET_INFO
+    try:
+        return json.loads(info_file.read_text()).get("control_type") if info_file.is_file() else None
+    except ValueError as err:
+        raise UserError(f"{info_file} is not valid JSON ({err}); re-export the ControlNet") from None
+
+
 def read_controlnet(folder: str | Path) -> tuple[ControlNetModel, dict]:
     """A ControlNet folder (this project's export, a training run's output_dir, or any diffusers ControlNetModel
     folder) and what it records about its base ({} when nothing is recorded)."""
-    folder = Path(folder).expanduser()
-    if (folder / "final" / "config.json").is_file() and not (folder / "config.json").is_file():
-        folder = folder / "final"  # a ControlNet run's output_dir
+    folder = controlnet_folder(folder)
     if not (folder / "config.json").is_file():
         raise MissingFileError(f"ControlNet {folder} is not a ControlNet folder on disk (it holds config.json and "
                                "diffusion_pytorch_model.safetensors)")

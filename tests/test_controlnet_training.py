@@ -1,6 +1,6 @@
 """The ControlNet recipe (recipes/controlnet.py): control maps cached beside the latents, the base frozen, the export a
 diffusers ControlNet recording its base; through `accelerate launch train_ldm.py` (resume bit-exact, 2 ranks); one
-clear line for each bad setting."""
+clear line for each bad setting; `ldm eval control` (evaluation/control.py) and its edge F1."""
 
 from __future__ import annotations
 
@@ -116,3 +116,51 @@ def test_controlnet_training_through_accelerate_launch_resumes_bit_exactly_and_r
     assert "differ across ranks" not in ddp.stderr
     assert (tmp_path / "ddp" / "checkpoints" / "step-00000002" / "random_states_1.pkl").is_file()
     assert ControlNetModel.from_pretrained(tmp_path / "ddp" / "final").config.in_channels == 4
+
+
+def test_edge_f1_matches_within_two_pixels_and_pools_counts():
+    from evaluation.control import edge_counts, edge_scores
+
+    target = np.zeros((16, 16), bool)
+    target[4, 2:12] = True  # a 10-pixel line
+    near, far = np.roll(target, 2, axis=0), np.roll(target, 3, axis=0)
+    assert edge_scores(edge_counts(near, target)) == {"edge_precision": 1.0, "edge_recall": 1.0, "edge_f1": 1.0}
+    assert edge_scores(edge_counts(far, target))["edge_f1"] == 0.0
+    half = target.copy()
+    half[4, 7:12] = False  # half the line found, nothing spurious: precision 1, recall 0.5 (with the 2-px reach 0.7)
+    scores = edge_scores(edge_counts(half, target))
+    assert scores["edge_precision"] == 1.0 and scores["edge_recall"] == 0.7
+    pooled = edge_counts(target, target) + edge_counts(np.zeros_like(target), target)
+    assert edge_scores(pooled)["edge_recall"] == 0.5  # pooled over images, not averaged per image
+
+
+def test_eval_control_rows_grid_and_rerun(emoji_dir, base_model_dir, tmp_path, capsys):
+    from cli.main import main as ldm_main
+    from evaluation.control import evaluate_control
+
+    run_dir = tmp_path / "cn"
+    ControlNetTrainer(ldm_config(CONFIG, [f"data={emoji_dir}", f"init_from={base_model_dir}", f"output_dir={run_dir}",
+                                          "max_steps=2", "sample_every=1000", "learning_rate=0.05"])).run()
+    base, pipe = Pipeline(model=base_model_dir), Pipeline(model=base_model_dir, controlnet=run_dir)
+    kwargs = {"split": "validation", "num_images": 4, "scales": (1.0, 2.0), "num_inference_steps": 2, "seed": 1}
+    metrics = evaluate_control(base, pipe, str(emoji_dir), tmp_path / "eval", **kwargs)
+    assert [r["row"] for r in metrics["rows"]] == ["base", "controlnet x1", "controlnet x2"]
+    assert metrics["control_type"] == "canny" and metrics["num_images"] == 4
+    rows = {r["row"]: r for r in metrics["rows"]}
+    assert all(0 <= r["edge_f1"] <= 1 and np.isfinite(r["fid"]) for r in metrics["rows"])
+    assert rows["base"]["fid"] != rows["controlnet x2"]["fid"]  # the ControlNet changes the samples
+    # a column per image: source, control map, base, x1, x2
+    assert Image.open(tmp_path / "eval" / "examples.png").size == (4 * 32, 5 * 32)
+    again = evaluate_control(base, pipe, str(emoji_dir), tmp_path / "eval", **kwargs)  # finished rows are kept
+    assert again["rows"] == metrics["rows"]
+    with pytest.raises(UserError, match="the base row needs the same model without a ControlNet"):
+        evaluate_control(pipe, pipe, str(emoji_dir), tmp_path / "eval", **kwargs)
+    for bad, message in (("1,x", "--scales must be numbers"), ("nan", "must be finite numbers")):
+        with pytest.raises(SystemExit):
+            ldm_main(["eval", "control", "--controlnet", str(run_dir), "--model", str(base_model_dir), "--data",
+                      str(emoji_dir), "--scales", bad])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a canny ControlNet given colour maps
+        ldm_main(["generate", "a cat", "--model", str(base_model_dir), "--controlnet", str(run_dir), "--control",
+                  str(tmp_path / "eval" / "examples.png"), "--control-type", "colour", "--out", str(tmp_path / "x.png")])
+    assert "was trained on canny maps, not colour: leave --control-type out" in capsys.readouterr().err
