@@ -211,7 +211,8 @@ def cmd_inpaint(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     from web.app import serve
 
-    serve(args.model, args.inpaint_model, args.host, args.port, args.auth, args.lora_dir, args.fast_model)
+    serve(args.model, args.inpaint_model, args.host, args.port, args.auth, args.lora_dir, args.fast_model,
+          args.controlnet)
 
 
 def cmd_eval_autoencoder(args: argparse.Namespace) -> None:

@@ -268,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "one, offered when --model is the embedded default)")
     serve.add_argument("--lora-dir", default=None,
                        help="a folder of LoRA adapter folders the Generate tab offers (those that fit --model)")
+    serve.add_argument("--controlnet", default=None, metavar="DIR",
+                       help="a ControlNet trained on --model: adds the Control tab (docs/control.md)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--auth", default=os.environ.get("LDM_SERVE_AUTH"),

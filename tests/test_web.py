@@ -386,3 +386,38 @@ def test_an_adapter_picked_on_the_page_changes_the_image_and_is_recorded(tmp_pat
     difference = np.abs(np.asarray(adapted.convert("RGB"), dtype=int) - np.asarray(plain.convert("RGB"), dtype=int))
     assert difference.mean() > 5
     assert "LoRA adapter" in (tmp_path / "serve.log").read_text() and "left out" in (tmp_path / "serve.log").read_text()
+
+
+@browser
+def test_control_tab_draws_what_the_pipeline_draws_with_the_controlnet(tmp_path, chromium):
+    from ldm.control import control_map
+    from pipelines import Pipeline
+    from test_controlnet import _controlnet
+
+    _controlnet(Pipeline(), tmp_path / "cn", seed=3)  # a ControlNet of the embedded default, its joins random
+    source = np.full((64, 64, 3), 255, np.uint8)
+    source[12:52, 20:44] = (40, 120, 220)  # a blue bar on white: edges around it
+    Image.fromarray(source).save(tmp_path / "in.png")
+    with running_server(tmp_path / "serve.log", "--controlnet", str(tmp_path / "cn")) as url:
+        page = _open(chromium, url)
+        page.get_by_role("tab", name="Control").click()
+        page.locator("#cn-image input[type=file]").first.set_input_files(str(tmp_path / "in.png"))
+        _wait_for(page, "#cn-image img")
+        page.locator("#cn-prompt textarea").fill("cat face")
+        page.locator("#cn-num input").fill("1")
+        page.locator("#control").click()
+        _wait_for(page, "#cn-gallery img >> nth=0")
+        png = _fetch_png(page, "#cn-gallery img >> nth=0")
+        shown_map = _fetch_png(page, "#cn-map img")
+        _shot(page, "web-control.png")
+    settings = json.loads(png.text["parameters"])
+    assert (settings["controlnet"], settings["controlnet_scale"], settings["control_type"]) == ("cn", 1.0, "canny")
+    condition = control_map(Image.open(tmp_path / "in.png"), "canny")
+    assert np.array_equal(np.asarray(shown_map.convert("RGB")), np.asarray(condition))
+    expected = Pipeline(controlnet=tmp_path / "cn").generate(
+        "cat face", control_image=condition, num_inference_steps=settings["steps"],
+        guidance_scale=settings["guidance_scale"], seed=settings["seed"], progress=False, output_type="numpy")[0]
+    assert np.abs(np.asarray(png.convert("RGB")).astype(int) - np.round(expected * 255)).max() <= 1
+    plain = Pipeline().generate("cat face", num_inference_steps=settings["steps"], progress=False,
+                                guidance_scale=settings["guidance_scale"], seed=settings["seed"], output_type="numpy")[0]
+    assert np.abs(expected - plain).mean() > 2 / 255  # the ControlNet changed the picture

@@ -41,12 +41,13 @@ CACHE_SECONDS = 3600  # Gradio's cached uploads and results older than this are 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 GALLERY_SIZE = 32  # results kept per browser tab
 MAX_LORA_SCALE = 2.0
+MAX_CONTROL_SCALE = 2.0
 
 # system fonts only: the default theme's web fonts would be fetched from the internet at every page load
 FONTS = dict(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 # 64 px results drawn large and sharp
-CSS = """#result img, #used-mask img, #i2i-result img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}
-#gallery img {object-fit: contain !important; image-rendering: pixelated}"""
+CSS = """#result img, #used-mask img, #i2i-result img, #cn-map img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}
+#gallery img, #cn-gallery img {object-fit: contain !important; image-rendering: pixelated}"""
 
 
 def _gradio():
@@ -85,10 +86,11 @@ def load_adapters(pipe, lora_dir: str | None) -> list[str]:
 
 
 def build_app(model: str | None = None, inpaint_model: str | None = None, lora_dir: str | None = None,
-              fast_model: str | None = None):
+              fast_model: str | None = None, controlnet: str | None = None):
     """The page as a `gr.Blocks` (launch it, or mount it in a FastAPI app). Models (and the adapters in `lora_dir`,
     for the Generate tab) load once, here. The Generate tab's "Fast" box samples a consistency student instead:
-    `fast_model`, or the embedded one when the main model is the embedded default."""
+    `fast_model`, or the embedded one when the main model is the embedded default. `controlnet` (a ControlNet
+    trained on `model`) adds the Control tab."""
     gr = _gradio()
     from pipelines import Img2ImgPipeline, InpaintPipeline, Pipeline
 
@@ -99,6 +101,15 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                                    scheduler=pipe.model_scheduler)
     img2img_pipe.sampling_defaults = pipe.sampling_defaults
     inpaint_pipe = InpaintPipeline(model=inpaint_model)
+    control_pipe, own_control_type = None, "canny"
+    if controlnet is not None:  # the Generate tab's networks again, with the ControlNet checked against them
+        from pipelines.controlnet import recorded_control_type
+
+        control_pipe = Pipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, unet=pipe.unet,
+                                scheduler=pipe.model_scheduler)
+        control_pipe.sampling_defaults, control_pipe.model_name = pipe.sampling_defaults, pipe.model_name
+        control_pipe.load_controlnet(controlnet)
+        own_control_type = recorded_control_type(controlnet) or "canny"
     from pipelines.loading import DEFAULT_FAST_MODEL_DIR
 
     offer_fast = fast_model or (model is None and (DEFAULT_FAST_MODEL_DIR / "model_index.json").is_file())
@@ -107,7 +118,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
         raise UserError(f"--fast-model {fast_model} is not a consistency-distilled student (train one with "
                         "configs/ldm/emoji-64-lcm.yaml)")
     names = {"generate": model or "embedded default", "inpaint": inpaint_model or "embedded inpainting default",
-             "fast": fast_model or "embedded fast default"}
+             "fast": fast_model or "embedded fast default", "controlnet": Path(controlnet or "").name}
     factor, default_size = pipe.vae_scale_factor, pipe.default_size()
 
     def page_errors(fn):
@@ -186,6 +197,33 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
         used_mask = Image.fromarray((used[0, 0].numpy() * 255).astype(np.uint8))
         return with_settings(result, settings, 0), used_mask, settings.seed
 
+    @page_errors
+    def control(upload, detector, scale, prompt, negative_prompt, sampler, steps, guidance, seed, random_seed,
+                num_images, size, interval="", step_schedule=SAMPLER_SPACING, progress=gr.Progress(track_tqdm=True)):
+        from ldm.control import CONTROL_TYPES, control_map
+
+        if control_pipe is None:
+            raise UserError("no ControlNet on this server: start it with --controlnet DIR")
+        if not upload:
+            raise UserError("upload a control image (a photo for the detector, or a ready map) first")
+        if detector not in (*CONTROL_TYPES, "none"):
+            raise UserError(f"unknown detector '{detector}'; valid: {', '.join(CONTROL_TYPES)}, none")
+        if scale is None or not 0 <= scale <= MAX_CONTROL_SCALE:
+            raise UserError(f"the ControlNet scale must be from 0 to {MAX_CONTROL_SCALE}, got {scale}")
+        settings = check_settings(prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, num_images,
+                                  size, factor, names["generate"], interval, step_schedule)
+        image = open_upload(upload, "the control image")
+        condition = image.convert("RGB") if detector == "none" else control_map(image, detector)
+        condition = condition.resize((settings.size, settings.size), Image.Resampling.BICUBIC)
+        settings.controlnet, settings.controlnet_scale, settings.control_type = names["controlnet"], float(scale), \
+            detector
+        if adapters:  # the base model: adapters are the Generate tab's
+            pipe.activate_lora({})
+        images = control_pipe.generate(settings.prompt, control_image=condition,
+                                       controlnet_conditioning_scale=float(scale), **settings.pipeline_kwargs())
+        return [(with_settings(im, settings, i), _caption(settings, i)) for i, im in enumerate(images)], condition, \
+            settings.seed
+
     # uploads and results Gradio caches on disk: files older than an hour removed every hour, and all at exit
     with gr.Blocks(title="latent-diffusion-lab", delete_cache=(CACHE_SECONDS, CACHE_SECONDS)) as app:
         gr.Markdown(f"## latent-diffusion-lab\nGenerate: **{names['generate']}** · Inpaint: **{names['inpaint']}** "
@@ -242,6 +280,31 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                                        i2i_sampling.size, i2i_strength, i2i_sampling.interval,
                                        i2i_sampling.step_schedule],
                              [i2i_result, i2i_sampling.seed], concurrency_limit=1, concurrency_id="generate")
+        with gr.Tab("Control", visible=control_pipe is not None):
+            with gr.Row():
+                with gr.Column():
+                    control_upload = gr.Image(label="Control image (a photo for the detector, or a ready map)",
+                                              type="filepath", sources=["upload", "clipboard"], elem_id="cn-image")
+                    detector = gr.Dropdown(["canny", "colour", "none"], elem_id="cn-detector",
+                                           value=own_control_type,
+                                           label="Detector (none: the upload is the map)")
+                    control_scale = gr.Slider(0, MAX_CONTROL_SCALE, value=1.0, step=0.05, elem_id="cn-scale",
+                                              label=f"ControlNet scale ({names['controlnet']})")
+                    cn_prompt = gr.Textbox(label="Prompt", value="a cat", elem_id="cn-prompt")
+                    cn_negative = gr.Textbox(label="Negative prompt", elem_id="cn-negative")
+                    cn_sampling = _sampling_controls(gr, default_size, "cn", pipe)
+                    cn_num = gr.Number(label="Number of images", value=2, precision=0, elem_id="cn-num")
+                    cn_button = gr.Button("Generate with control", variant="primary", elem_id="control")
+                with gr.Column():
+                    cn_gallery = gr.Gallery(label="Results (PNGs carry their settings)", format="png", columns=2,
+                                            object_fit="contain", height=360, elem_id="cn-gallery")
+                    cn_map = gr.Image(label="Control map used", format="png", type="pil", height=180,
+                                      elem_id="cn-map")
+            cn_button.click(control, [control_upload, detector, control_scale, cn_prompt, cn_negative,
+                                      cn_sampling.sampler, cn_sampling.steps, cn_sampling.guidance, cn_sampling.seed,
+                                      cn_sampling.random_seed, cn_num, cn_sampling.size, cn_sampling.interval,
+                                      cn_sampling.step_schedule],
+                            [cn_gallery, cn_map, cn_sampling.seed], concurrency_limit=1, concurrency_id="generate")
         with gr.Tab("Inpaint"):
             with gr.Row():
                 with gr.Column():
@@ -329,7 +392,7 @@ def _caption(settings: Settings, index: int) -> str:
 
 def serve(model: str | None = None, inpaint_model: str | None = None, host: str = "127.0.0.1",
           port: int = 7860, auth: str | None = None, lora_dir: str | None = None,
-          fast_model: str | None = None) -> None:
+          fast_model: str | None = None, controlnet: str | None = None) -> None:
     """Build the page and serve it until interrupted (loopback only unless `host` says otherwise). `auth`
     ("USER:PASSWORD") asks every visitor for that login (Gradio's basic login page)."""
     gr = _gradio()
@@ -343,7 +406,7 @@ def serve(model: str | None = None, inpaint_model: str | None = None, host: str 
         logger.warning("serving on %s without a login: anyone who can reach port %d can use this machine's models; "
                        "pass --auth USER:PASSWORD (or set LDM_SERVE_AUTH), or keep the default loopback host", host,
                        port)
-    app = build_app(model, inpaint_model, lora_dir, fast_model)
+    app = build_app(model, inpaint_model, lora_dir, fast_model, controlnet)
     try:
         app.launch(server_name=host, server_port=port, theme=gr.themes.Default(**FONTS), css=CSS, show_error=True,
                    share=False, inbrowser=False, auth=credentials, max_file_size=f"{MAX_UPLOAD_MB}mb")

@@ -54,6 +54,9 @@ class Settings:
     feather: float = 0.0
     guidance_interval: list[float] | None = None  # (sigma_lo, sigma_hi]; None = every step
     step_schedule: str = ""  # "" = the sampler's own spacing
+    controlnet: str = ""  # the Control tab: the ControlNet used, its scale and the detector ("none": a ready map)
+    controlnet_scale: float = 1.0
+    control_type: str = ""
 
     def pipeline_kwargs(self) -> dict:
         """Pipeline.generate's arguments shared by text-to-image and inpainting."""
