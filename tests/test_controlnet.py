@@ -154,3 +154,35 @@ def test_ldm_generate_with_a_controlnet_applies_the_detector_and_draws_the_api_p
     result = run([str(BIN / "ldm"), "generate", "a cat", "--model", str(t2i_folder), "--control",
                   str(tmp_path / "photo.png"), "-o", str(tmp_path / "bad.png")], check=False)
     assert result.returncode != 0 and "need a ControlNet: add --controlnet DIR" in result.stderr
+
+
+def test_a_controlnet_with_a_lora_on_its_base_draws_diffusers_pixels(t2i_folder, tmp_path):
+    import copy
+
+    from ldm.lora import add_lora, write_adapter
+
+    base = Pipeline(model=t2i_folder)
+    _controlnet(base, tmp_path / "cn", seed=0)
+    unet = copy.deepcopy(base.unet)
+    fingerprint = base_fingerprint(unet)
+    add_lora(unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    (tmp_path / "lora").mkdir()
+    write_adapter(tmp_path / "lora", unet, {"base_model": str(t2i_folder), "base_fingerprint": fingerprint})
+    control = control_map(_image(), "canny")
+    kwargs = dict(control_image=control, num_inference_steps=5, guidance_scale=3.0, seed=4, output_type="numpy",
+                  progress=False)
+    plain = Pipeline(model=t2i_folder, controlnet=tmp_path / "cn").generate("a cat", **kwargs)
+    got = Pipeline(model=t2i_folder, controlnet=tmp_path / "cn", lora=tmp_path / "lora").generate("a cat", **kwargs)
+    assert np.abs(got - plain).max() > 2 / 255  # the adapter changes the controlled image
+    theirs = StableDiffusionControlNetPipeline.from_pretrained(
+        t2i_folder, controlnet=ControlNetModel.from_pretrained(tmp_path / "cn"), safety_checker=None)
+    theirs.set_progress_bar_config(disable=True)
+    theirs.load_lora_weights(tmp_path / "lora")
+    expected = theirs("a cat", image=control, num_inference_steps=5, guidance_scale=3.0, output_type="np",
+                      generator=torch.Generator().manual_seed(4)).images
+    assert np.abs(got - expected).max() <= 1 / 255
