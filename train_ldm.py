@@ -7,28 +7,13 @@ output_dir=runs/ldm autoencoder=runs/ae data=data/emoji [key=value ...]
 student that samples in 1-8 steps (recipes/consistency.py); with `controlnet: true` (configs/ldm/*-controlnet-*.yaml)
 it trains a ControlNet that steers that model's frozen U-Net with a control map (recipes/controlnet.py)."""
 
-from cli.training_args import ldm_config, parse_training_args
+from cli.training_args import ldm_config, parse_training_args, trainer_for
 from core.errors import exit_on_user_error
-from recipes.consistency import DistillTrainConfig
-from recipes.consistency import run as run_distillation
-from recipes.controlnet import ControlNetTrainConfig
-from recipes.controlnet import run as run_controlnet
-from recipes.inpainting import InpaintTrainConfig
-from recipes.inpainting import run as run_inpainting
-from recipes.latent_diffusion import run as run_text_to_image
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    config = ldm_config(*parse_training_args(__doc__, argv))
-    if isinstance(config, InpaintTrainConfig):
-        run_inpainting(config)
-    elif isinstance(config, DistillTrainConfig):
-        run_distillation(config)
-    elif isinstance(config, ControlNetTrainConfig):
-        run_controlnet(config)
-    else:
-        run_text_to_image(config)
+    trainer_for(ldm_config(*parse_training_args(__doc__, argv))).run()
 
 
 if __name__ == "__main__":

@@ -37,16 +37,15 @@ def cmd_cache(args: argparse.Namespace) -> None:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    from cli.training_args import ldm_config
+    from cli.training_args import ldm_config, trainer_for
     from core.accelerator import setup_logging
-    from recipes.latent_diffusion import LDMTrainer
 
     config = ldm_config(args.config, args.overrides)
     if not config.cache_latents:
         raise UserError("this config has cache_latents=false: it trains without a cache")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator reads it
     setup_logging(state)
-    cache = LDMTrainer(config).build_cache(state)
+    cache = trainer_for(config).build_cache(state)
     if state.is_main_process:
         print(f"cache {cache.folder}: {len(cache)} images in {len(cache.files)} shards, buckets {cache.buckets}"
               + (f"; skipped {dict(cache.skipped)}" if cache.skipped else ""))
@@ -143,6 +142,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     control = _control_kwargs(args)
     pipe = Pipeline(args.prompt, model=args.model, allow_pickle=args.allow_pickle, fast=args.fast,
                     controlnet=args.controlnet, controlnet_force=args.force, **_model_kwargs(args))
+    if control:  # each image through its detector at the sample size, as training made its maps
+        from ldm.control import control_input
+
+        height, width = args.height or pipe.default_size(), args.width or pipe.default_size()
+        maps = [control_input(image, kind, height, width) for image, kind in control.pop("inputs")]
+        control["control_image"] = maps if len(maps) > 1 else maps[0]
     if args.fuse and pipe.adapters:
         pipe.fuse_lora()
     _raise_limits(pipe, args)
@@ -152,10 +157,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _control_kwargs(args: argparse.Namespace) -> dict:
-    """--control images (through --control-type's detector) and --controlnet-scale as generate's arguments,
+    """--control images with the detector each takes ("inputs": (image, kind) pairs) and --controlnet-scale,
     checked against --controlnet before any model loads."""
     from core.images import open_image
-    from ldm.control import control_map
     from pipelines.controlnet import recorded_control_type
 
     images, scales = args.control or [], args.controlnet_scale
@@ -171,11 +175,9 @@ def _control_kwargs(args: argparse.Namespace) -> dict:
         if args.control_type not in (None, "none") and recorded not in (None, args.control_type):
             raise UserError(f"ControlNet {folder} was trained on {recorded} maps, not {args.control_type}: leave "
                             "--control-type out (each ControlNet's own kind is used), or pass none for ready maps")
-        kind = args.control_type or recorded or "canny"
-        if kind != "none":
-            maps[i] = control_map(maps[i], kind)
+        maps[i] = (maps[i], args.control_type or recorded or "canny")
     scale = 1.0 if not scales else scales[0] if len(scales) == 1 else scales
-    return {"control_image": maps if len(maps) > 1 else maps[0], "controlnet_conditioning_scale": scale}
+    return {"inputs": maps, "controlnet_conditioning_scale": scale}
 
 
 def cmd_img2img(args: argparse.Namespace) -> None:

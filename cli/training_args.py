@@ -37,3 +37,17 @@ def ldm_config(path: str | Path | None, overrides: list[str] | None = None,
     cls = {"inpainting": InpaintTrainConfig, "distill": DistillTrainConfig,
            "controlnet": ControlNetTrainConfig}.get(chosen[0] if chosen else "", LDMTrainConfig)
     return build_config(cls, values, sources, validate=validate)
+
+
+def trainer_for(config):
+    """The recipe's trainer for a config `ldm_config` gave (its class says which recipe)."""
+    from recipes.consistency import DistillTrainConfig, DistillTrainer
+    from recipes.controlnet import ControlNetTrainConfig, ControlNetTrainer
+    from recipes.inpainting import InpaintTrainConfig, InpaintTrainer
+    from recipes.latent_diffusion import LDMTrainer
+
+    for config_class, trainer in ((InpaintTrainConfig, InpaintTrainer), (DistillTrainConfig, DistillTrainer),
+                                  (ControlNetTrainConfig, ControlNetTrainer)):
+        if isinstance(config, config_class):
+            return trainer(config)
+    return LDMTrainer(config)

@@ -2,10 +2,10 @@
 
 N held-out images (a seeded choice of a split the ControlNet never trained on), each drawn from its own first caption
 with the same seed by every row: the base model alone, then with the ControlNet at each conditioning scale. Per row:
-edge fidelity, the F1 between the Canny map of each sample and the condition's Canny map with a 2-pixel tolerance
-(pooled over the set: a predicted edge pixel counts as correct within 2 px of a condition edge, a condition edge pixel
-as found within 2 px of a predicted one; the control maps are the ControlNet's own kind, and edges are always
-compared as Canny maps); FID of the samples against their source images; wall seconds per image. Writes
+edge fidelity, the F1 between the Canny map of each sample and the Canny map of its source image with a 2-pixel
+tolerance (pooled over the set: a predicted edge pixel counts as correct when a source edge lies within 2 px of it,
+Euclidean, a source edge pixel as found likewise; for a Canny ControlNet the source's Canny map is its
+condition, a colour ControlNet is given its own kind of map and still scored on edges); FID of the samples against their source images; wall seconds per image. Writes
 `metrics.json` (after every row; a rerun keeps the finished rows) and `examples.png` (a column per example image:
 source, control map, base sample, controlled samples).
 """
@@ -34,11 +34,12 @@ EXAMPLES = 8  # columns of examples.png
 
 def edge_counts(predicted: np.ndarray, target: np.ndarray, tolerance: int = EDGE_TOLERANCE) -> np.ndarray:
     """[matched predicted, predicted, found target, target] edge-pixel counts of two boolean (H, W) maps, a match
-    being within `tolerance` pixels (Euclidean: a disc of that radius)."""
+    being an edge pixel of the other map at Euclidean distance `tolerance` or less (a symmetric disc: OpenCV's
+    ellipse kernel is lopsided at this size)."""
     import cv2
 
-    size = 2 * tolerance + 1
-    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+    offsets = np.arange(-tolerance, tolerance + 1)
+    disc = ((offsets[:, None] ** 2 + offsets[None, :] ** 2) <= tolerance**2).astype(np.uint8)
     near_target = cv2.dilate(target.astype(np.uint8), disc).astype(bool)
     near_predicted = cv2.dilate(predicted.astype(np.uint8), disc).astype(bool)
     return np.array([(predicted & near_target).sum(), predicted.sum(), (target & near_predicted).sum(), target.sum()],
@@ -73,6 +74,8 @@ def evaluate_control(base, pipe, data: str, out: str | Path, split: str = "valid
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ds = load_image_caption_dataset(data, split)
+    if num_images < 2:
+        raise UserError(f"--num-images must be at least 2 (FID needs two images), got {num_images}")
     size = pipe.default_size()
     count = min(num_images, len(ds))
     if count < 2:

@@ -36,7 +36,7 @@ from core.data.sources import DataSource, SourceShard, prepared_rows
 from core.errors import UserError
 from core.files import atomic_write
 from core.locks import FileLock
-from ldm.control import control_tensor
+from ldm.control import CANNY_THRESHOLDS, COLOUR_CELLS, control_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ class CacheInputs:
                 "text_encoder": module_digest(self.text_encoder), "text_max_length": self.text_encoder.max_length,
                 "dtype": self.dtype}
         if self.control_type is not None:  # absent otherwise, so the caches of other runs keep their names
-            spec["control_type"] = self.control_type
+            spec["control"] = {"type": self.control_type, "canny_thresholds": list(CANNY_THRESHOLDS),
+                               "colour_cells": COLOUR_CELLS}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -37,6 +37,18 @@ def control_map(image: Image.Image, kind: str) -> Image.Image:
     return small.resize(rgb.size, Image.Resampling.NEAREST)
 
 
+def control_input(image: Image.Image, kind: str, height: int, width: int) -> Image.Image:
+    """What a ControlNet is fed for a user's image at the sample size: the image made RGB on white and resized to
+    height x width first, then the `kind` detector, as training computes its maps on images at the training size (a
+    map detected at full size and shrunk afterwards has faint, smeared edges); kind "none": the image is a ready map,
+    resized with nearest so its values stay."""
+    from core.data.dataset import to_rgb
+
+    if kind == "none":
+        return to_rgb(image).resize((width, height), Image.Resampling.NEAREST)
+    return control_map(to_rgb(image).resize((width, height), Image.Resampling.BICUBIC), kind)
+
+
 def control_tensor(pixels: torch.Tensor, kind: str) -> torch.Tensor:
     """(B, 3, H, W) uint8 control maps of images in [-1, 1] (B, 3, H, W): each image as the 8-bit picture a user
     would pass, then `control_map`; the recipe reads them as uint8 / 255, the scale the pipelines feed."""

@@ -34,13 +34,21 @@ def controlnet_folder(folder: str | Path) -> Path:
     return folder
 
 
-def recorded_control_type(folder: str | Path) -> str | None:
-    """The kind of control map a ControlNet folder records it was trained on (None: nothing recorded)."""
-    info_file = controlnet_folder(folder) / CONTROLNET_INFO
+def recorded_info(folder: Path) -> dict:
+    """What the ControlNet folder `folder` records about itself (controlnet.json; {} when it has none)."""
+    info_file = folder / CONTROLNET_INFO
     try:
-        return json.loads(info_file.read_text()).get("control_type") if info_file.is_file() else None
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
     except ValueError as err:
         raise UserError(f"{info_file} is not valid JSON ({err}); re-export the ControlNet") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{info_file} is not a JSON object; re-export the ControlNet")
+    return info
+
+
+def recorded_control_type(folder: str | Path) -> str | None:
+    """The kind of control map a ControlNet folder records it was trained on (None: nothing recorded)."""
+    return recorded_info(controlnet_folder(folder)).get("control_type")
 
 
 def read_controlnet(folder: str | Path) -> tuple[ControlNetModel, dict]:
@@ -54,11 +62,7 @@ def read_controlnet(folder: str | Path) -> tuple[ControlNetModel, dict]:
         model = ControlNetModel.from_pretrained(folder, use_safetensors=True, torch_dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, SafetensorError) as err:
         raise UserError(f"cannot load the ControlNet in {folder}: {type(err).__name__}: {err}") from err
-    info_file = folder / CONTROLNET_INFO
-    try:
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-    except ValueError as err:
-        raise UserError(f"{info_file} is not valid JSON ({err}); re-export the ControlNet") from None
+    info = recorded_info(folder)
     return model.eval().requires_grad_(False), {**info, "folder": str(folder)}
 
 

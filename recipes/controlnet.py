@@ -121,8 +121,9 @@ class ControlNetTrainer(LDMTrainer):
                 extra: torch.Tensor) -> torch.Tensor:
         """The frozen U-Net with the residuals of `model` (the ControlNet) added, as the pipelines run them."""
         down, mid = model(noisy, timesteps, encoder_hidden_states=context, controlnet_cond=extra, return_dict=False)
-        return self.base_forward(noisy, timesteps, encoder_hidden_states=context,
-                                 down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        with self.accelerator.autocast():  # the mixed precision the prepared ControlNet runs in
+            return self.base_forward(noisy, timesteps, encoder_hidden_states=context,
+                                     down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
 
     def validation_inputs(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         """Each held-out row's control map (uint8): the cache's, or computed from its pixels."""

@@ -141,14 +141,17 @@ def test_controlnets_are_refused_where_unsupported(t2i_folder, tmp_path):
 def test_ldm_generate_with_a_controlnet_applies_the_detector_and_draws_the_api_pixels(t2i_folder, tmp_path):
     from helpers import BIN, run
 
+    from ldm.control import control_input
+
     _controlnet(Pipeline(model=t2i_folder), tmp_path / "cn", seed=0)
-    _image().save(tmp_path / "photo.png")
+    photo = _image().resize((96, 96), Image.Resampling.NEAREST)  # larger than the samples: resized, then Canny
+    photo.save(tmp_path / "photo.png")
     out = tmp_path / "out.png"
     run([str(BIN / "ldm"), "generate", "a cat", "--model", str(t2i_folder), "--controlnet", str(tmp_path / "cn"),
          "--control", str(tmp_path / "photo.png"), "--control-type", "canny", "--controlnet-scale", "0.7",
          "--steps", "3", "--seed", "1", "-o", str(out)])
     expected = Pipeline(model=t2i_folder, controlnet=tmp_path / "cn").generate(
-        "a cat", control_image=control_map(_image(), "canny"), controlnet_conditioning_scale=0.7,
+        "a cat", control_image=control_input(photo, "canny", 32, 32), controlnet_conditioning_scale=0.7,
         num_inference_steps=3, seed=1, progress=False)[0]
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
     result = run([str(BIN / "ldm"), "generate", "a cat", "--model", str(t2i_folder), "--control",

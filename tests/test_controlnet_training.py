@@ -39,6 +39,22 @@ def test_control_tensor_is_the_map_a_user_would_pass():
     assert np.array_equal(maps[1].permute(1, 2, 0).numpy(), np.asarray(control_map(image, "canny")))
 
 
+def test_a_photo_is_resized_before_the_detector_as_training_sees_maps():
+    from ldm.control import control_input
+
+    small = np.full((32, 32, 4), 0, np.uint8)  # transparent, as emoji PNGs are: composited on white
+    small[8:24, 10:22] = (40, 120, 220, 255)
+    photo = Image.fromarray(small, "RGBA").resize((256, 256), Image.Resampling.NEAREST)
+    fed = np.asarray(control_input(photo, "canny", 32, 32))
+    assert fed.shape == (32, 32, 3) and set(np.unique(fed)) == {0, 255}  # crisp edges, not shrunk ones
+    on_white = Image.alpha_composite(Image.new("RGBA", (256, 256), "white"), photo).convert("RGB")
+    assert np.array_equal(fed, np.asarray(control_map(on_white.resize((32, 32), Image.Resampling.BICUBIC), "canny")))
+    shrunk = np.asarray(control_map(on_white, "canny").resize((32, 32), Image.Resampling.BICUBIC))
+    assert shrunk.max() < 255 // 2  # what detecting first would feed: faint edges
+    ready = Image.fromarray(np.kron(fed[..., 0], np.ones((8, 8), np.uint8)))  # a map drawn at 256 px
+    assert np.array_equal(np.asarray(control_input(ready, "none", 32, 32)), fed)  # nearest keeps its values
+
+
 def test_a_controlnet_run_caches_the_maps_trains_only_the_controlnet_and_exports_it(emoji_dir, base_model_dir,
                                                                                      tmp_path):
     out = tmp_path / "cn"
@@ -130,6 +146,11 @@ def test_edge_f1_matches_within_two_pixels_and_pools_counts():
     half[4, 7:12] = False  # half the line found, nothing spurious: precision 1, recall 0.5 (with the 2-px reach 0.7)
     scores = edge_scores(edge_counts(half, target))
     assert scores["edge_precision"] == 1.0 and scores["edge_recall"] == 0.7
+    point, diagonal = np.zeros((9, 9), bool), np.zeros((9, 9), bool)
+    point[4, 4], diagonal[5, 5] = True, True
+    assert edge_counts(diagonal, point)[0] == 1  # sqrt(2) px away: matched
+    diagonal[5, 5], diagonal[5, 6] = False, True
+    assert edge_counts(diagonal, point)[0] == 0 and edge_counts(diagonal.T, point)[0] == 0  # sqrt(5): neither way
     pooled = edge_counts(target, target) + edge_counts(np.zeros_like(target), target)
     assert edge_scores(pooled)["edge_recall"] == 0.5  # pooled over images, not averaged per image
 

@@ -390,14 +390,14 @@ def test_an_adapter_picked_on_the_page_changes_the_image_and_is_recorded(tmp_pat
 
 @browser
 def test_control_tab_draws_what_the_pipeline_draws_with_the_controlnet(tmp_path, chromium):
-    from ldm.control import control_map
+    from ldm.control import control_input
     from pipelines import Pipeline
     from test_controlnet import _controlnet
 
     _controlnet(Pipeline(), tmp_path / "cn", seed=3)  # a ControlNet of the embedded default, its joins random
     source = np.full((64, 64, 3), 255, np.uint8)
-    source[12:52, 20:44] = (40, 120, 220)  # a blue bar on white: edges around it
-    Image.fromarray(source).save(tmp_path / "in.png")
+    source[12:52, 20:44] = (40, 120, 220)  # a blue bar on white: edges around it, uploaded at 256 px
+    Image.fromarray(source).resize((256, 256), Image.Resampling.NEAREST).save(tmp_path / "in.png")
     with running_server(tmp_path / "serve.log", "--controlnet", str(tmp_path / "cn")) as url:
         page = _open(chromium, url)
         page.get_by_role("tab", name="Control").click()
@@ -412,8 +412,9 @@ def test_control_tab_draws_what_the_pipeline_draws_with_the_controlnet(tmp_path,
         _shot(page, "web-control.png")
     settings = json.loads(png.text["parameters"])
     assert (settings["controlnet"], settings["controlnet_scale"], settings["control_type"]) == ("cn", 1.0, "canny")
-    condition = control_map(Image.open(tmp_path / "in.png"), "canny")
+    condition = control_input(Image.open(tmp_path / "in.png"), "canny", 64, 64)  # resized, then Canny
     assert np.array_equal(np.asarray(shown_map.convert("RGB")), np.asarray(condition))
+    assert set(np.unique(np.asarray(condition))) == {0, 255}
     expected = Pipeline(controlnet=tmp_path / "cn").generate(
         "cat face", control_image=condition, num_inference_steps=settings["steps"],
         guidance_scale=settings["guidance_scale"], seed=settings["seed"], progress=False, output_type="numpy")[0]

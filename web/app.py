@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from core.errors import UserError
+from ldm.control import CONTROL_TYPES, control_input
 from pipelines.defaults import FAST_NUM_INFERENCE_STEPS, SCHEDULER_NAMES, STEP_SCHEDULES
 from web.requests import (
     INPAINT_METHODS,
@@ -101,7 +102,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                                    scheduler=pipe.model_scheduler)
     img2img_pipe.sampling_defaults = pipe.sampling_defaults
     inpaint_pipe = InpaintPipeline(model=inpaint_model)
-    control_pipe, own_control_type = None, "canny"
+    control_pipe, own_control_type, recorded = None, "canny", None
     if controlnet is not None:  # the Generate tab's networks again, with the ControlNet checked against them
         from pipelines.controlnet import recorded_control_type
 
@@ -109,7 +110,9 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                                 scheduler=pipe.model_scheduler)
         control_pipe.sampling_defaults, control_pipe.model_name = pipe.sampling_defaults, pipe.model_name
         control_pipe.load_controlnet(controlnet)
-        own_control_type = recorded_control_type(controlnet) or "canny"
+        recorded = recorded_control_type(controlnet)
+        # a kind the page has no detector for (another project's depth ControlNet): ready maps only
+        own_control_type = "canny" if recorded is None else recorded if recorded in CONTROL_TYPES else "none"
     from pipelines.loading import DEFAULT_FAST_MODEL_DIR
 
     offer_fast = fast_model or (model is None and (DEFAULT_FAST_MODEL_DIR / "model_index.json").is_file())
@@ -200,21 +203,21 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
     @page_errors
     def control(upload, detector, scale, prompt, negative_prompt, sampler, steps, guidance, seed, random_seed,
                 num_images, size, interval="", step_schedule=SAMPLER_SPACING, progress=gr.Progress(track_tqdm=True)):
-        from ldm.control import CONTROL_TYPES, control_map
-
         if control_pipe is None:
             raise UserError("no ControlNet on this server: start it with --controlnet DIR")
         if not upload:
             raise UserError("upload a control image (a photo for the detector, or a ready map) first")
         if detector not in (*CONTROL_TYPES, "none"):
             raise UserError(f"unknown detector '{detector}'; valid: {', '.join(CONTROL_TYPES)}, none")
+        if detector != "none" and recorded is not None and detector != recorded:
+            raise UserError(f"this ControlNet was trained on {recorded} maps, not {detector}: pick {recorded}, or none "
+                            "for a ready map")
         if scale is None or not 0 <= scale <= MAX_CONTROL_SCALE:
             raise UserError(f"the ControlNet scale must be from 0 to {MAX_CONTROL_SCALE}, got {scale}")
         settings = check_settings(prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, num_images,
                                   size, factor, names["generate"], interval, step_schedule)
-        image = open_upload(upload, "the control image")
-        condition = image.convert("RGB") if detector == "none" else control_map(image, detector)
-        condition = condition.resize((settings.size, settings.size), Image.Resampling.BICUBIC)
+        # the detector at the sample size, as training made its maps
+        condition = control_input(open_upload(upload, "the control image"), detector, settings.size, settings.size)
         settings.controlnet, settings.controlnet_scale, settings.control_type = names["controlnet"], float(scale), \
             detector
         if adapters:  # the base model: adapters are the Generate tab's
