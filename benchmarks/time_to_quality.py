@@ -18,6 +18,9 @@ uncached arm pays for its encoders inside its training minutes). Arms:
   post-hoc-ema   shipped + post_hoc_ema=[0.05, 0.10], scored with the sigma_rel that `ldm ema` picks by
                  validation loss among --ema-lengths
   xs / m         shipped with the emoji-xs (0.94M) / emoji-m U-Net: the size a CPU-hour budget favours
+  flow           shipped with the rectified-flow objective (prediction_type=flow, no min-SNR: the plain velocity
+                 loss), scored with its own sampler, flow-euler, at the same steps (a research arm: no diffusers
+                 pipeline samples a U-Net with a flow scheduler, docs/benchmarks.md)
 
     python benchmarks/time_to_quality.py --budget 45 --segment 9 --arms diffusers,shipped,logit-normal
     python benchmarks/time_to_quality.py --quick      # tiny configs, seconds (what tests/test_time_to_quality.py runs)
@@ -55,7 +58,9 @@ ARMS: dict[str, list[str]] = {
     "post-hoc-ema": ["post_hoc_ema=[0.05, 0.10]", "post_hoc_ema_every=100"],
     "xs": ["unet_preset=emoji-xs"],
     "m": ["unet_preset=emoji-m"],
+    "flow": ["prediction_type=flow", "min_snr_gamma=null"],
 }
+ARM_SAMPLERS = {"flow": "flow-euler"}  # arms scored with another sampler than --scheduler (their only one)
 # every arm: the embedded default's autoencoder and text encoder, run by time (max_steps out of reach), no samples
 COMMON = ["autoencoder=pipelines/default_model/vae", "text_encoder=minilm", "text_max_length=32", "max_steps=10000000",
           "sample_every=10000000", "checkpoint_every=10000000", "validation_every=10000000", "keep_checkpoints=1"]
@@ -107,11 +112,13 @@ def reached(folder: Path) -> tuple[int, int]:
     return step, step * config["batch_size"] * config["gradient_accumulation_steps"]
 
 
-def score(model: Path, args, out: Path, tag: str) -> float:
-    """FID of `model` at --num-images training prompts (the main row of `ldm eval generate`)."""
+def score(model: Path, args, out: Path, tag: str, scheduler: str | None = None) -> float:
+    """FID of `model` at --num-images training prompts (the main row of `ldm eval generate`), sampled with
+    `scheduler` (default --scheduler)."""
     command = [str(BIN / "ldm"), "eval", "generate", "--model", str(model), "--data", args.data, "--num-images",
                str(args.num_images), "--sweep-images", "2", "--heldout-split", "none", "--samplers", "none",
-               "--guidance-scales", "none", "--scheduler", args.scheduler, "--num-inference-steps", str(args.steps),
+               "--guidance-scales", "none", "--scheduler", scheduler or args.scheduler,
+               "--num-inference-steps", str(args.steps),
                "--guidance-scale", str(args.guidance), "--out", str(out / "scores" / tag), "--cache-dir",
                str(out / "fid-cache")]
     result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True)
@@ -223,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
             model = args.out / arm / "final"
             if arm == "post-hoc-ema":
                 model = post_hoc_model(args.out / arm, lengths, args.out, f"{arm}-{k}")
-            fid = score(model, args, args.out, f"{arm}-{k}")
+            fid = score(model, args, args.out, f"{arm}-{k}", ARM_SAMPLERS.get(arm))
             record["rows"].append({"minutes": round(record["cache_minutes"] + k * args.segment, 3), "step": step,
                                    "images": images, "training_minutes": round(k * args.segment, 3), "fid": fid})
             metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")

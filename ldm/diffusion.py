@@ -2,7 +2,10 @@
 the variational bound (DDPM eq. 5) term by term.
 
 Conventions follow DDPM (Ho et al. 2020) and match diffusers' schedulers exactly (`to_scheduler_config`), so a U-Net
-trained here samples correctly with any diffusers scheduler built from that config.
+trained here samples correctly with any diffusers scheduler built from that config. `prediction_type="flow"` is the
+research arm of rectified flow / flow matching on the linear path (Liu et al. 2023, Lipman et al. 2023; SD3, Esser
+et al. 2024): x_t = (1 - s) x_0 + s eps with s = (t + 1) / T, the network predicting the velocity eps - x_0 at
+timestep s T, as diffusers' FlowMatchEulerDiscreteScheduler (shift 1) samples it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Callable
 import torch
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "flow")
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"  # the scheduler class a flow-matching model folder saves
 
 
 def make_betas(schedule: str, num_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
@@ -59,6 +63,9 @@ class NoiseSchedule:
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"unknown prediction_type '{self.prediction_type}'; valid: {', '.join(PREDICTION_TYPES)}")
+        if self.is_flow and (self.zero_terminal_snr or self.learned_variance):
+            raise ValueError("prediction_type=flow has its own linear path: zero_terminal_snr and learned_variance "
+                             "do not apply")
         betas = make_betas(self.beta_schedule, self.num_train_timesteps, self.beta_start, self.beta_end)
         if self.zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
@@ -70,20 +77,43 @@ class NoiseSchedule:
         alpha_bar = self.alphas_cumprod.to(like.device)[timesteps].to(like.dtype)
         return alpha_bar.view(-1, *([1] * (like.ndim - 1)))
 
+    @property
+    def is_flow(self) -> bool:
+        return self.prediction_type == "flow"
+
+    def flow_sigma(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The flow path's noise share s = (t + 1) / T at training timesteps t in {0, ..., T-1}, shaped like
+        `alpha_bar` (diffusers' flow sigmas with shift 1 run from 1 down to 1 / T)."""
+        sigma = (timesteps.to(like.device, torch.float64) + 1) / self.num_train_timesteps
+        return sigma.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+    def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """What the U-Net is given for training timesteps t: t itself, or for flow s T = t + 1 (the timesteps
+        FlowMatchEulerDiscreteScheduler passes at sampling)."""
+        return timesteps.float() + 1 if self.is_flow else timesteps
+
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4)."""
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4); flow: (1 - s) x_0 + s eps."""
+        if self.is_flow:
+            sigma = self.flow_sigma(timesteps, x0)
+            return (1 - sigma) * x0 + sigma * noise
         alpha_bar = self.alpha_bar(timesteps, x0)
         return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """What the network predicts: eps (L_simple, DDPM eq. 14) or v = sqrt(ab) eps - sqrt(1-ab) x_0."""
+        """What the network predicts: eps (L_simple, DDPM eq. 14), v = sqrt(ab) eps - sqrt(1-ab) x_0, or the flow's
+        velocity eps - x_0 (d x_t / d s)."""
         if self.prediction_type == "epsilon":
             return noise
+        if self.is_flow:
+            return noise - x0
         alpha_bar = self.alpha_bar(timesteps, x0)
         return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
 
     def predicted_x0(self, xt: torch.Tensor, timesteps: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
-        """x_0 implied by the network's eps or v prediction at x_t."""
+        """x_0 implied by the network's eps, v or flow-velocity prediction at x_t."""
+        if self.is_flow:
+            return xt - self.flow_sigma(timesteps, xt) * model_output
         alpha_bar = self.alpha_bar(timesteps, xt)
         if self.prediction_type == "epsilon":
             return (xt - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
@@ -118,15 +148,20 @@ class NoiseSchedule:
         return torch.exp(frac * max_log + (1 - frac) * min_log)
 
     def predicted_noise(self, xt: torch.Tensor, timesteps: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
-        """eps implied by the network's eps or v prediction at x_t."""
+        """eps implied by the network's eps, v or flow-velocity prediction at x_t."""
         if self.prediction_type == "epsilon":
             return model_output
+        if self.is_flow:
+            return xt + (1 - self.flow_sigma(timesteps, xt)) * model_output
         alpha_bar = self.alpha_bar(timesteps, xt)
         return alpha_bar.sqrt() * model_output + (1 - alpha_bar).sqrt() * xt
 
     def sigmas(self) -> torch.Tensor:
         """The noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of each training timestep (EDM's sigma of
-        the variance-exploding form x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps), float64."""
+        the variance-exploding form x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps), float64. Not for flow, whose
+        guidance and step options here do not take noise levels."""
+        if self.is_flow:
+            raise ValueError("a flow-matching model has no diffusion noise levels sigma_t here")
         alpha_bar = self.alphas_cumprod.double()
         return ((1 - alpha_bar) / alpha_bar).sqrt()
 
@@ -148,6 +183,9 @@ class NoiseSchedule:
         """Per-sample weights: 1 (L_simple) or min-SNR-gamma (Hang et al. 2023, eq. 8 for eps, v variants)."""
         if min_snr_gamma is None:
             return torch.ones(timesteps.shape, device=timesteps.device)
+        if self.is_flow:
+            raise ValueError("min_snr_gamma weights a diffusion schedule's timesteps; prediction_type=flow trains "
+                             "the plain velocity loss (set min_snr_gamma=null)")
         snr = self.snr(timesteps)
         clipped = torch.clamp(snr, max=min_snr_gamma)
         return clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1)
@@ -155,7 +193,9 @@ class NoiseSchedule:
     @classmethod
     def from_scheduler_config(cls, config: dict) -> "NoiseSchedule":
         """The inverse of `to_scheduler_config`: the schedule a diffusers scheduler config describes (keys it leaves
-        out take this class's defaults)."""
+        out take this class's defaults); a flow-matching scheduler's config gives the flow path."""
+        if config.get("_class_name") == FLOW_SCHEDULER:
+            return cls(num_train_timesteps=config.get("num_train_timesteps", 1000), prediction_type="flow")
         keys = {"num_train_timesteps": "num_train_timesteps", "beta_schedule": "beta_schedule",
                 "beta_start": "beta_start", "beta_end": "beta_end", "prediction_type": "prediction_type",
                 "zero_terminal_snr": "rescale_betas_zero_snr"}
@@ -163,7 +203,10 @@ class NoiseSchedule:
         return cls(**given, learned_variance=config.get("variance_type") in ("learned", "learned_range"))
 
     def to_scheduler_config(self) -> dict:
-        """Keyword arguments for diffusers' `DDPMScheduler` (and every scheduler `from_config` builds from it)."""
+        """Keyword arguments for diffusers' `DDPMScheduler` (and every scheduler `from_config` builds from it); for
+        flow, FlowMatchEulerDiscreteScheduler's (shift 1; `_class_name` says which)."""
+        if self.is_flow:
+            return {"_class_name": FLOW_SCHEDULER, "num_train_timesteps": self.num_train_timesteps, "shift": 1.0}
         config = {"num_train_timesteps": self.num_train_timesteps, "beta_schedule": self.beta_schedule,
                   "beta_start": self.beta_start, "beta_end": self.beta_end, "prediction_type": self.prediction_type,
                   "rescale_betas_zero_snr": self.zero_terminal_snr, "clip_sample": False,

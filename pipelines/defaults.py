@@ -5,7 +5,7 @@ No torch or diffusers here: `ldm --help` reads these without paying for the heav
 
 from __future__ import annotations
 
-SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++", "euler", "euler_a", "unipc", "lcm")  # pipelines/schedulers.py maps them
+SCHEDULER_NAMES = ("ddpm", "ddim", "dpm++", "euler", "euler_a", "unipc", "lcm", "flow-euler")  # schedulers.py maps them
 STEP_SCHEDULES = ("karras", "ays")  # pipelines/schedulers.py: where a sampler's steps fall
 DEFAULT_SCHEDULER = "dpm++"  # what a training export saves, so diffusers and `generate` sample alike by default
 NUM_INFERENCE_STEPS = 30

@@ -28,6 +28,9 @@ class Img2ImgPipeline(Pipeline):
 
     def __init__(self, prompt: str | list[str] | None = None, model=None, *, image=None, **components) -> None:
         super().__init__(prompt, model, **components)  # a controlnet= is refused by load_controlnet below
+        if self.is_flow:
+            raise UserError(f"{self.model_name} is a flow-matching model (prediction_type=flow, a research arm): "
+                            "image-to-image and inpainting take diffusion models here")
         self.image = image
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 

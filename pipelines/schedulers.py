@@ -14,7 +14,8 @@ from pathlib import Path
 import diffusers
 import numpy as np
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler)
+                       EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler,
+                       UniPCMultistepScheduler)
 from diffusers.schedulers import AysSchedules
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -30,6 +31,7 @@ SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "euler_a": EulerAncestralDiscreteScheduler,
     "unipc": UniPCMultistepScheduler,
     "lcm": LCMScheduler,  # a consistency-distilled student's sampler, 1-8 steps (recipes/consistency.py)
+    "flow-euler": FlowMatchEulerDiscreteScheduler,  # a flow-matching model's (prediction_type=flow) and only its
 }
 assert tuple(SCHEDULERS) == SCHEDULER_NAMES
 
@@ -43,15 +45,29 @@ def make_scheduler(name: str | SchedulerMixin | None, default: SchedulerMixin) -
     if name is None:
         cls = type(default)
     elif not isinstance(name, str):
-        return name
+        cls = type(name)
     elif name not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{name}'; valid: {', '.join(SCHEDULERS)}")
     else:
         cls = SCHEDULERS[name]
+    flow_model, flow_sampler = is_flow_scheduler(default), issubclass(cls, FlowMatchEulerDiscreteScheduler)
+    if flow_model and not flow_sampler:
+        raise UserError(f"this is a flow-matching model (prediction_type=flow): it samples with flow-euler, not "
+                        f"{name if isinstance(name, str) else cls.__name__}")
+    if flow_sampler and not flow_model:
+        raise UserError("flow-euler samples flow-matching models (prediction_type=flow); this model was trained "
+                        f"with {default.config.get('prediction_type', 'epsilon')} prediction on a diffusion schedule")
+    if not isinstance(name, (str, type(None))):
+        return name
     config = dict(default.config)
     if cls is not DDPMScheduler and config.get("variance_type") in ("learned", "learned_range"):
         config["variance_type"] = None
     return cls.from_config(config)
+
+
+def is_flow_scheduler(scheduler: SchedulerMixin) -> bool:
+    """Whether `scheduler` is a flow-matching model's (ldm/diffusion.py, prediction_type=flow)."""
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
 
 
 def uses_learned_variance(scheduler: SchedulerMixin) -> bool:
@@ -87,6 +103,9 @@ def with_step_schedule(sampler: SchedulerMixin, step_schedule: str | None) -> Sc
     if isinstance(sampler, LCMScheduler):
         raise UserError(f"step_schedule={step_schedule}: a consistency student samples on its own timestep grid "
                         "(the lcm sampler); leave step_schedule out")
+    if is_flow_scheduler(sampler):
+        raise UserError(f"step_schedule={step_schedule}: a flow-matching model samples on flow-euler's own grid "
+                        "here; leave step_schedule out")
     name = type(sampler).__name__
     if step_schedule == "karras":
         if "use_karras_sigmas" not in inspect.signature(type(sampler).__init__).parameters:

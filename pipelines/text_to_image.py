@@ -32,8 +32,8 @@ from pipelines.guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierG
 from pipelines.guide import check_guide
 from pipelines.loading import (base_model_name, check_model_folder, read_sampling_defaults, resolve_model_path,
                                text_encoder_spec)
-from pipelines.schedulers import (ays_timesteps, load_scheduler, make_scheduler, uses_learned_variance,
-                                  with_step_schedule)
+from pipelines.schedulers import (ays_timesteps, is_flow_scheduler, load_scheduler, make_scheduler,
+                                  uses_learned_variance, with_step_schedule)
 
 OUTPUT_TYPES = ("pil", "numpy", "torch", "latent")
 
@@ -490,7 +490,8 @@ class Pipeline:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
             raise UserError(f"latents have shape {tuple(latents.shape)}; expected {shape} for these settings")
-        return latents.to(self.device, self.unet.dtype) * sampler.init_noise_sigma
+        # flow-matching samplers start from the noise itself and have no init_noise_sigma / scale_model_input
+        return latents.to(self.device, self.unet.dtype) * getattr(sampler, "init_noise_sigma", 1.0)
 
     def check_guidance(self, interval="model") -> tuple[float, float] | None:
         """The guidance options as they stand now: a guidance interval in this model's noise levels
@@ -508,6 +509,11 @@ class Pipeline:
         if interval is not None and self.embeds_guidance:
             raise UserError("guidance_interval needs classifier-free guidance; a consistency student takes the "
                             "guidance scale as an input (one call per step already)")
+        if self.is_flow:
+            if interval is not None:
+                raise UserError("guidance_interval is given in a diffusion schedule's noise levels sigma; a "
+                                "flow-matching model is guided at every step here")
+            return None
         sigmas = self.noise_schedule.sigmas()
         return guidance_interval(interval, float(sigmas.min()), float(sigmas.max()))
 
@@ -537,6 +543,11 @@ class Pipeline:
         images = [prepare_control_image(processor, image, height, width, batch, self.device, self.unet.dtype)
                   for image in control[0]]
         return controlled_denoiser(self._unet_forward, self.controlnets, images, control[1])
+
+    @property
+    def is_flow(self) -> bool:
+        """A flow-matching model (prediction_type=flow, ldm/diffusion.py): sampled with flow-euler only."""
+        return is_flow_scheduler(self.model_scheduler)
 
     @property
     def noise_schedule(self) -> NoiseSchedule:
@@ -571,7 +582,8 @@ class Pipeline:
         label = classifier.label_index(class_label)
         real("classifier_scale", scale, 0)
         classifier.check_fits(self.vae, height // self.vae_scale_factor, height, self.scheduler.config)
-        if sampler.init_noise_sigma != 1 or self.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+        if is_flow_scheduler(sampler) or sampler.init_noise_sigma != 1 or \
+                self.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
             raise UserError("classifier guidance needs an epsilon-prediction model and a sampler whose input is x_t "
                             "itself: ddpm, ddim, dpm++ or unipc")
         with torch.inference_mode(False):
@@ -597,8 +609,9 @@ class Pipeline:
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(sampler.step).parameters else {}
         timesteps = sampler.timesteps if timesteps is None else timesteps
         keep_variance = uses_learned_variance(sampler)
+        scale_input = getattr(sampler, "scale_model_input", lambda x, t: x)
         for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=not progress, leave=False)):
-            model_output = guided(sampler.scale_model_input(latents, t), t)
+            model_output = guided(scale_input(latents, t), t)
             if not keep_variance:
                 model_output = model_output[:, :latents.shape[1]]
             latents = sampler.step(model_output, t, latents, **step_kwargs).prev_sample

@@ -166,6 +166,8 @@ class LDMTrainConfig(TrainConfig):
             raise UserError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise UserError(f"unknown beta_schedule '{self.beta_schedule}'; valid: {', '.join(BETA_SCHEDULES)}")
+        if self.prediction_type == "flow":
+            self.check_flow()
         if self.timestep_density not in TIMESTEP_DENSITIES:
             raise UserError(f"unknown timestep_density '{self.timestep_density}'; valid: "
                             f"{', '.join(TIMESTEP_DENSITIES)}")
@@ -196,6 +198,17 @@ class LDMTrainConfig(TrainConfig):
         if self.attention not in ("sdpa", "xformers"):
             raise UserError(f"attention must be sdpa or xformers, got '{self.attention}'")
         self.noise_schedule()
+
+    def check_flow(self) -> None:
+        """prediction_type=flow (the flow-matching research arm): the text-to-image recipe, its LoRA and DreamBooth
+        only, with the plain velocity loss."""
+        for key in ("inpainting", "distill", "controlnet"):
+            if getattr(self, key):
+                raise UserError(f"{key}=true needs a diffusion model; prediction_type=flow (a research arm here) "
+                                "trains text-to-image models only")
+        if self.min_snr_gamma is not None:
+            raise UserError("min_snr_gamma weights a diffusion schedule's timesteps; prediction_type=flow trains "
+                            "the plain velocity loss: set min_snr_gamma=null")
 
     def needs_data(self) -> bool:
         return not self.instance_data  # DreamBooth trains on instance_data; data then only gives validation images
@@ -356,7 +369,8 @@ class LDMTrainer(Trainer):
         noisy = self.schedule.add_noise(latents, noise, timesteps)
         repeated = {key: v.repeat_interleave(k, 0) for key, v in batch.items() if key not in ("latents", "context")}
         extra = self.extra_inputs(repeated, latents)
-        prediction = self.denoise(model, noisy, timesteps, batch["context"].repeat_interleave(k, 0), extra)
+        prediction = self.denoise(model, noisy, self.schedule.model_timesteps(timesteps),
+                                  batch["context"].repeat_interleave(k, 0), extra)
         prediction = prediction[:, :latents.shape[1]]  # the mean part of a learned-variance output
         target = self.schedule.target(latents, noise, timesteps)
         per_row = (prediction.float() - target.float()).square().flatten(1).mean(1)
@@ -466,7 +480,7 @@ class LDMTrainer(Trainer):
                                      self.config.timestep_density, self.config.timestep_logit_mean,
                                      self.config.timestep_logit_std)
         noisy = self.schedule.add_noise(latents, noise, timesteps)
-        prediction = self.denoise(self.unet_forward, noisy, timesteps, context, extra)
+        prediction = self.denoise(self.unet_forward, noisy, self.schedule.model_timesteps(timesteps), context, extra)
         target = self.schedule.target(latents, noise, timesteps)
         weights = self.schedule.loss_weights(timesteps, self.config.min_snr_gamma)
         if "prior" in batch:  # DreamBooth: instance + prior_loss_weight x class images
@@ -489,8 +503,9 @@ class LDMTrainer(Trainer):
 
     def sampling_pipeline(self, unet: UNet2DConditionModel) -> Pipeline:
         """`unet` with the frozen stages and the default sampler on the training noise schedule."""
-        # a learned-variance model saves the sampler that uses its variance (DDPM), so diffusers picks it too
-        name = "ddpm" if self.config.learned_variance else DEFAULT_SCHEDULER
+        # a learned-variance model saves the sampler that uses its variance (DDPM), so diffusers picks it too; a
+        # flow-matching one its flow sampler
+        name = "flow-euler" if self.schedule.is_flow else "ddpm" if self.config.learned_variance else DEFAULT_SCHEDULER
         scheduler = SCHEDULERS[name].from_config(self.schedule.to_scheduler_config())
         return self.pipeline_class(vae=self.vae, text_encoder=self.text_encoder, unet=unet, scheduler=scheduler)
 

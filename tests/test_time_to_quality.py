@@ -16,12 +16,12 @@ from helpers import ROOT
 def test_quick_form_trains_scores_and_resumes(emoji_dir, autoencoder_dir, tmp_path):
     out = tmp_path / "ttq"
     command = [sys.executable, "benchmarks/time_to_quality.py", "--quick", "--autoencoder", str(autoencoder_dir),
-               "--data", str(emoji_dir), "--arms", "diffusers,post-hoc-ema", "--segment", "0.05", "--num-images", "16",
+               "--data", str(emoji_dir), "--arms", "diffusers,post-hoc-ema,flow", "--segment", "0.05", "--num-images", "16",
                "--steps", "2", "--ema-lengths", "0.05,0.12", "--out", str(out)]
     first = subprocess.run([*command, "--budget", "0.05"], cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [len(a["rows"]) for a in metrics["arms"].values()] == [1, 1]
+    assert [len(a["rows"]) for a in metrics["arms"].values()] == [1, 1, 1]
     # other settings on the same --out are refused; a larger budget continues the run
     other = [*command, "--budget", "0.1", "--guidance", "2"]
     assert "other settings" in subprocess.run(other, cwd=ROOT, capture_output=True, text=True).stderr
@@ -39,4 +39,5 @@ def test_quick_form_trains_scores_and_resumes(emoji_dir, autoencoder_dir, tmp_pa
     assert "cache_latents: false" in diffusers_config and "use_ema: false" in diffusers_config
     assert json.loads((out / "post-hoc" / "post-hoc-ema-2" / "post_hoc_ema.json").read_text())["sigma_rel"] in (0.05,
                                                                                                              0.12)
+    assert "prediction_type: flow" in (out / "flow" / "final" / "config.yaml").read_text()  # scored by flow-euler
     assert "| diffusers |" in (out / "table.md").read_text() and (out / "fid-vs-minutes.png").stat().st_size > 1000
