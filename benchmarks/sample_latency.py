@@ -18,9 +18,12 @@ two compiled variants run in separate phases: dynamo would otherwise reuse one v
 `--student DIR` times a consistency-distilled student (recipes/consistency.py; the lcm sampler, one U-Net call per
 step) against its teacher (`--model`, default the embedded default) at `--teacher-steps` DPM-Solver++ steps, each on
 our Pipeline and on diffusers' StableDiffusionPipeline, calls alternating; plus the fixed costs every call pays (prompt
-encoding, decoding the latents):
+encoding, decoding the latents). `--teacher-own` times the teacher with its own sampling settings instead (its
+folder's sampling.json: steps, guidance and step schedule; diffusers given the same timesteps), the way `Pipeline()`
+samples it:
 
     python benchmarks/sample_latency.py --student runs/lcm/final --student-steps 1 2 4 8 --batch 1 8
+    python benchmarks/sample_latency.py --student STUDENT --teacher-own --student-steps 2 4 --batch 1 8
 """
 
 from __future__ import annotations
@@ -145,6 +148,7 @@ def student_rows(args) -> None:
 
     from pipelines import Pipeline
     from pipelines.loading import resolve_model_path
+    from pipelines.schedulers import ays_timesteps
 
     diffusers_logging.set_verbosity_error()
     teacher_dir, student_dir = resolve_model_path(args.model), resolve_model_path(args.student)
@@ -155,26 +159,35 @@ def student_rows(args) -> None:
     theirs["teacher"].scheduler = DPMSolverMultistepScheduler.from_config(theirs["teacher"].scheduler.config)
     for pipe in theirs.values():
         pipe.set_progress_bar_config(disable=True)
-    steps_t = args.teacher_steps
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; teacher {teacher_dir} (dpm++ {steps_t}), "
-          f"student {student_dir} (lcm); guidance {args.guidance}; median of {args.repeats}, calls alternating")
+    steps_t, guidance_t, schedule = args.teacher_steps, args.guidance, None
+    if args.teacher_own:  # the teacher's own settings (sampling.json), as Pipeline() samples it
+        steps_t, guidance_t = teacher.own_defaults()
+        schedule = teacher.sampling_defaults.get("step_schedule")
+    sampler_t = "dpm++" + (f" {schedule}" if schedule else "")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; teacher {teacher_dir} ({sampler_t} {steps_t}, "
+          f"guidance {guidance_t:g}), student {student_dir} (lcm, guidance {args.guidance:g}); median of "
+          f"{args.repeats}, calls alternating")
     print("| batch | model | sampler | steps | U-Net calls | ours ms/img | diffusers ms/img | ours / our teacher "
           f"{steps_t} | ours / diffusers' teacher {steps_t} | diffusers / diffusers' teacher {steps_t} |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for batch in args.batch:
         prompts = ["a cat"] * batch
 
-        def ours(pipe, steps, scheduler):
+        def ours(pipe, steps, scheduler, guidance=args.guidance):
+            if scheduler is None:  # the model's own sampler, steps, guidance and step schedule
+                return lambda: pipe.generate(prompts, seed=0, output_type="numpy", progress=False)
             return lambda: pipe.generate(prompts, num_inference_steps=steps, seed=0, scheduler=scheduler,
-                                         guidance_scale=args.guidance, output_type="numpy", progress=False)
+                                         guidance_scale=guidance, output_type="numpy", progress=False)
 
-        def diffusers_call(name, steps):
-            return lambda: theirs[name](prompts, num_inference_steps=steps, guidance_scale=args.guidance,
+        def diffusers_call(name, steps, guidance=args.guidance, timesteps=None):
+            placement = {"num_inference_steps": steps} if timesteps is None else {"timesteps": timesteps}
+            return lambda: theirs[name](prompts, guidance_scale=guidance, **placement,
                                         generator=torch.Generator().manual_seed(0), output_type="np").images
 
         latents = torch.randn(batch, 4, 16, 16)
-        calls = {("teacher", steps_t, "ours"): ours(teacher, steps_t, "dpm++"),
-                 ("teacher", steps_t, "diffusers"): diffusers_call("teacher", steps_t),
+        timesteps_t = ays_timesteps(steps_t) if schedule == "ays" else None
+        calls = {("teacher", steps_t, "ours"): ours(teacher, steps_t, None if args.teacher_own else "dpm++"),
+                 ("teacher", steps_t, "diffusers"): diffusers_call("teacher", steps_t, guidance_t, timesteps_t),
                  "encode": lambda: student.text_embeddings(prompts),
                  "decode": lambda: student.decode(latents, "numpy")}
         for steps in args.student_steps:
@@ -189,7 +202,7 @@ def student_rows(args) -> None:
                     times[key].append(timed(call)[0])
         ms = {key: statistics.median(t) * 1000 / batch for key, t in times.items()}
         base_ours, base_theirs = ms[("teacher", steps_t, "ours")], ms[("teacher", steps_t, "diffusers")]
-        rows = [("teacher", "dpm++", steps_t, 2 * steps_t)] + [("student", "lcm", n, n) for n in args.student_steps]
+        rows = [("teacher", sampler_t, steps_t, 2 * steps_t)] + [("student", "lcm", n, n) for n in args.student_steps]
         for name, sampler, steps, unet_calls in rows:
             mine, other = ms[(name, steps, "ours")], ms[(name, steps, "diffusers")]
             print(f"| {batch} | {name} | {sampler} | {steps} | {unet_calls} | {mine:.1f} | {other:.1f} | "
@@ -211,6 +224,9 @@ def main() -> None:
     parser.add_argument("--student", help="a consistency student's folder: time it against --model (see above)")
     parser.add_argument("--student-steps", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--teacher-steps", type=int, default=20)
+    parser.add_argument("--teacher-own", action="store_true",
+                        help="time the teacher with its own sampling settings (sampling.json) instead of "
+                             "--teacher-steps DPM-Solver++ steps at --guidance")
     parser.add_argument("--child", choices=("ours", "diffusers"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
