@@ -159,6 +159,7 @@ def test_edge_f1_matches_within_two_pixels_and_pools_counts():
     assert edge_scores(pooled)["edge_recall"] == 0.5  # pooled over images, not averaged per image
 
 
+@pytest.mark.slow  # 8-18 s: moved to the slow stage to keep the default suite under 12 minutes
 def test_eval_control_rows_grid_and_rerun(emoji_dir, base_model_dir, tmp_path, capsys):
     from cli.main import main as ldm_main
     from evaluation.control import evaluate_control

@@ -333,6 +333,7 @@ def test_fsdp_shard_grad_op_on_two_cpu_ranks_resumes_bit_identically(emoji_dir, 
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
 
 
+@pytest.mark.slow  # 27 s: the slow stage (default-suite budget)
 def test_a_cache_shard_that_cannot_be_written_stops_the_build_with_one_line(wide_shards, autoencoder_dir, tmp_path):
     """A real failed write (a file size limit: EFBIG, as a full disk gives ENOSPC): one line naming the shard and the
     free space, no partial file taken as a shard, and the next build completes."""

@@ -155,6 +155,7 @@ def test_nonfinite_losses_skip_then_stop_without_saving(emoji_dir, autoencoder_d
         assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.slow  # 41 s: the slow stage (default-suite budget)
 def test_init_from_continues_a_model_and_max_minutes_stops_at_a_checkpoint_and_exports(emoji_dir, autoencoder_dir,
                                                                                         tmp_path):
     from diffusers import UNet2DConditionModel

@@ -292,6 +292,7 @@ def test_upload_pixels_prompt_length_and_paths_are_checked_before_any_work(tmp_p
     assert public_message(f"the uploaded image {tmp_path}/cat.png is broken") == "the uploaded image cat.png is broken"
 
 
+@pytest.mark.slow  # 34 s: the slow stage (default-suite budget)
 def test_an_open_host_warns_and_a_burst_of_requests_is_answered_or_refused(tmp_path):
     """20 requests at once from 4 clients on loopback (the server listening on every interface, without a login):
     each is answered or refused with Gradio's queue message, and the server still serves afterwards."""
@@ -388,6 +389,7 @@ def test_an_adapter_picked_on_the_page_changes_the_image_and_is_recorded(tmp_pat
     assert "LoRA adapter" in (tmp_path / "serve.log").read_text() and "left out" in (tmp_path / "serve.log").read_text()
 
 
+@pytest.mark.slow  # 22 s: the slow stage (default-suite budget)
 @browser
 def test_control_tab_draws_what_the_pipeline_draws_with_the_controlnet(tmp_path, chromium):
     from ldm.control import control_input
