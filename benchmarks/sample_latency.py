@@ -163,6 +163,11 @@ def student_rows(args) -> None:
     if args.teacher_own:  # the teacher's own settings (sampling.json), as Pipeline() samples it
         steps_t, guidance_t = teacher.own_defaults()
         schedule = teacher.sampling_defaults.get("step_schedule")
+        # what diffusers' side can be given the same way: DPM-Solver++, plain or AYS steps, guidance at every step
+        if type(teacher.model_scheduler).__name__ != "DPMSolverMultistepScheduler" or schedule not in (None, "ays") \
+                or teacher.sampling_defaults.get("guidance_interval") is not None or guidance_t <= 1:
+            raise SystemExit("--teacher-own times teachers that sample with DPM-Solver++ (plain or AYS steps) and "
+                             "guidance > 1 at every step, as the embedded default does; pass --teacher-steps instead")
     sampler_t = "dpm++" + (f" {schedule}" if schedule else "")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; teacher {teacher_dir} ({sampler_t} {steps_t}, "
           f"guidance {guidance_t:g}), student {student_dir} (lcm, guidance {args.guidance:g}); median of "

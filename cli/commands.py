@@ -259,9 +259,11 @@ def cmd_eval_generate(args: argparse.Namespace) -> None:
                        "eval-default-fast-model" if args.fast else "eval-default-model")
     student = pipe.is_consistency_student
     samplers = (args.samplers or ",".join(f"lcm:{s}" for s in D.FAST_SAMPLER_SWEEP)) if student else args.samplers
+    if pipe.is_flow and not samplers:  # a flow-matching model's sweep: its one sampler at the sweep's step counts
+        samplers = ",".join(f"flow-euler:{s}" for s in (10, 20, 50))
     metrics = evaluate_generation(
         pipe, args.data, out, num_images=args.num_images, sweep_images=args.sweep_images,
-        scheduler=args.scheduler or ("lcm" if student else D.EVAL_SCHEDULER),
+        scheduler=args.scheduler or ("lcm" if student else "flow-euler" if pipe.is_flow else D.EVAL_SCHEDULER),
         num_inference_steps=args.num_inference_steps or (D.FAST_NUM_INFERENCE_STEPS if student
                                                          else D.EVAL_NUM_INFERENCE_STEPS),
         guidance_scale=args.guidance_scale,

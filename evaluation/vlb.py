@@ -22,6 +22,9 @@ from ldm.diffusion import NoiseSchedule, variational_bound
 def model_schedule(pipe, training_config=None) -> NoiseSchedule:
     """The noise schedule of the model's scheduler config, checked against its training config (the typed config
     saved beside it) when there is one."""
+    if pipe.is_flow:
+        raise UserError("the variational bound is a diffusion model's (DDPM eq. 5); this is a flow-matching model "
+                        "(prediction_type=flow)")
     # a U-Net with variance outputs uses them, whichever sampler its folder saved
     schedule = dataclasses.replace(NoiseSchedule.from_scheduler_config(pipe.scheduler.config),
                                    learned_variance=pipe.predicts_variance)

@@ -194,7 +194,11 @@ class NoiseSchedule:
     def from_scheduler_config(cls, config: dict) -> "NoiseSchedule":
         """The inverse of `to_scheduler_config`: the schedule a diffusers scheduler config describes (keys it leaves
         out take this class's defaults); a flow-matching scheduler's config gives the flow path."""
-        if config.get("_class_name") == FLOW_SCHEDULER:
+        flow_keys = "shift" in config and "beta_start" not in config  # a flow scheduler's config built in code
+        if str(config.get("_class_name", "")).startswith("FlowMatch") or flow_keys:
+            if config.get("shift", 1.0) != 1.0 or config.get("use_dynamic_shifting") or config.get("invert_sigmas"):
+                raise ValueError("a flow-matching scheduler with a shift, dynamic shifting or inverted sigmas is not "
+                                 "the path trained here (shift 1)")
             return cls(num_train_timesteps=config.get("num_train_timesteps", 1000), prediction_type="flow")
         keys = {"num_train_timesteps": "num_train_timesteps", "beta_schedule": "beta_schedule",
                 "beta_start": "beta_start", "beta_end": "beta_end", "prediction_type": "prediction_type",

@@ -45,20 +45,11 @@ def make_scheduler(name: str | SchedulerMixin | None, default: SchedulerMixin) -
     if name is None:
         cls = type(default)
     elif not isinstance(name, str):
-        cls = type(name)
+        return name
     elif name not in SCHEDULERS:
         raise UserError(f"unknown scheduler '{name}'; valid: {', '.join(SCHEDULERS)}")
     else:
         cls = SCHEDULERS[name]
-    flow_model, flow_sampler = is_flow_scheduler(default), issubclass(cls, FlowMatchEulerDiscreteScheduler)
-    if flow_model and not flow_sampler:
-        raise UserError(f"this is a flow-matching model (prediction_type=flow): it samples with flow-euler, not "
-                        f"{name if isinstance(name, str) else cls.__name__}")
-    if flow_sampler and not flow_model:
-        raise UserError("flow-euler samples flow-matching models (prediction_type=flow); this model was trained "
-                        f"with {default.config.get('prediction_type', 'epsilon')} prediction on a diffusion schedule")
-    if not isinstance(name, (str, type(None))):
-        return name
     config = dict(default.config)
     if cls is not DDPMScheduler and config.get("variance_type") in ("learned", "learned_range"):
         config["variance_type"] = None
@@ -66,8 +57,19 @@ def make_scheduler(name: str | SchedulerMixin | None, default: SchedulerMixin) -
 
 
 def is_flow_scheduler(scheduler: SchedulerMixin) -> bool:
-    """Whether `scheduler` is a flow-matching model's (ldm/diffusion.py, prediction_type=flow)."""
-    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+    """Whether `scheduler` is one of diffusers' flow-matching samplers (FlowMatchEuler..., FlowMatchHeun..., ...):
+    what a flow-matching model (ldm/diffusion.py, prediction_type=flow) samples with, and only it."""
+    return type(scheduler).__name__.startswith("FlowMatch")
+
+
+def check_flow_match(sampler: SchedulerMixin, flow_model: bool) -> None:
+    """A flow-matching sampler for a flow-matching model, a diffusion sampler otherwise; one line when not."""
+    if flow_model and not is_flow_scheduler(sampler):
+        raise UserError(f"this is a flow-matching model (prediction_type=flow): it samples with flow-euler, not "
+                        f"{type(sampler).__name__}")
+    if is_flow_scheduler(sampler) and not flow_model:
+        raise UserError(f"{type(sampler).__name__} (flow-euler) samples flow-matching models (prediction_type=flow); "
+                        "this model was trained on a diffusion schedule")
 
 
 def uses_learned_variance(scheduler: SchedulerMixin) -> bool:

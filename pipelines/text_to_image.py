@@ -32,8 +32,8 @@ from pipelines.guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierG
 from pipelines.guide import check_guide
 from pipelines.loading import (base_model_name, check_model_folder, read_sampling_defaults, resolve_model_path,
                                text_encoder_spec)
-from pipelines.schedulers import (ays_timesteps, is_flow_scheduler, load_scheduler, make_scheduler,
-                                  uses_learned_variance, with_step_schedule)
+from pipelines.schedulers import (ays_timesteps, check_flow_match, is_flow_scheduler, load_scheduler,
+                                  make_scheduler, uses_learned_variance, with_step_schedule)
 
 OUTPUT_TYPES = ("pil", "numpy", "torch", "latent")
 
@@ -88,6 +88,7 @@ class Pipeline:
             scheduler = load_scheduler(path / "scheduler")
         self.vae, self.text_encoder, self.unet = vae, text_encoder, unet
         self.model_scheduler = scheduler  # the folder's own sampler; `scheduler` is the one sampling uses now
+        self._flow_model = is_flow_scheduler(scheduler)  # fixed by the model's own scheduler, whatever samples later
         self._own_scheduler = True  # False once another sampler is set in its place
         self.check_unet()
         for module in (self.vae, self.unet, self.text_encoder):
@@ -171,6 +172,7 @@ class Pipeline:
 
     @scheduler.setter
     def scheduler(self, scheduler: SchedulerMixin) -> None:
+        check_flow_match(scheduler, self.is_flow)  # the model decides, not the sampler it is given
         self.model_scheduler = scheduler
         self._own_scheduler = False  # the folder's step schedule (sampling.json) no longer applies
 
@@ -464,7 +466,9 @@ class Pipeline:
         return sampler
 
     def check_sampler(self, sampler: SchedulerMixin, num_inference_steps: int) -> None:
-        """The lcm sampler for consistency students and only for them, within the student's timestep grid."""
+        """The lcm sampler for consistency students and only for them, within the student's timestep grid; a
+        flow-matching sampler for flow-matching models and only for them."""
+        check_flow_match(sampler, self.is_flow)
         lcm = isinstance(sampler, LCMScheduler)
         if lcm and not self.is_consistency_student:
             raise UserError(f"the lcm sampler needs a consistency-distilled model, and {self.model_name} is not one: "
@@ -547,7 +551,7 @@ class Pipeline:
     @property
     def is_flow(self) -> bool:
         """A flow-matching model (prediction_type=flow, ldm/diffusion.py): sampled with flow-euler only."""
-        return is_flow_scheduler(self.model_scheduler)
+        return self._flow_model
 
     @property
     def noise_schedule(self) -> NoiseSchedule:
@@ -581,6 +585,9 @@ class Pipeline:
             raise UserError(f"classifier guidance needs class_label=...; valid: {', '.join(classifier.config.labels)}")
         label = classifier.label_index(class_label)
         real("classifier_scale", scale, 0)
+        if self.is_flow:
+            raise UserError("classifier guidance takes epsilon-prediction diffusion models; this is a flow-matching "
+                            "model (prediction_type=flow)")
         classifier.check_fits(self.vae, height // self.vae_scale_factor, height, self.scheduler.config)
         if is_flow_scheduler(sampler) or sampler.init_noise_sigma != 1 or \
                 self.scheduler.config.get("prediction_type", "epsilon") != "epsilon":

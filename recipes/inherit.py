@@ -32,7 +32,10 @@ def base_settings(init: Path) -> dict[str, Any]:
     schedule and prediction type (scheduler/scheduler_config.json), and whether its U-Net predicts a variance."""
     folder_name, length = text_encoder_spec(init)
     name = trained_text_encoder(init) or folder_name
-    schedule = NoiseSchedule.from_scheduler_config(read_json(init / "scheduler" / "scheduler_config.json"))
+    try:
+        schedule = NoiseSchedule.from_scheduler_config(read_json(init / "scheduler" / "scheduler_config.json"))
+    except ValueError as err:
+        raise UserError(f"init_from {init}: {err}") from err
     unet, vae = read_json(init / "unet" / "config.json"), read_json(init / "vae" / "config.json")
     settings = {"text_encoder": name, "text_max_length": length,
                 **{key: getattr(schedule, key) for key in SCHEDULE_KEYS}}

@@ -209,6 +209,9 @@ class LDMTrainConfig(TrainConfig):
         if self.min_snr_gamma is not None:
             raise UserError("min_snr_gamma weights a diffusion schedule's timesteps; prediction_type=flow trains "
                             "the plain velocity loss: set min_snr_gamma=null")
+        if self.offset_noise:
+            raise UserError("offset_noise with prediction_type=flow would end the path off the Gaussian its sampler "
+                            "starts from: leave offset_noise at 0")
 
     def needs_data(self) -> bool:
         return not self.instance_data  # DreamBooth trains on instance_data; data then only gives validation images

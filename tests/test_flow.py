@@ -47,6 +47,40 @@ def test_euler_with_the_exact_velocity_lands_on_the_data_point():
     torch.testing.assert_close(latents, x0, rtol=1e-4, atol=1e-4)
 
 
+def test_the_pipelines_loop_lands_on_the_data_with_the_exact_velocity(tiny_components):
+    """Our sampling loop on a flow model (start scale, timesteps given to the U-Net, steps): with the exact velocity
+    of one data point, (x - x0) / s at s = t / T, it ends on that point."""
+    flow = FlowMatchEulerDiscreteScheduler.from_config(FLOW.to_scheduler_config())
+    pipe = Pipeline(**{**tiny_components, "scheduler": flow})
+    assert pipe.is_flow and pipe.noise_schedule.is_flow
+    x0 = torch.randn(1, 4, 16, 16)
+    seen = []
+
+    def exact(x, t, context, timestep_cond=None):
+        seen.append(float(t.flatten()[0]))
+        return (x - x0) / (t.flatten()[0] / 1000)
+
+    pipe.denoiser = exact
+    out = pipe.generate("a cat", num_inference_steps=6, guidance_scale=1.0, seed=0, output_type="latent",
+                        progress=False)
+    torch.testing.assert_close(out, x0, rtol=1e-4, atol=1e-4)
+    assert seen[0] == 1000.0 and len(seen) == 6  # starts at s = 1 (pure noise), one call per step
+
+
+def test_the_model_not_the_sampler_decides_flow(tiny_components, tiny_model_dir):
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchHeunDiscreteScheduler
+
+    flow = FlowMatchEulerDiscreteScheduler.from_config(FLOW.to_scheduler_config())
+    flow_pipe = Pipeline(**{**tiny_components, "scheduler": flow})
+    with pytest.raises(UserError, match="flow-matching model .* not DPMSolverMultistepScheduler"):
+        flow_pipe.scheduler = DPMSolverMultistepScheduler.from_config(NoiseSchedule().to_scheduler_config())
+    diffusion = Pipeline(model=tiny_model_dir)
+    with pytest.raises(UserError, match="samples flow-matching models"):
+        diffusion.scheduler = flow
+    with pytest.raises(UserError, match="FlowMatchHeunDiscreteScheduler .* samples flow-matching models"):
+        diffusion.generate("a cat", scheduler=FlowMatchHeunDiscreteScheduler(), num_inference_steps=2, progress=False)
+
+
 def test_flow_refuses_what_does_not_apply():
     with pytest.raises(ValueError, match="min_snr_gamma weights a diffusion"):
         FLOW.loss_weights(torch.tensor([3]), 5.0)
@@ -55,6 +89,8 @@ def test_flow_refuses_what_does_not_apply():
     base = ["output_dir=/tmp/never", "data=somewhere", "autoencoder=somewhere", "prediction_type=flow"]
     with pytest.raises(UserError, match="set min_snr_gamma=null"):
         ldm_config(ROOT / "configs" / "ldm" / "tiny.yaml", [*base, "min_snr_gamma=5"])
+    with pytest.raises(UserError, match="leave offset_noise at 0"):
+        ldm_config(ROOT / "configs" / "ldm" / "tiny.yaml", [*base, "offset_noise=0.1"])
     with pytest.raises(UserError, match="inpainting=true needs a diffusion model"):
         ldm_config(ROOT / "configs" / "ldm" / "tiny-inpaint.yaml", [*base, "init_from=", "inpainting=true"],
                    validate=False).check_flow()
@@ -84,18 +120,18 @@ def test_a_flow_model_trains_samples_with_flow_euler_and_refuses_other_samplers(
     assert pipe.is_flow and type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     images = pipe.generate("a cat", num_inference_steps=4, seed=0, output_type="numpy", progress=False)
     assert images.shape == (1, 32, 32, 3) and np.isfinite(images).all()
-    for kwargs, message in (({"scheduler": "dpm++"}, "flow-matching model .* samples with flow-euler, not dpm\\+\\+"),
+    for kwargs, message in (({"scheduler": "dpm++"}, "it samples with flow-euler, not DPMSolverMultistepScheduler"),
                             ({"step_schedule": "karras"}, "samples on flow-euler's own grid"),
                             ({"guidance_interval": (0.5, 2.0)}, "a flow-matching model is guided at every step")):
         with pytest.raises(UserError, match=message):
             pipe.generate("a cat", num_inference_steps=4, progress=False, **kwargs)
     with pytest.raises(UserError, match="image-to-image and inpainting take diffusion models"):
         Img2ImgPipeline(model=final)
-    with pytest.raises(UserError, match="flow-euler samples flow-matching models"):
+    with pytest.raises(UserError, match="\\(flow-euler\\) samples flow-matching models"):
         Pipeline(model=tiny_model_dir).generate("a cat", scheduler="flow-euler", num_inference_steps=2,
                                                 progress=False)
     # why no diffusers pipeline samples it: StableDiffusionPipeline asks every scheduler for init_noise_sigma and
     # scale_model_input, which the flow scheduler lacks (SD3 / Flux pipelines take transformers, not this U-Net)
     theirs = StableDiffusionPipeline.from_pretrained(final, safety_checker=None)
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="init_noise_sigma|scale_model_input"):
         theirs("a cat", num_inference_steps=2, output_type="np")

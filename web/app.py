@@ -98,9 +98,11 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
     pipe = Pipeline(model=model)
     adapters = load_adapters(pipe, lora_dir)
     # image to image on the Generate tab's model (its networks shared, so one request at a time across both tabs)
-    img2img_pipe = Img2ImgPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, unet=pipe.unet,
-                                   scheduler=pipe.model_scheduler)
-    img2img_pipe.sampling_defaults = pipe.sampling_defaults
+    img2img_pipe = None  # a flow-matching model (a research arm) has no image-to-image here
+    if not pipe.is_flow:
+        img2img_pipe = Img2ImgPipeline(vae=pipe.vae, text_encoder=pipe.text_encoder, unet=pipe.unet,
+                                       scheduler=pipe.model_scheduler)
+        img2img_pipe.sampling_defaults = pipe.sampling_defaults
     inpaint_pipe = InpaintPipeline(model=inpaint_model)
     control_pipe, own_control_type, recorded = None, "canny", None
     if controlnet is not None:  # the Generate tab's networks again, with the ControlNet checked against them
@@ -166,6 +168,8 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
     @page_errors
     def img2img(upload, prompt, negative_prompt, sampler, steps, guidance, seed, random_seed, size, strength,
                 interval="", step_schedule=SAMPLER_SPACING, progress=gr.Progress(track_tqdm=True)):
+        if img2img_pipe is None:
+            raise UserError(f"{names['generate']} is a flow-matching model: image-to-image takes diffusion models")
         if not upload:
             raise UserError("upload an image to start from first")
         image = open_upload(upload, "the uploaded image")
