@@ -20,11 +20,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from core.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
 from core.errors import UserError
 from core.images import make_grid, tensor_to_pil
 from evaluation.fid import frechet_distance, inception_features, inception_network
 from evaluation.progress import earlier_metrics, save_metrics
+from evaluation.real_images import seeded_held_out_images
 from ldm.cache import module_digest
 from ldm.control import control_map
 
@@ -73,19 +73,10 @@ def evaluate_control(base, pipe, data: str, out: str | Path, split: str = "valid
                         "(controlnet.json); it was not trained here")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ds = load_image_caption_dataset(data, split)
     if num_images < 2:
         raise UserError(f"--num-images must be at least 2 (FID needs two images), got {num_images}")
     size = pipe.default_size()
-    count = min(num_images, len(ds))
-    if count < 2:
-        raise UserError("FID needs at least 2 images")
-    rows = np.random.default_rng(seed).permutation(len(ds))[:count].tolist()
-    loader = torch.utils.data.DataLoader(ImageCaptionDataset(ds.select(rows), size), batch_size=64,
-                                         collate_fn=SkippingCollate())
-    batches = [b for b in loader if b is not None]
-    originals = torch.cat([b["pixel_values"] for b in batches])  # [-1, 1]
-    captions = [variants[0] for b in batches for variants in b["captions"]]
+    originals, captions = seeded_held_out_images(data, split, num_images, size, seed)  # [-1, 1]
     sources = tensor_to_pil(originals)
     conditions = [control_map(image, control_type) for image in sources]
     targets = [canny_edges(image) for image in sources]

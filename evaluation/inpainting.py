@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from core.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
 from core.errors import UserError
 from evaluation.fid import frechet_distance, inception_features, inception_network
 from core.images import make_grid, tensor_to_pil
 from ldm.masks import irregular_strokes, outpaint_border, random_boxes
 from evaluation.progress import earlier_metrics, save_metrics
+from evaluation.real_images import seeded_held_out_images
 from ldm.cache import module_digest
 from ldm.inpainting import grey_hole
 from pipelines.defaults import INPAINT_METHODS, LATENT_MASKS
@@ -84,17 +84,8 @@ def evaluate_inpainting(pipes: dict[str, object], data: str, out: str | Path, sp
     unknown = set(kinds) - set(EVAL_MASKS)
     if unknown:
         raise UserError(f"unknown mask kind(s) {', '.join(sorted(unknown))}; valid: {', '.join(EVAL_MASKS)}")
-    ds = load_image_caption_dataset(data, split)
     size = next(iter(pipes.values()))[0].default_size()
-    count = min(num_images, len(ds))
-    if count < 2:
-        raise UserError("FID needs at least 2 images")
-    rows = np.random.default_rng(seed).permutation(len(ds))[:count].tolist()
-    loader = torch.utils.data.DataLoader(ImageCaptionDataset(ds.select(rows), size), batch_size=64,
-                                         collate_fn=SkippingCollate())
-    batches = [b for b in loader if b is not None]
-    originals = torch.cat([b["pixel_values"] for b in batches])  # [-1, 1]
-    captions = [variants[0] for b in batches for variants in b["captions"]]
+    originals, captions = seeded_held_out_images(data, split, num_images, size, seed)  # [-1, 1]
     network = inception_network()
     real_features = inception_features(network, originals)
     metrics: dict = {"data": str(data), "split": split, "num_images": len(originals), "resolution": size,

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from core.data.dataset import ImageCaptionDataset, SkippingCollate
+from core.data.dataset import ImageCaptionDataset, SkippingCollate, load_image_caption_dataset
 from core.errors import UserError
 from core.files import atomic_write
 from evaluation.fid import inception_features
@@ -27,6 +27,22 @@ class RealImages:
 
     def take(self, count: int) -> "RealImages":
         return RealImages(self.features[:count], self.captions[:count], self.names[:count], self.categories[:count])
+
+
+def seeded_held_out_images(data: str, split: str, num_images: int, size: int,
+                           seed: int) -> tuple[torch.Tensor, list[str]]:
+    """A seeded choice of at most `num_images` images of `split` at `size` px, (N, 3, size, size) in [-1, 1], with
+    each one's first caption (undecodable ones left out): what `ldm eval inpaint` and `ldm eval control` draw from."""
+    ds = load_image_caption_dataset(data, split)
+    count = min(num_images, len(ds))
+    if count < 2:
+        raise UserError("FID needs at least 2 images")
+    rows = np.random.default_rng(seed).permutation(len(ds))[:count].tolist()
+    loader = torch.utils.data.DataLoader(ImageCaptionDataset(ds.select(rows), size), batch_size=64,
+                                         collate_fn=SkippingCollate())
+    batches = [b for b in loader if b is not None]
+    originals = torch.cat([b["pixel_values"] for b in batches])
+    return originals, [variants[0] for b in batches for variants in b["captions"]]
 
 
 def _column(ds, column: str, fallback: list[str]) -> list[str]:
