@@ -46,3 +46,25 @@ def count_denoiser_calls(pipe) -> list[int]:
 
     pipe.denoiser = counting
     return calls
+
+
+def write_random_adapter(folder: Path, unet, base_model: str, seed: int, std: float, fingerprint_from=None) -> Path:
+    """A LoRA adapter on a copy of `unet` (attention projections, rank 4) whose B matrices are seeded N(0, std) (a
+    visible change), written as training writes one; it records `unet` as its base, or `fingerprint_from`'s."""
+    import copy
+
+    import torch
+
+    from ldm.lora import add_lora, base_fingerprint, write_adapter
+
+    fingerprint = base_fingerprint(fingerprint_from or unet)
+    unet = copy.deepcopy(unet)
+    add_lora(unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    folder.mkdir(parents=True)
+    write_adapter(folder, unet, {"base_model": base_model, "base_fingerprint": fingerprint})
+    return folder

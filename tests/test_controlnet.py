@@ -160,22 +160,11 @@ def test_ldm_generate_with_a_controlnet_applies_the_detector_and_draws_the_api_p
 
 
 def test_a_controlnet_with_a_lora_on_its_base_draws_diffusers_pixels(t2i_folder, tmp_path):
-    import copy
-
-    from ldm.lora import add_lora, write_adapter
+    from helpers import write_random_adapter
 
     base = Pipeline(model=t2i_folder)
     _controlnet(base, tmp_path / "cn", seed=0)
-    unet = copy.deepcopy(base.unet)
-    fingerprint = base_fingerprint(unet)
-    add_lora(unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    (tmp_path / "lora").mkdir()
-    write_adapter(tmp_path / "lora", unet, {"base_model": str(t2i_folder), "base_fingerprint": fingerprint})
+    write_random_adapter(tmp_path / "lora", base.unet, str(t2i_folder), seed=1, std=0.3)
     control = control_map(_image(), "canny")
     kwargs = dict(control_image=control, num_inference_steps=5, guidance_scale=3.0, seed=4, output_type="numpy",
                   progress=False)

@@ -68,25 +68,14 @@ def test_strength_sets_how_much_of_the_image_is_kept_and_how_many_steps_run(tiny
 
 
 def test_a_lora_adapter_and_the_guidance_options_apply(tiny_components, folder, tmp_path):
-    import copy
-
-    from ldm.lora import add_lora, base_fingerprint, write_adapter
+    from helpers import write_random_adapter
 
     pipe = Img2ImgPipeline(model=folder)
     kwargs = dict(image=_image(), strength=0.7, num_inference_steps=6, seed=1, output_type="numpy", progress=False)
     base = pipe.generate("a cat", guidance_scale=3.0, **kwargs)
     interval = pipe.generate("a cat", guidance_scale=3.0, guidance_interval=(0.0, 1.0), **kwargs)
     assert np.abs(base - interval).max() > 1e-4
-    unet = copy.deepcopy(pipe.unet)
-    fingerprint = base_fingerprint(unet)
-    add_lora(unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-    (tmp_path / "lora").mkdir()
-    write_adapter(tmp_path / "lora", unet, {"base_model": str(folder), "base_fingerprint": fingerprint})
+    write_random_adapter(tmp_path / "lora", pipe.unet, str(folder), seed=0, std=0.3)
     pipe.load_lora(tmp_path / "lora")
     adapted = pipe.generate("a cat", guidance_scale=3.0, **kwargs)
     assert np.abs(base - adapted).max() > 1e-3

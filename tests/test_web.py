@@ -338,22 +338,10 @@ def test_a_login_must_name_user_and_password(capsys):
 def _adapter_for(folder: Path, fingerprint_from=None) -> Path:
     """A LoRA adapter for the embedded default with seeded random weights (a visible change), written as training
     writes one; `fingerprint_from`: record another base instead."""
-    import torch
-
-    from ldm.lora import add_lora, base_fingerprint, write_adapter
+    from helpers import write_random_adapter
     from pipelines import Pipeline
 
-    unet = Pipeline().unet
-    fingerprint = base_fingerprint(fingerprint_from or unet)
-    add_lora(unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in unet.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
-    folder.mkdir(parents=True)
-    write_adapter(folder, unet, {"base_model": "default", "base_fingerprint": fingerprint})
-    return folder
+    return write_random_adapter(folder, Pipeline().unet, "default", seed=0, std=0.2, fingerprint_from=fingerprint_from)
 
 
 @browser
