@@ -39,6 +39,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,19 +68,19 @@ COMMON = ["autoencoder=pipelines/default_model/vae", "text_encoder=minilm", "tex
 QUICK = ["unet_preset=tiny", "batch_size=8", "autoencoder={autoencoder}", "text_max_length=16"]
 
 
-def train_segment(arm: str, out: Path, config: str, overrides: list[str], minutes: float) -> None:
+def train_segment(arm: str, out: Path, config: str, overrides: list[str], minutes: float, env: dict) -> None:
     """One `max_minutes` segment of the arm (resume=auto continues the last one); raises with the log's tail."""
     folder = out / arm
     command = LAUNCH + ["train_ldm.py", "--config", config, *overrides, f"output_dir={folder}",
                         f"max_minutes={minutes}"]
     with open(out / f"{arm}.log", "a") as log:
-        result = subprocess.run(command, cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+        result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         tail = (out / f"{arm}.log").read_text().splitlines()[-5:]
         raise SystemExit(f"arm {arm} failed ({result.returncode}); {out / f'{arm}.log'} ends:\n" + "\n".join(tail))
 
 
-def build_cache(arm: str, out: Path, config: str, overrides: list[str]) -> float:
+def build_cache(arm: str, out: Path, config: str, overrides: list[str], env: dict) -> float:
     """Minutes `ldm cache` takes to build the arm's own cache in its output_dir (0 for an uncached arm): each arm
     pays for its cache, none reuses another's."""
     if "cache_latents=false" in overrides:
@@ -87,7 +88,7 @@ def build_cache(arm: str, out: Path, config: str, overrides: list[str]) -> float
     started = time.perf_counter()
     with open(out / f"{arm}.log", "a") as log:
         result = subprocess.run([str(BIN / "ldm"), "cache", "--config", config, *overrides,
-                                 f"output_dir={out / arm}"], cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+                                 f"output_dir={out / arm}"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
         raise SystemExit(f"building arm {arm}'s cache failed; see {out / f'{arm}.log'}")
     return (time.perf_counter() - started) / 60
@@ -190,8 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default="data/emoji")
     parser.add_argument("--num-images", type=int, default=500)
     parser.add_argument("--scheduler", default="dpm++")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="arms trained side by side, segment by segment (each then scored alone, on every core)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per training process (default: the cores / --parallel)")
     parser.add_argument("--ema-lengths", default="0.03,0.05,0.08,0.1,0.15", help="post-hoc-ema arm's candidates")
     parser.add_argument("--quick", action="store_true",
                         help="tiny U-Net on --data with --autoencoder (a test: seconds per arm, not a measurement)")
@@ -206,35 +211,51 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--segment must be > 0 and --budget at least one segment")
     if args.quick and not args.autoencoder:
         raise SystemExit("--quick needs --autoencoder DIR (a tiny autoencoder, e.g. the tests' fixture)")
+    if args.parallel < 1:
+        raise SystemExit("--parallel must be at least 1")
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     lengths = [float(x) for x in args.ema_lengths.split(",")]
     common = COMMON + [f"data={args.data}"] + ([o.format(autoencoder=args.autoencoder) for o in QUICK] if args.quick else [])
     args.out.mkdir(parents=True, exist_ok=True)
     metrics_path = args.out / "metrics.json"
     settings = {"segment": args.segment, "ema_lengths": lengths, "data": args.data, "num_images": args.num_images,
-                "scheduler": args.scheduler, "steps": args.steps, "guidance": args.guidance, "quick": args.quick}
+                "scheduler": args.scheduler, "steps": args.steps, "guidance": args.guidance, "quick": args.quick,
+                "parallel": args.parallel, "threads": args.threads}
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {"arms": {}}
     if metrics.get("settings", settings) != settings:  # a larger --budget continues the same run
         raise SystemExit(f"{metrics_path} holds a run with other settings ({metrics['settings']}); pick another --out")
     metrics["settings"] = settings
     segments = round(args.budget / args.segment)
+    train_env = {**ENV, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     for arm in arms:
-        record = metrics["arms"].setdefault(arm, {"overrides": ARMS[arm], "rows": []})
-        if "cache_minutes" not in record:
-            record["cache_minutes"] = round(build_cache(arm, args.out, SHIPPED, common + ARMS[arm]), 3)
-            metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-        for k in range(len(record["rows"]) + 1, segments + 1):
-            scored = record["rows"][-1]["step"] if record["rows"] else 0
-            if last_step(args.out / arm) <= scored:  # else: segment k trained, then the run stopped before scoring
-                train_segment(arm, args.out, SHIPPED, common + ARMS[arm], args.segment)
-            step, images = reached(args.out / arm)
-            model = args.out / arm / "final"
-            if arm == "post-hoc-ema":
-                model = post_hoc_model(args.out / arm, lengths, args.out, f"{arm}-{k}")
-            fid = score(model, args, args.out, f"{arm}-{k}", ARM_SAMPLERS.get(arm))
-            record["rows"].append({"minutes": round(record["cache_minutes"] + k * args.segment, 3), "step": step,
-                                   "images": images, "training_minutes": round(k * args.segment, 3), "fid": fid})
-            metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
-            print(f"{arm}: {k * args.segment:g} min, step {step}, FID {fid:.2f}", flush=True)
+        metrics["arms"].setdefault(arm, {"overrides": ARMS[arm], "rows": []})
+    for group in [arms[i:i + args.parallel] for i in range(0, len(arms), args.parallel)]:
+        # the group's caches first, side by side on the threads its arms train with
+        uncached = [a for a in group if "cache_minutes" not in metrics["arms"][a]]
+        with ThreadPoolExecutor(max_workers=len(uncached) or 1) as pool:
+            built = list(pool.map(lambda a: build_cache(a, args.out, SHIPPED, common + ARMS[a], train_env), uncached))
+        for arm, minutes in zip(uncached, built):
+            metrics["arms"][arm]["cache_minutes"] = round(minutes, 3)
+        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+        for k in range(1, segments + 1):
+            # the group's arms train segment k side by side (each on --threads), then each is scored alone
+            todo = [a for a in group if len(metrics["arms"][a]["rows"]) < k]
+            stale = [a for a in todo if last_step(args.out / a) <= (metrics["arms"][a]["rows"][-1]["step"]
+                                                                     if metrics["arms"][a]["rows"] else 0)]
+            with ThreadPoolExecutor(max_workers=len(stale) or 1) as pool:  # else: trained, stopped before scoring
+                list(pool.map(lambda a: train_segment(a, args.out, SHIPPED, common + ARMS[a], args.segment, train_env),
+                              stale))
+            for arm in todo:
+                record = metrics["arms"][arm]
+                step, images = reached(args.out / arm)
+                model = args.out / arm / "final"
+                if arm == "post-hoc-ema":
+                    model = post_hoc_model(args.out / arm, lengths, args.out, f"{arm}-{k}")
+                fid = score(model, args, args.out, f"{arm}-{k}", ARM_SAMPLERS.get(arm))
+                record["rows"].append({"minutes": round(record["cache_minutes"] + k * args.segment, 3), "step": step,
+                                       "images": images, "training_minutes": round(k * args.segment, 3), "fid": fid})
+                metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+                print(f"{arm}: {k * args.segment:g} min, step {step}, FID {fid:.2f}", flush=True)
     (args.out / "table.md").write_text(table(metrics) + "\n")
     plot(metrics, args.out / "fid-vs-minutes.png")
     print(table(metrics))

@@ -13,8 +13,10 @@ timed steps after warm-up. FLOPs per image are counted with torch.utils.flop_cou
 
 `--levers` times our trainer alone under the CPU speed levers, each variant in its own child (alternating over
 `--repeats`), against fp32 at `--batch`: bf16 autocast (Accelerate's mixed_precision=bf16, fp32 master weights),
-channels_last U-Net and inputs, torch.compile (inductor), bf16 + compile, and half / double the batch. "loss, step 1"
-is the first step's loss on the same seeded batch (same numbers = same maths; bf16 moves it slightly).
+channels_last U-Net and inputs, torch.compile (inductor), bf16 + compile, half / double the batch, AdamW's foreach
+and fused kernels and the foreach EMA update (`--variants` picks some). Each row splits the step: the optimiser's
+step and the EMA update, timed inside the step. "loss, step 1" is the first step's loss on the same seeded batch, "loss,
+last step" the last timed one's (same numbers = same maths; bf16 and fused kernels may move them slightly).
 
     python benchmarks/train_throughput.py --levers --preset emoji-s [--batch 32]
 
@@ -99,6 +101,19 @@ def child_ours(args, data: Path, vae_dir: Path, out: Path) -> dict:
         trainer.encode_batch = lambda batch: tuple(
             t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in encode(batch))
     losses = []
+    parts = {"optimizer": [], "ema": []}  # seconds spent in the optimiser's step and the EMA update, per step
+
+    def timed(fn, part: str):
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            result = fn(*a, **k)
+            parts[part].append(time.perf_counter() - start)
+            return result
+        return wrapper
+
+    trainer.optimizer.step = timed(trainer.optimizer.step, "optimizer")
+    if trainer.ema is not None:
+        trainer.ema.step = timed(trainer.ema.step, "ema")
 
     def step():
         result = trainer.train_step(next(batches))
@@ -108,10 +123,13 @@ def child_ours(args, data: Path, vae_dir: Path, out: Path) -> dict:
     for _ in range(args.warmup):  # includes torch.compile's compilation when compile=true
         step()
     warmup_seconds = time.perf_counter() - warmup
+    for values in parts.values():
+        values.clear()
     times = timed_steps(step, args.steps)
+    timed_parts = {f"{part}_seconds": list(values) for part, values in parts.items()}
     flops = step_flops(step) / args.batch
     return {"seconds": times, "flops_per_image": flops, "setup_seconds": setup_seconds + warmup_seconds,
-            "first_loss": losses[0]}
+            "first_loss": losses[0], "last_loss": losses[args.warmup + args.steps - 1], **timed_parts}
 
 
 def child_reference(args, data: Path, vae_dir: Path, out: Path) -> dict:
@@ -216,7 +234,17 @@ def levers(args, data: Path, vae_dir: Path, workdir: Path) -> None:
         "bf16 + compile": (args.batch, ["compile=true"], False, bf16),
         f"batch {args.batch // 2}": (args.batch // 2, [], False, {}),
         f"batch {args.batch * 2}": (args.batch * 2, [], False, {}),
+        "AdamW foreach": (args.batch, ["adam_implementation=foreach"], False, {}),
+        "AdamW fused": (args.batch, ["adam_implementation=fused"], False, {}),
+        "EMA foreach": (args.batch, ["ema_foreach=true"], False, {}),
+        "AdamW fused + EMA foreach": (args.batch, ["adam_implementation=fused", "ema_foreach=true"], False, {}),
     }
+    if args.variants:
+        chosen = ["fp32", *(v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "fp32")]
+        unknown = [v for v in chosen if v not in variants]
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {unknown}; valid: {', '.join(variants)}")
+        variants = {name: variants[name] for name in chosen}
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for attempt in range(args.repeats):
         for name, (batch, ours, channels_last, env) in variants.items():
@@ -225,13 +253,20 @@ def levers(args, data: Path, vae_dir: Path, workdir: Path) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; our trainer, U-Net {args.preset}, "
           f"64 px -> 16x16x4 (cached latents and text), AdamW, EMA; {args.repeats} x {args.steps} timed steps per "
           "variant after warm-up")
-    print("| variant | batch | img/s | vs fp32 | loss, step 1 | peak RSS MB | setup + warm-up s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| variant | batch | img/s | vs fp32 | step ms | optimiser ms | EMA ms | loss, step 1 | loss, last step | "
+          "peak RSS MB | setup + warm-up s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     rates = {name: variants[name][0] / statistics.median(s for r in runs for s in r["seconds"])
              for name, runs in results.items()}
+
+    def ms(runs: list[dict], key: str) -> str:
+        values = [s for r in runs for s in r.get(key, [])]
+        return f"{1000 * statistics.median(values):.0f}" if values else "-"
+
     for name, runs in results.items():
         print(f"| {name} | {variants[name][0]} | {rates[name]:.1f} | {rates[name] / rates['fp32']:.2f} | "
-              f"{runs[0]['first_loss']:.5f} | {max(r['peak_rss_mb'] for r in runs):.0f} | "
+              f"{ms(runs, 'seconds')} | {ms(runs, 'optimizer_seconds')} | {ms(runs, 'ema_seconds')} | "
+              f"{runs[0]['first_loss']:.5f} | {runs[0]['last_loss']:.5f} | {max(r['peak_rss_mb'] for r in runs):.0f} | "
               f"{statistics.median(r['setup_seconds'] for r in runs):.1f} |", flush=True)
 
 
@@ -244,6 +279,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="children per side, alternating")
     parser.add_argument("--ours", action="append", default=[], metavar="key=value", help="trainer config override")
     parser.add_argument("--levers", action="store_true", help="time our trainer under the CPU speed levers (above)")
+    parser.add_argument("--variants", default="", help="--levers: only these variants (comma-separated; fp32 always)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--vae-preset", default="kl-f4", help="autoencoder shape (random weights)")
     parser.add_argument("--text-encoder", default="minilm", help="both sides' text encoder (name or folder)")

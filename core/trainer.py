@@ -64,8 +64,13 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0
+    # AdamW's kernel: torch's own choice (null: a per-tensor loop on the CPU, foreach on CUDA), for-loop, foreach
+    # (one multi-tensor call per op) or fused (one kernel for the whole update); the same maths, the cost of the
+    # step's optimiser part differs (benchmarks/train_throughput.py --levers)
+    adam_implementation: Optional[str] = None
     use_ema: bool = True
     ema_decay: float = 0.999
+    ema_foreach: bool = False  # the EMA update as multi-tensor ops (diffusers' EMAModel(foreach=True)), same maths
     # post-hoc EMA (EDM2; core/post_hoc_ema.py): relative lengths of power-function EMAs tracked beside ema_decay's,
     # e.g. [0.05, 0.10] ([] = off), snapshotted every post_hoc_ema_every steps (default checkpoint_every) into
     # output_dir/post-hoc-ema; `ldm ema RUN --sigma-rel ...` synthesises any length in between after training
@@ -119,6 +124,9 @@ class TrainConfig:
             post_hoc_ema.check_sigma_rels(self.post_hoc_ema)
         if self.post_hoc_ema_every is not None and self.post_hoc_ema_every < 1:
             raise UserError(f"post_hoc_ema_every must be at least 1, got {self.post_hoc_ema_every}")
+        if self.adam_implementation not in ADAM_IMPLEMENTATIONS:
+            raise UserError(f"unknown adam_implementation '{self.adam_implementation}'; valid: null (torch's choice), "
+                            f"{', '.join(i for i in ADAM_IMPLEMENTATIONS if i)}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise UserError(f"unknown lr_scheduler '{self.lr_scheduler}'; valid: {', '.join(LR_SCHEDULERS)}")
         if self.lr_warmup_steps < 0:
@@ -141,6 +149,8 @@ class TrainConfig:
         check_trackers(self.log_with)
 
 
+ADAM_IMPLEMENTATIONS = {None: {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True},
+                        "fused": {"fused": True}}
 # diffusers' schedulers that need nothing beyond warm-up and length (piecewise_constant needs rules), and inverse_sqrt
 LR_SCHEDULERS = (*(s.value for s in SchedulerType if s.value != "piecewise_constant"), "inverse_sqrt")
 
@@ -268,7 +278,8 @@ class Trainer:
         logger.info("%s: %.2fM parameters, %.2fM trained", type(model).__name__,
                     sum(p.numel() for p in model.parameters()) / 1e6, sum(p.numel() for p in trainable) / 1e6)
         optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                                      eps=config.adam_epsilon, weight_decay=config.weight_decay)
+                                      eps=config.adam_epsilon, weight_decay=config.weight_decay,
+                                      **ADAM_IMPLEMENTATIONS[config.adam_implementation])
         # stepped by us once per optimiser step (a prepared scheduler would step once per process)
         self.lr_scheduler = make_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, config.max_steps,
                                               config.lr_timescale)
@@ -281,7 +292,8 @@ class Trainer:
         if len(trainable) < len(list(model.parameters())):  # e.g. LoRA: checkpoints hold the adapter alone
             save_trained_weights_only(self.accelerator)
         if config.use_ema:  # EMA of every rank starts from the same (prepared, rank-0-broadcast) weights
-            self.ema = EMAModel(trainable, decay=config.ema_decay, use_ema_warmup=True, power=3 / 4)
+            self.ema = EMAModel(trainable, decay=config.ema_decay, use_ema_warmup=True, power=3 / 4,
+                                foreach=config.ema_foreach)
             self.ema.to(self.accelerator.device)
         self.post_hoc = None  # kept alike on every rank (each sees the same weights), snapshotted by the main one
         if config.post_hoc_ema:

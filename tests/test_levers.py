@@ -1,4 +1,5 @@
-"""Training levers of issue 33 that are config keys: timestep densities and learning-rate schedules."""
+"""Training levers of issue 33 that are config keys: timestep densities, learning-rate schedules and the
+optimiser / EMA kernels."""
 
 from __future__ import annotations
 
@@ -97,6 +98,8 @@ def test_inverse_sqrt_warms_up_then_decays_as_one_over_the_root_of_the_step():
     (["lr_scheduler=piecewise_constant"], "unknown lr_scheduler 'piecewise_constant'"),
     (["lr_scheduler=constant", "lr_warmup_steps=100"], "lr_scheduler=constant has no warm-up"),
     (["lr_scheduler=cosine", "lr_timescale=100"], "lr_timescale is inverse_sqrt's"),
+    (["adam_implementation=apex"], "unknown adam_implementation 'apex'; valid: null (torch's choice), for-loop, "
+                                   "foreach, fused"),
 ])
 def test_bad_lever_settings_are_one_line_each(overrides, message, tmp_path):
     with pytest.raises(UserError) as error:
@@ -109,3 +112,33 @@ def test_distillation_refuses_a_timestep_density(tmp_path):
     with pytest.raises(UserError, match="draws its timesteps from the solver grid"):
         load_config(DistillTrainConfig, "configs/ldm/emoji-64-lcm.yaml",
                     [f"output_dir={tmp_path}", "timestep_density=cosmap"])
+
+
+def test_adam_and_ema_kernels_train_the_same_weights(emoji_dir, autoencoder_dir, tmp_path):
+    """foreach / fused AdamW and the foreach EMA update are the same maths as the per-tensor loops: three steps on
+    the same batches land on the same weights and EMA (within float rounding), and each key reaches its kernel."""
+    def train(name: str, overrides: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor], LDMTrainer]:
+        config = load_config(LDMTrainConfig, "configs/ldm/tiny.yaml",
+                             [f"data={emoji_dir}", f"autoencoder={autoencoder_dir}", f"output_dir={tmp_path / name}",
+                              "use_ema=true", *overrides])
+        trainer = LDMTrainer(config)
+        trainer.setup()
+        start = [p.detach().clone() for p in trainer.model.parameters()]
+        batches = iter(trainer.loader)
+        for _ in range(3):
+            torch.manual_seed(trainer.step)
+            assert trainer.train_step(next(batches)) is not None
+            trainer.step += 1
+        weights = [p.detach().clone() for p in trainer.model.parameters()]
+        assert max((w - w0).abs().max().item() for w, w0 in zip(weights, start)) > 1e-4  # the steps moved them
+        return weights, [p.clone() for p in trainer.ema.shadow_params], trainer
+
+    weights, ema, plain = train("loop", ["adam_implementation=for-loop"])
+    assert plain.optimizer.optimizer.defaults["foreach"] is False and plain.ema.foreach is False
+    for name, overrides, option in [("foreach", ["adam_implementation=foreach", "ema_foreach=true"], "foreach"),
+                                    ("fused", ["adam_implementation=fused"], "fused")]:
+        other_weights, other_ema, trainer = train(name, overrides)
+        assert trainer.optimizer.optimizer.defaults[option] is True
+        assert trainer.ema.foreach is (name == "foreach")
+        for a, b in zip(weights + ema, other_weights + other_ema):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -17,7 +17,7 @@ def test_quick_form_trains_scores_and_resumes(emoji_dir, autoencoder_dir, tmp_pa
     out = tmp_path / "ttq"
     command = [sys.executable, "benchmarks/time_to_quality.py", "--quick", "--autoencoder", str(autoencoder_dir),
                "--data", str(emoji_dir), "--arms", "diffusers,post-hoc-ema,flow", "--segment", "0.05", "--num-images", "16",
-               "--steps", "2", "--ema-lengths", "0.05,0.12", "--out", str(out)]
+               "--steps", "2", "--ema-lengths", "0.05,0.12", "--parallel", "2", "--out", str(out)]
     first = subprocess.run([*command, "--budget", "0.05"], cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
