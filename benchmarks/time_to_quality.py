@@ -23,7 +23,13 @@ uncached arm pays for its encoders inside its training minutes). Arms:
                  pipeline samples a U-Net with a flow scheduler, docs/benchmarks.md)
 
     python benchmarks/time_to_quality.py --budget 45 --segment 9 --arms diffusers,shipped,logit-normal
+    python benchmarks/time_to_quality.py --budget 24 --segment 8 --arms diffusers,shipped,xs,m --parallel 2
     python benchmarks/time_to_quality.py --quick      # tiny configs, seconds (what tests/test_time_to_quality.py runs)
+
+`--parallel K` trains the arms K at a time, side by side, each on --threads CPU threads (default: the cores / K):
+the group's caches are built together, then the group trains segment k together and each arm is scored alone before
+segment k + 1 starts, so the arms of a group share the machine alike while training and no score runs beside a
+training. On 2 cores, `--parallel 2` gives each arm one core: twice the arms in the same time, each slower.
 
 Writes OUT/metrics.json (every scored snapshot, rewritten after each), OUT/table.md and OUT/fid-vs-minutes.png.
 An interrupted run continues where it stopped, and a larger --budget extends it (segments and scores already done
