@@ -33,8 +33,9 @@ training. On 2 cores, `--parallel 2` gives each arm one core: twice the arms in 
 
 Writes OUT/metrics.json (every scored snapshot, rewritten after each), OUT/table.md and OUT/fid-vs-minutes.png.
 An interrupted run continues where it stopped, and a larger --budget extends it (segments and scores already done
-are kept; other settings on the same --out are refused). The headline: the
-minutes each arm needs to reach the diffusers arm's final FID, as a share of the diffusers arm's minutes.
+are kept; other settings on the same --out are refused). The headline: the minutes each arm needs to reach the
+diffusers arm's final FID, as a share of the diffusers arm's minutes, bracketed by the arm's scores (between the last
+score above that FID, or the arm's start, and the first at or below it).
 """
 
 from __future__ import annotations
@@ -146,26 +147,34 @@ def post_hoc_model(arm_folder: Path, lengths: list[float], out: Path, tag: str) 
     return target
 
 
-def minutes_to_reach(rows: list[dict], fid: float) -> float | None:
-    """The first scored minute at which an arm's FID is at or below `fid` (None: never within the budget)."""
-    return next((r["minutes"] for r in rows if r["fid"] <= fid), None)
+def minutes_to_reach(rows: list[dict], fid: float, start: float = 0.0) -> tuple[float, float] | None:
+    """When an arm's FID first got to `fid` or below, bracketed by the scores: (the score before, which had not yet
+    reached it, or `start` (its untrained start) for the first; the first score that had). None: never within the
+    budget."""
+    for i, row in enumerate(rows):
+        if row["fid"] <= fid:
+            return (rows[i - 1]["minutes"] if i else start), row["minutes"]
+    return None
 
 
 def table(metrics: dict) -> str:
     arms = metrics["arms"]
     reference = arms.get("diffusers", {}).get("rows")
     target = reference[-1]["fid"] if reference else None
-    lines = ["| arm | minutes | images seen | FID (N = %d) | best FID | minutes to diffusers' final FID | share of "
-             "diffusers' minutes |" % metrics["settings"]["num_images"], "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | minutes | images seen | s / step | FID (N = %d) | best FID | minutes to diffusers' final FID | "
+             "share of diffusers' minutes |" % metrics["settings"]["num_images"], "|---|---|---|---|---|---|---|---|"]
     for name, arm in arms.items():
         rows = arm["rows"]
         if not rows:
             continue
         last, best = rows[-1], min(r["fid"] for r in rows)
-        reach = minutes_to_reach(rows, target) if target is not None else None
-        share = "-" if reach is None or not reference else f"{reach / reference[-1]['minutes']:.2f}"
-        lines.append(f"| {name} | {last['minutes']:g} | {last['images']:,} | {last['fid']:.1f} | {best:.1f} | "
-                     f"{'-' if reach is None else f'{reach:g}'} | {share} |")
+        reach = minutes_to_reach(rows, target, arm["cache_minutes"]) if target is not None else None
+        total = reference[-1]["minutes"] if reference else None
+        when = "-" if reach is None else f"{reach[0]:g}-{reach[1]:g}"
+        share = "-" if reach is None else f"{reach[0] / total:.2f}-{reach[1] / total:.2f}"
+        per_step = 60 * last["training_minutes"] / last["step"]  # the step's cost: the lever's price
+        lines.append(f"| {name} | {last['minutes']:g} | {last['images']:,} | {per_step:.2f} | {last['fid']:.1f} | "
+                     f"{best:.1f} | {when} | {share} |")
     return "\n".join(lines)
 
 

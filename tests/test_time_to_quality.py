@@ -41,3 +41,24 @@ def test_quick_form_trains_scores_and_resumes(emoji_dir, autoencoder_dir, tmp_pa
                                                                                                              0.12)
     assert "prediction_type: flow" in (out / "flow" / "final" / "config.yaml").read_text()  # scored by flow-euler
     assert "| diffusers |" in (out / "table.md").read_text() and (out / "fid-vs-minutes.png").stat().st_size > 1000
+
+
+def test_the_headline_brackets_when_each_arm_reached_the_diffusers_arms_final_fid():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from time_to_quality import minutes_to_reach, table
+
+    rows = lambda minutes, fids, step=100, cache=0.0: [  # noqa: E731
+        {"minutes": m, "training_minutes": m - cache, "step": step * (i + 1), "images": 0, "fid": f}
+        for i, (m, f) in enumerate(zip(minutes, fids))]
+    diffusers = rows([8, 16, 24], [300.0, 250.0, 200.0])
+    shipped = rows([12.5, 20.5, 28.5], [180.0, 120.0, 100.0], step=400, cache=4.5)
+    late = rows([8, 16, 24], [260.0, 210.0, 199.0])
+    assert minutes_to_reach(shipped, 200.0, start=4.5) == (4.5, 12.5)  # before its first score: only a bracket
+    assert minutes_to_reach(late, 200.0) == (16, 24)
+    assert minutes_to_reach(late, 150.0) is None
+    text = table({"settings": {"num_images": 500}, "arms": {
+        "diffusers": {"rows": diffusers, "cache_minutes": 0}, "shipped": {"rows": shipped, "cache_minutes": 4.5},
+        "never": {"rows": rows([8], [250.0]), "cache_minutes": 0}}})
+    assert "| diffusers | 24 | 0 | 4.80 | 200.0 | 200.0 | 16-24 | 0.67-1.00 |" in text
+    assert "| shipped | 28.5 | 0 | 1.20 | 100.0 | 100.0 | 4.5-12.5 | 0.19-0.52 |" in text
+    assert "| never | 8 | 0 | 4.80 | 250.0 | 250.0 | - | - |" in text
