@@ -75,16 +75,18 @@ COMMON = ["autoencoder=pipelines/default_model/vae", "text_encoder=minilm", "tex
 QUICK = ["unet_preset=tiny", "batch_size=8", "autoencoder={autoencoder}", "text_max_length=16"]
 
 
-def train_segment(arm: str, out: Path, config: str, overrides: list[str], minutes: float, env: dict) -> None:
-    """One `max_minutes` segment of the arm (resume=auto continues the last one); raises with the log's tail."""
+def train_segment(arm: str, out: Path, config: str, overrides: list[str], minutes: float | None, env: dict) -> None:
+    """One `max_minutes` segment of the arm (resume=auto continues the last one; None: to its max_steps); raises
+    with the log's tail."""
     folder = out / arm
     command = LAUNCH + ["train_ldm.py", "--config", config, *overrides, f"output_dir={folder}",
-                        f"max_minutes={minutes}"]
-    with open(out / f"{arm}.log", "a") as log:
+                        *([f"max_minutes={minutes}"] if minutes else [])]
+    with open(out / f"{arm.replace('/', '-')}.log", "a") as log:
         result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        tail = (out / f"{arm}.log").read_text().splitlines()[-5:]
-        raise SystemExit(f"arm {arm} failed ({result.returncode}); {out / f'{arm}.log'} ends:\n" + "\n".join(tail))
+        log = out / f"{arm.replace('/', '-')}.log"
+        raise SystemExit(f"arm {arm} failed ({result.returncode}); {log} ends:\n" +
+                         "\n".join(log.read_text().splitlines()[-5:]))
 
 
 def build_cache(arm: str, out: Path, config: str, overrides: list[str], env: dict) -> float:
@@ -147,6 +149,42 @@ def post_hoc_model(arm_folder: Path, lengths: list[float], out: Path, tag: str) 
     return target
 
 
+def replay_rows(arm: str, steps: list[int], args, out: Path, common: list[str], env: dict) -> list[dict]:
+    """Scores of `arm` at earlier steps than its segments reached: the arm's recipe and seed trained again from its
+    own cache (not rebuilt) to each step in `steps` on the same --threads (so the same kernels, hence the same
+    weights as the arm had there), each step mapped to the arm's own minutes by its scored (step, minutes) pairs."""
+    out_rows: list[dict] = []
+    record = json.loads((out / "metrics.json").read_text())["arms"][arm]
+    scored = record["rows"]
+    if not scored:
+        raise SystemExit(f"--replay {arm}: the arm has no scored segment yet to time its steps by")
+    folder = out / "replay" / arm
+    base = [o for o in common if not o.startswith("max_steps=")] + ARMS[arm]
+    for step in sorted(steps):
+        if step >= scored[-1]["step"]:
+            raise SystemExit(f"--replay {arm}:{step}: the arm's last scored step is {scored[-1]['step']}; replay "
+                             "earlier steps only")
+        if last_step(folder) > step:
+            raise SystemExit(f"--replay {arm}:{step}: {folder} is already past it; list the steps in order")
+        if last_step(folder) < step:
+            train_segment(f"replay/{arm}", out, SHIPPED, base + [f"cache_dir={out / arm / 'cache'}",
+                                                                 f"max_steps={step}"], None, env)
+        points = [(0, 0.0)] + [(r["step"], r["training_minutes"]) for r in scored]
+        (s0, m0), (s1, m1) = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= step <= b[0])
+        minutes = m0 + (m1 - m0) * (step - s0) / (s1 - s0)  # the arm's pace over the segment holding the step
+        batch = scored[-1]["images"] // scored[-1]["step"]
+        fid = score(folder / "final", args, out, f"replay-{arm}-{step}", ARM_SAMPLERS.get(arm))
+        out_rows.append({"minutes": round(record["cache_minutes"] + minutes, 3), "step": step, "images": step * batch,
+                         "training_minutes": round(minutes, 3), "fid": fid, "replayed": True})
+        print(f"{arm} (replayed): step {step} ~ {minutes:.2f} min, FID {fid:.2f}", flush=True)
+    return out_rows
+
+
+def all_rows(arm: dict) -> list[dict]:
+    """An arm's scored segments and its replayed earlier steps, in order of minutes."""
+    return sorted(arm["rows"] + arm.get("replayed", []), key=lambda r: r["minutes"])
+
+
 def minutes_to_reach(rows: list[dict], fid: float, start: float = 0.0) -> tuple[float, float] | None:
     """When an arm's FID first got to `fid` or below, bracketed by the scores: (the score before, which had not yet
     reached it, or `start` (its untrained start) for the first; the first score that had). None: never within the
@@ -164,7 +202,7 @@ def table(metrics: dict) -> str:
     lines = ["| arm | minutes | images seen | s / step | FID (N = %d) | best FID | minutes to diffusers' final FID | "
              "share of diffusers' minutes |" % metrics["settings"]["num_images"], "|---|---|---|---|---|---|---|---|"]
     for name, arm in arms.items():
-        rows = arm["rows"]
+        rows = all_rows(arm)
         if not rows:
             continue
         last, best = rows[-1], min(r["fid"] for r in rows)
@@ -186,9 +224,12 @@ def plot(metrics: dict, path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(6.5, 4))
     for name, arm in metrics["arms"].items():
-        rows = arm["rows"]
+        rows = all_rows(arm)
         if rows:
-            axis.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], marker="o", label=name)
+            line, = axis.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], marker="o", label=name)
+            replayed = [r for r in rows if r.get("replayed")]
+            axis.plot([r["minutes"] for r in replayed], [r["fid"] for r in replayed], marker="o", linestyle="none",
+                      markerfacecolor="white", color=line.get_color())  # hollow: a replayed earlier step
     axis.set_xlabel("training minutes (2 CPU cores)" if not metrics["settings"]["quick"] else "training minutes")
     axis.set_ylabel(f"FID, N = {metrics['settings']['num_images']} training prompts")
     axis.grid(alpha=0.3)
@@ -212,6 +253,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="arms trained side by side, segment by segment (each then scored alone, on every core)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per training process (default: the cores / --parallel)")
+    parser.add_argument("--replay", action="append", default=[], metavar="ARM:STEP,STEP",
+                        help="after the segments: also score ARM at these earlier steps (trained again from its "
+                             "cache on --threads), to narrow when it first reached diffusers' final FID")
     parser.add_argument("--ema-lengths", default="0.03,0.05,0.08,0.1,0.15", help="post-hoc-ema arm's candidates")
     parser.add_argument("--quick", action="store_true",
                         help="tiny U-Net on --data with --autoencoder (a test: seconds per arm, not a measurement)")
@@ -271,6 +315,17 @@ def main(argv: list[str] | None = None) -> None:
                                        "images": images, "training_minutes": round(k * args.segment, 3), "fid": fid})
                 metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
                 print(f"{arm}: {k * args.segment:g} min, step {step}, FID {fid:.2f}", flush=True)
+    for spec in args.replay:
+        arm, _, steps = spec.partition(":")
+        if arm not in metrics["arms"] or arm == "post-hoc-ema" or not steps:
+            raise SystemExit(f"--replay {spec}: give ARM:STEP,... for an arm of this run (not post-hoc-ema)")
+        wanted = sorted(int(x) for x in steps.split(","))
+        done = {r["step"] for r in metrics["arms"][arm].get("replayed", [])}
+        if [x for x in wanted if x not in done]:
+            rows = replay_rows(arm, [x for x in wanted if x not in done], args, args.out, common, train_env)
+            metrics["arms"][arm]["replayed"] = sorted(metrics["arms"][arm].get("replayed", []) + rows,
+                                                      key=lambda r: r["step"])
+            metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     (args.out / "table.md").write_text(table(metrics) + "\n")
     plot(metrics, args.out / "fid-vs-minutes.png")
     print(table(metrics))

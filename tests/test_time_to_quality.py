@@ -25,11 +25,17 @@ def test_quick_form_trains_scores_and_resumes(emoji_dir, autoencoder_dir, tmp_pa
     # other settings on the same --out are refused; a larger budget continues the run
     other = [*command, "--budget", "0.1", "--guidance", "2"]
     assert "other settings" in subprocess.run(other, cwd=ROOT, capture_output=True, text=True).stderr
-    second = subprocess.run([*command, "--budget", "0.1"], cwd=ROOT, capture_output=True, text=True)
+    first_flow = metrics["arms"]["flow"]["rows"][0]
+    # a replay of the flow arm to its first scored step trains the same weights again: the same FID, to the digit
+    second = subprocess.run([*command, "--budget", "0.1", "--replay", f"flow:{first_flow['step']}"], cwd=ROOT,
+                            capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
+    [replayed] = metrics["arms"]["flow"]["replayed"]
+    assert replayed["step"] == first_flow["step"] and replayed["fid"] == first_flow["fid"]
+    assert replayed["minutes"] == pytest.approx(first_flow["minutes"], abs=1e-3)
     for name, arm in metrics["arms"].items():
-        rows = arm["rows"]
+        rows = arm["rows"]  # the segments alone (replays are kept apart)
         assert [r["training_minutes"] for r in rows] == [0.05, 0.1], name
         assert [r["minutes"] for r in rows] == [round(arm["cache_minutes"] + m, 3) for m in (0.05, 0.1)]
         assert rows[1]["step"] > rows[0]["step"] > 0 and all(r["fid"] > 0 for r in rows)
