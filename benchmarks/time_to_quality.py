@@ -34,8 +34,8 @@ training. On 2 cores, `--parallel 2` gives each arm one core: twice the arms in 
 Writes OUT/metrics.json (every scored snapshot, rewritten after each), OUT/table.md and OUT/fid-vs-minutes.png.
 An interrupted run continues where it stopped, and a larger --budget extends it (segments and scores already done
 are kept; other settings on the same --out are refused). The headline: the minutes each arm needs to reach the
-diffusers arm's final FID, as a share of the diffusers arm's minutes, bracketed by the arm's scores (between the last
-score above that FID, or the arm's start, and the first at or below it).
+diffusers arm's final FID, as a share of the diffusers arm's minutes, bracketed by the arm's scores: between the score
+just before its first at or below that FID (or the arm's start, when that is its first score) and that first one.
 """
 
 from __future__ import annotations
@@ -158,17 +158,22 @@ def replay_rows(arm: str, steps: list[int], args, out: Path, common: list[str], 
     scored = record["rows"]
     if not scored:
         raise SystemExit(f"--replay {arm}: the arm has no scored segment yet to time its steps by")
-    folder = out / "replay" / arm
+    import yaml
+
+    schedule = yaml.safe_load((out / arm / "final" / "config.yaml").read_text())["lr_scheduler"]
+    if schedule not in ("constant", "constant_with_warmup", "inverse_sqrt"):  # the rest decay over max_steps
+        raise SystemExit(f"--replay {arm}: its lr_scheduler={schedule} depends on max_steps, which a replay changes")
     base = [o for o in common if not o.startswith("max_steps=")] + ARMS[arm]
-    for step in sorted(steps):
-        if step >= scored[-1]["step"]:
+    for step in sorted(set(steps)):
+        if not 0 < step < scored[-1]["step"]:
             raise SystemExit(f"--replay {arm}:{step}: the arm's last scored step is {scored[-1]['step']}; replay "
                              "earlier steps only")
-        if last_step(folder) > step:
-            raise SystemExit(f"--replay {arm}:{step}: {folder} is already past it; list the steps in order")
+        folder = out / "replay" / arm
+        if last_step(folder) > step:  # a step before one replayed earlier: a run of its own
+            folder = out / "replay" / f"{arm}-{step}"
         if last_step(folder) < step:
-            train_segment(f"replay/{arm}", out, SHIPPED, base + [f"cache_dir={out / arm / 'cache'}",
-                                                                 f"max_steps={step}"], None, env)
+            train_segment(str(folder.relative_to(out)), out, SHIPPED, base + [f"cache_dir={out / arm / 'cache'}",
+                                                                              f"max_steps={step}"], None, env)
         points = [(0, 0.0)] + [(r["step"], r["training_minutes"]) for r in scored]
         (s0, m0), (s1, m1) = next((a, b) for a, b in zip(points, points[1:]) if a[0] <= step <= b[0])
         minutes = m0 + (m1 - m0) * (step - s0) / (s1 - s0)  # the arm's pace over the segment holding the step
@@ -287,12 +292,19 @@ def main(argv: list[str] | None = None) -> None:
     segments = round(args.budget / args.segment)
     train_env = {**ENV, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     for arm in arms:
-        metrics["arms"].setdefault(arm, {"overrides": ARMS[arm], "rows": []})
+        if metrics["arms"].setdefault(arm, {"overrides": ARMS[arm], "rows": []})["overrides"] != ARMS[arm]:
+            raise SystemExit(f"arm {arm} in {metrics_path} was trained with {metrics['arms'][arm]['overrides']}, not "
+                             f"today's {ARMS[arm]}; pick another --out")
+    if len(arms) % args.parallel:
+        print(f"note: {len(arms)} arms in groups of {args.parallel}: the last group trains with fewer beside it, so "
+              "faster per step (each row's 'beside' in metrics.json says with what it trained)", flush=True)
     for group in [arms[i:i + args.parallel] for i in range(0, len(arms), args.parallel)]:
         # the group's caches first, side by side on the threads its arms train with
         uncached = [a for a in group if "cache_minutes" not in metrics["arms"][a]]
         with ThreadPoolExecutor(max_workers=len(uncached) or 1) as pool:
             built = list(pool.map(lambda a: build_cache(a, args.out, SHIPPED, common + ARMS[a], train_env), uncached))
+        if len(uncached) > 1 and 0.0 in built:
+            print("note: an uncached arm's group mate built its cache alone", flush=True)
         for arm, minutes in zip(uncached, built):
             metrics["arms"][arm]["cache_minutes"] = round(minutes, 3)
         metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
@@ -312,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
                     model = post_hoc_model(args.out / arm, lengths, args.out, f"{arm}-{k}")
                 fid = score(model, args, args.out, f"{arm}-{k}", ARM_SAMPLERS.get(arm))
                 record["rows"].append({"minutes": round(record["cache_minutes"] + k * args.segment, 3), "step": step,
-                                       "images": images, "training_minutes": round(k * args.segment, 3), "fid": fid})
+                                       "images": images, "training_minutes": round(k * args.segment, 3), "fid": fid,
+                                       "beside": [a for a in stale if a != arm] if arm in stale else None})
                 metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
                 print(f"{arm}: {k * args.segment:g} min, step {step}, FID {fid:.2f}", flush=True)
     for spec in args.replay:

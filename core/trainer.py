@@ -124,7 +124,7 @@ class TrainConfig:
             post_hoc_ema.check_sigma_rels(self.post_hoc_ema)
         if self.post_hoc_ema_every is not None and self.post_hoc_ema_every < 1:
             raise UserError(f"post_hoc_ema_every must be at least 1, got {self.post_hoc_ema_every}")
-        if self.adam_implementation not in ADAM_IMPLEMENTATIONS:
+        if self.adam_implementation not in list(ADAM_IMPLEMENTATIONS):  # a list: not hashable, still refused
             raise UserError(f"unknown adam_implementation '{self.adam_implementation}'; valid: null (torch's choice), "
                             f"{', '.join(i for i in ADAM_IMPLEMENTATIONS if i)}")
         if self.lr_scheduler not in LR_SCHEDULERS:

@@ -123,12 +123,15 @@ def test_adam_and_ema_kernels_train_the_same_weights(emoji_dir, autoencoder_dir,
                               "use_ema=true", *overrides])
         trainer = LDMTrainer(config)
         trainer.setup()
-        start = [p.detach().clone() for p in trainer.model.parameters()]
-        batches = iter(trainer.loader)
-        for _ in range(3):
-            torch.manual_seed(trainer.step)
-            assert trainer.train_step(next(batches)) is not None
-            trainer.step += 1
+        try:
+            start = [p.detach().clone() for p in trainer.model.parameters()]
+            batches = iter(trainer.loader)
+            for _ in range(3):
+                torch.manual_seed(trainer.step)
+                assert trainer.train_step(next(batches)) is not None
+                trainer.step += 1
+        finally:
+            trainer.cleanup()
         weights = [p.detach().clone() for p in trainer.model.parameters()]
         assert max((w - w0).abs().max().item() for w, w0 in zip(weights, start)) > 1e-4  # the steps moved them
         return weights, [p.clone() for p in trainer.ema.shadow_params], trainer

@@ -17,7 +17,7 @@ def test_quick_form_trains_scores_and_resumes(emoji_dir, autoencoder_dir, tmp_pa
     out = tmp_path / "ttq"
     command = [sys.executable, "benchmarks/time_to_quality.py", "--quick", "--autoencoder", str(autoencoder_dir),
                "--data", str(emoji_dir), "--arms", "diffusers,post-hoc-ema,flow", "--segment", "0.05", "--num-images", "16",
-               "--steps", "2", "--ema-lengths", "0.05,0.12", "--parallel", "2", "--out", str(out)]
+               "--steps", "2", "--ema-lengths", "0.05,0.12", "--parallel", "3", "--out", str(out)]
     first = subprocess.run([*command, "--budget", "0.05"], cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
@@ -32,6 +32,7 @@ def test_quick_form_trains_scores_and_resumes(emoji_dir, autoencoder_dir, tmp_pa
     assert second.returncode == 0, second.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     [replayed] = metrics["arms"]["flow"]["replayed"]
+    assert first_flow["beside"] == ["diffusers", "post-hoc-ema"]  # trained side by side, replayed alone
     assert replayed["step"] == first_flow["step"] and replayed["fid"] == first_flow["fid"]
     assert replayed["minutes"] == pytest.approx(first_flow["minutes"], abs=1e-3)
     for name, arm in metrics["arms"].items():
@@ -49,9 +50,9 @@ def test_quick_form_trains_scores_and_resumes(emoji_dir, autoencoder_dir, tmp_pa
     assert "| diffusers |" in (out / "table.md").read_text() and (out / "fid-vs-minutes.png").stat().st_size > 1000
 
 
-def test_the_headline_brackets_when_each_arm_reached_the_diffusers_arms_final_fid():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from time_to_quality import minutes_to_reach, table
+def test_the_headline_brackets_when_each_arm_reached_the_diffusers_arms_final_fid(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from time_to_quality import all_rows, minutes_to_reach, table
 
     rows = lambda minutes, fids, step=100, cache=0.0: [  # noqa: E731
         {"minutes": m, "training_minutes": m - cache, "step": step * (i + 1), "images": 0, "fid": f}
@@ -68,3 +69,11 @@ def test_the_headline_brackets_when_each_arm_reached_the_diffusers_arms_final_fi
     assert "| diffusers | 24 | 0 | 4.80 | 200.0 | 200.0 | 16-24 | 0.67-1.00 |" in text
     assert "| shipped | 28.5 | 0 | 1.20 | 100.0 | 100.0 | 4.5-12.5 | 0.19-0.52 |" in text
     assert "| never | 8 | 0 | 4.80 | 250.0 | 250.0 | - | - |" in text
+    # a replayed earlier step narrows the bracket; the table's last row stays the last segment
+    replayed = {"minutes": 8.5, "training_minutes": 4.0, "step": 200, "images": 0, "fid": 190.0, "replayed": True}
+    arm = {"rows": shipped, "replayed": [replayed], "cache_minutes": 4.5}
+    assert [r["minutes"] for r in all_rows(arm)] == [8.5, 12.5, 20.5, 28.5]
+    assert minutes_to_reach(all_rows(arm), 200.0, start=4.5) == (4.5, 8.5)
+    text = table({"settings": {"num_images": 500}, "arms": {"diffusers": {"rows": diffusers, "cache_minutes": 0},
+                                                            "shipped": arm}})
+    assert "| shipped | 28.5 | 0 | 1.20 | 100.0 | 100.0 | 4.5-8.5 | 0.19-0.35 |" in text
