@@ -200,12 +200,23 @@ def minutes_to_reach(rows: list[dict], fid: float, start: float = 0.0) -> tuple[
     return None
 
 
+def interpolated_minutes(rows: list[dict], fid: float) -> float | None:
+    """When an arm's FID crossed `fid`, read off the straight line between the scores either side (None: it never
+    got there, or its first score already had: nothing scored before it to draw the line from)."""
+    for before, row in zip(rows, rows[1:]):
+        if before["fid"] > fid >= row["fid"]:
+            return before["minutes"] + (row["minutes"] - before["minutes"]) * (before["fid"] - fid) / (
+                before["fid"] - row["fid"])
+    return None
+
+
 def table(metrics: dict) -> str:
     arms = metrics["arms"]
     reference = arms.get("diffusers", {}).get("rows")
     target = reference[-1]["fid"] if reference else None
     lines = ["| arm | minutes | images seen | s / step | FID (N = %d) | best FID | minutes to diffusers' final FID | "
-             "share of diffusers' minutes |" % metrics["settings"]["num_images"], "|---|---|---|---|---|---|---|---|"]
+             "share of diffusers' minutes | share, linear between scores |" % metrics["settings"]["num_images"],
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, arm in arms.items():
         rows = all_rows(arm)
         if not rows:
@@ -215,9 +226,11 @@ def table(metrics: dict) -> str:
         total = reference[-1]["minutes"] if reference else None
         when = "-" if reach is None else f"{reach[0]:g}-{reach[1]:g}"
         share = "-" if reach is None else f"{reach[0] / total:.2f}-{reach[1] / total:.2f}"
+        between = interpolated_minutes(rows, target) if target is not None else None
+        linear = "-" if between is None else f"{between / total:.2f}"
         per_step = 60 * last["training_minutes"] / last["step"]  # the step's cost: the lever's price
         lines.append(f"| {name} | {last['minutes']:g} | {last['images']:,} | {per_step:.2f} | {last['fid']:.1f} | "
-                     f"{best:.1f} | {when} | {share} |")
+                     f"{best:.1f} | {when} | {share} | {linear} |")
     return "\n".join(lines)
 
 
