@@ -224,12 +224,12 @@ def table(metrics: dict) -> str:
         last, best = rows[-1], min(r["fid"] for r in rows)
         reach = minutes_to_reach(rows, target, arm["cache_minutes"]) if target is not None else None
         total = reference[-1]["minutes"] if reference else None
-        when = "-" if reach is None else f"{reach[0]:g}-{reach[1]:g}"
+        when = "-" if reach is None else f"{reach[0]:.1f}-{reach[1]:.1f}"
         share = "-" if reach is None else f"{reach[0] / total:.2f}-{reach[1] / total:.2f}"
         between = interpolated_minutes(rows, target) if target is not None else None
         linear = "-" if between is None else f"{between / total:.2f}"
         per_step = 60 * last["training_minutes"] / last["step"]  # the step's cost: the lever's price
-        lines.append(f"| {name} | {last['minutes']:g} | {last['images']:,} | {per_step:.2f} | {last['fid']:.1f} | "
+        lines.append(f"| {name} | {last['minutes']:.1f} | {last['images']:,} | {per_step:.2f} | {last['fid']:.1f} | "
                      f"{best:.1f} | {when} | {share} | {linear} |")
     return "\n".join(lines)
 
@@ -248,7 +248,10 @@ def plot(metrics: dict, path: Path) -> None:
             replayed = [r for r in rows if r.get("replayed")]
             axis.plot([r["minutes"] for r in replayed], [r["fid"] for r in replayed], marker="o", linestyle="none",
                       markerfacecolor="white", color=line.get_color())  # hollow: a replayed earlier step
-    axis.set_xlabel("training minutes (2 CPU cores)" if not metrics["settings"]["quick"] else "training minutes")
+    settings = metrics["settings"]
+    cores = f"{settings['threads']} CPU thread{'s' if settings['threads'] > 1 else ''} per arm" + (
+        f", {settings['parallel']} arms at a time" if settings["parallel"] > 1 else "")
+    axis.set_xlabel(f"minutes: cache build + training ({cores})")
     axis.set_ylabel(f"FID, N = {metrics['settings']['num_images']} training prompts")
     axis.grid(alpha=0.3)
     axis.legend()

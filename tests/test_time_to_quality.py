@@ -66,9 +66,9 @@ def test_the_headline_brackets_when_each_arm_reached_the_diffusers_arms_final_fi
     text = table({"settings": {"num_images": 500}, "arms": {
         "diffusers": {"rows": diffusers, "cache_minutes": 0}, "shipped": {"rows": shipped, "cache_minutes": 4.5},
         "never": {"rows": rows([8], [250.0]), "cache_minutes": 0}}})
-    assert "| diffusers | 24 | 0 | 4.80 | 200.0 | 200.0 | 16-24 | 0.67-1.00 | 1.00 |" in text
+    assert "| diffusers | 24.0 | 0 | 4.80 | 200.0 | 200.0 | 16.0-24.0 | 0.67-1.00 | 1.00 |" in text
     assert "| shipped | 28.5 | 0 | 1.20 | 100.0 | 100.0 | 4.5-12.5 | 0.19-0.52 | - |" in text  # first score: no line
-    assert "| never | 8 | 0 | 4.80 | 250.0 | 250.0 | - | - | - |" in text
+    assert "| never | 8.0 | 0 | 4.80 | 250.0 | 250.0 | - | - | - |" in text
     assert interpolated_minutes(late, 230.0) == pytest.approx(8 + 8 * 30 / 50)
     # a replayed earlier step narrows the bracket; the table's last row stays the last segment
     replayed = {"minutes": 8.5, "training_minutes": 4.0, "step": 200, "images": 0, "fid": 190.0, "replayed": True}
