@@ -346,8 +346,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{arm}: {k * args.segment:g} min, step {step}, FID {fid:.2f}", flush=True)
     for spec in args.replay:
         arm, _, steps = spec.partition(":")
-        if arm not in metrics["arms"] or arm == "post-hoc-ema" or not steps:
-            raise SystemExit(f"--replay {spec}: give ARM:STEP,... for an arm of this run (not post-hoc-ema)")
+        whole = all(x.strip().isdigit() for x in steps.split(","))
+        if arm not in metrics["arms"] or arm == "post-hoc-ema" or not whole:
+            raise SystemExit(f"--replay {spec}: give ARM:STEP,... (whole steps) for an arm of this run, not "
+                             "post-hoc-ema")
         wanted = sorted(int(x) for x in steps.split(","))
         done = {r["step"] for r in metrics["arms"][arm].get("replayed", [])}
         if [x for x in wanted if x not in done]:
