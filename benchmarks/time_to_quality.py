@@ -81,12 +81,12 @@ def train_segment(arm: str, out: Path, config: str, overrides: list[str], minute
     folder = out / arm
     command = LAUNCH + ["train_ldm.py", "--config", config, *overrides, f"output_dir={folder}",
                         *([f"max_minutes={minutes}"] if minutes else [])]
-    with open(out / f"{arm.replace('/', '-')}.log", "a") as log:
+    log_path = out / f"{arm.replace('/', '-')}.log"
+    with open(log_path, "a") as log:
         result = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode != 0:
-        log = out / f"{arm.replace('/', '-')}.log"
-        raise SystemExit(f"arm {arm} failed ({result.returncode}); {log} ends:\n" +
-                         "\n".join(log.read_text().splitlines()[-5:]))
+        raise SystemExit(f"arm {arm} failed ({result.returncode}); {log_path} ends:\n" +
+                         "\n".join(log_path.read_text().splitlines()[-5:]))
 
 
 def build_cache(arm: str, out: Path, config: str, overrides: list[str], env: dict) -> float:
@@ -149,12 +149,13 @@ def post_hoc_model(arm_folder: Path, lengths: list[float], out: Path, tag: str) 
     return target
 
 
-def replay_rows(arm: str, steps: list[int], args, out: Path, common: list[str], env: dict) -> list[dict]:
+def replay_rows(arm: str, record: dict, steps: list[int], args, out: Path, common: list[str],
+                env: dict) -> list[dict]:
     """Scores of `arm` at earlier steps than its segments reached: the arm's recipe and seed trained again from its
     own cache (not rebuilt) to each step in `steps` on the same --threads (so the same kernels, hence the same
-    weights as the arm had there), each step mapped to the arm's own minutes by its scored (step, minutes) pairs."""
+    weights as the arm had there), each step mapped to the arm's own minutes by its scored (step, minutes) pairs
+    (`record`: the arm's entry in metrics.json)."""
     out_rows: list[dict] = []
-    record = json.loads((out / "metrics.json").read_text())["arms"][arm]
     scored = record["rows"]
     if not scored:
         raise SystemExit(f"--replay {arm}: the arm has no scored segment yet to time its steps by")
@@ -353,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         wanted = sorted(int(x) for x in steps.split(","))
         done = {r["step"] for r in metrics["arms"][arm].get("replayed", [])}
         if [x for x in wanted if x not in done]:
-            rows = replay_rows(arm, [x for x in wanted if x not in done], args, args.out, common, train_env)
+            rows = replay_rows(arm, metrics["arms"][arm], [x for x in wanted if x not in done], args, args.out,
+                               common, train_env)
             metrics["arms"][arm]["replayed"] = sorted(metrics["arms"][arm].get("replayed", []) + rows,
                                                       key=lambda r: r["step"])
             metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
