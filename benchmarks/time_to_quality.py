@@ -15,6 +15,7 @@ uncached arm pays for its encoders inside its training minutes). Arms:
   shipped        configs/ldm/emoji-64.yaml as it is (cache, min-SNR 5, lr 1e-3 with warm-up, EMA 0.999)
   logit-normal   shipped + timestep_density=logit_normal (SD3)
   inverse-sqrt   shipped + lr_scheduler=inverse_sqrt, a 2x peak (EDM2's decay)
+  lr-2x          shipped with the 2x peak alone (constant after warm-up): inverse-sqrt's gain, split into rate and decay
   post-hoc-ema   shipped + post_hoc_ema=[0.05, 0.10], scored with the sigma_rel that `ldm ema` picks by
                  validation loss among --ema-lengths
   xs / m         shipped with the emoji-xs (0.94M) / emoji-m U-Net: the size a CPU-hour budget favours
@@ -63,6 +64,7 @@ ARMS: dict[str, list[str]] = {
     "shipped": [],
     "logit-normal": ["timestep_density=logit_normal"],
     "inverse-sqrt": ["lr_scheduler=inverse_sqrt", "learning_rate=2e-3", "lr_timescale=2000"],
+    "lr-2x": ["learning_rate=2e-3"],
     "post-hoc-ema": ["post_hoc_ema=[0.05, 0.10]", "post_hoc_ema_every=100"],
     "xs": ["unet_preset=emoji-xs"],
     "m": ["unet_preset=emoji-m"],

@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen_eval.add_argument("--num-images", type=int, default=D.EVAL_NUM_IMAGES,
                           help="N for the main FIDs (default %(default)s)")
     gen_eval.add_argument("--sweep-images", type=int, default=D.EVAL_SWEEP_IMAGES,
-                          help="N for each sweep setting (default %(default)s)")
+                          help="N for each sweep setting, at most --num-images: the sweeps draw from its prompts "
+                               "(default %(default)s)")
     gen_eval.add_argument("--heldout-split", default="validation", help="held-out split, or none (default validation)")
     gen_eval.add_argument("--fast", action="store_true",
                           help="evaluate the embedded distilled default (once one ships; none does in this release)")

@@ -65,10 +65,12 @@ def test_eval_generate_without_a_heldout_split_says_how_to_skip(tiny_components,
     with pytest.raises(UserError, match="guidance scales must be finite"):
         evaluate_generation(pipe, str(data), tmp_path / "out", heldout_split=None, guidance_scales=(3.0, -1.0))
     assert not (tmp_path / "out").exists()  # refused before any work, nothing written
-    metrics = evaluate_generation(pipe, str(data), tmp_path / "out", num_images=4, sweep_images=2,
+    metrics = evaluate_generation(pipe, str(data), tmp_path / "out", num_images=4, sweep_images=6,
                                   num_inference_steps=1, heldout_split=None, samplers=(), guidance_scales=(),
                                   batch_size=4)
     assert "heldout" not in metrics and "samplers" not in metrics
+    # the sweeps draw from the main rows' prompts: a larger --sweep-images is capped, and the table says so
+    assert "sweeps N = 4: --sweep-images 6 is capped by --num-images 4" in format_tables(metrics)
 
 
 def test_a_settings_sweep_counts_calls_and_draws_the_pareto_front(tiny_model_dir, emoji_dir, tmp_path):
