@@ -176,8 +176,8 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
         return {**result, "fid_real_vs_real": frechet_distance(reference.features, prompts_set.features)}
 
     sweep_set = prompts_set.take(min(sweep_images, num_images))
-    if sweep_images > num_images:  # the sweeps draw their prompts from the main rows'
-        notes.append(f"sweeps N = {num_images}: --sweep-images {sweep_images} is capped by --num-images {num_images}")
+    if sweep_images > num_images and (samplers or guidance_scales or sampling_settings):  # they draw the main prompts
+        notes.append(f"sweeps N = {num_images}: --sweep-images {sweep_images} is capped by the main rows' N")
     sweep_floor = frechet_distance(reference.take(len(sweep_set.captions)).features, sweep_set.features)
     measure("train", "main", main_row)
 

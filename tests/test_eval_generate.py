@@ -69,8 +69,13 @@ def test_eval_generate_without_a_heldout_split_says_how_to_skip(tiny_components,
                                   num_inference_steps=1, heldout_split=None, samplers=(), guidance_scales=(),
                                   batch_size=4)
     assert "heldout" not in metrics and "samplers" not in metrics
+    assert "capped" not in format_tables(metrics)  # no sweep ran: nothing was capped
     # the sweeps draw from the main rows' prompts: a larger --sweep-images is capped, and the table says so
-    assert "sweeps N = 4: --sweep-images 6 is capped by --num-images 4" in format_tables(metrics)
+    swept = evaluate_generation(pipe, str(data), tmp_path / "swept", num_images=4, sweep_images=6,
+                                num_inference_steps=1, heldout_split=None, samplers=(), guidance_scales=(1.0,),
+                                batch_size=4)
+    assert swept["guidance"]["images"] == 4
+    assert "sweeps N = 4: --sweep-images 6 is capped by the main rows' N" in format_tables(swept)
 
 
 def test_a_settings_sweep_counts_calls_and_draws_the_pareto_front(tiny_model_dir, emoji_dir, tmp_path):
