@@ -349,15 +349,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{arm}: {k * args.segment:g} min, step {step}, FID {fid:.2f}", flush=True)
     for spec in args.replay:
         arm, _, steps = spec.partition(":")
-        whole = all(x.strip().isdigit() for x in steps.split(","))
-        if arm not in metrics["arms"] or arm == "post-hoc-ema" or not whole:
+        parts = steps.split(",")
+        if arm not in metrics["arms"] or arm == "post-hoc-ema" or not all(x.strip().isdigit() for x in parts):
             raise SystemExit(f"--replay {spec}: give ARM:STEP,... (whole steps) for an arm of this run, not "
                              "post-hoc-ema")
-        wanted = sorted(int(x) for x in steps.split(","))
         done = {r["step"] for r in metrics["arms"][arm].get("replayed", [])}
-        if [x for x in wanted if x not in done]:
-            rows = replay_rows(arm, metrics["arms"][arm], [x for x in wanted if x not in done], args, args.out,
-                               common, train_env)
+        missing = [x for x in sorted(int(x) for x in parts) if x not in done]
+        if missing:
+            rows = replay_rows(arm, metrics["arms"][arm], missing, args, args.out, common, train_env)
             metrics["arms"][arm]["replayed"] = sorted(metrics["arms"][arm].get("replayed", []) + rows,
                                                       key=lambda r: r["step"])
             metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
