@@ -22,6 +22,10 @@ uncached arm pays for its encoders inside its training minutes). Arms:
   flow           shipped with the rectified-flow objective (prediction_type=flow, no min-SNR: the plain velocity
                  loss), scored with its own sampler, flow-euler, at the same steps (a research arm: no diffusers
                  pipeline samples a U-Net with a flow scheduler, docs/benchmarks.md)
+  combined       flow + inverse-sqrt + logit-normal: the levers that each beat the shipped arm, together (scored with
+                 flow-euler)
+  combined-diffusion  inverse-sqrt + logit-normal: the best combination a diffusers pipeline can sample
+  shipped-seed1  the shipped arm with seed 1 (weights, data order, noise): the spread a single seed leaves
 
     python benchmarks/time_to_quality.py --budget 45 --segment 9 --arms diffusers,shipped,logit-normal
     python benchmarks/time_to_quality.py --budget 24 --segment 8 --arms diffusers,shipped,xs,m --parallel 2
@@ -69,8 +73,16 @@ ARMS: dict[str, list[str]] = {
     "xs": ["unet_preset=emoji-xs"],
     "m": ["unet_preset=emoji-m"],
     "flow": ["prediction_type=flow", "min_snr_gamma=null"],
+    # the levers that each beat the shipped arm at 8 minutes (2026-12-07), together; SD3 pairs flow with logit-normal
+    "combined": ["prediction_type=flow", "min_snr_gamma=null", "lr_scheduler=inverse_sqrt", "learning_rate=2e-3",
+                 "lr_timescale=2000", "timestep_density=logit_normal"],
+    # the same without flow: the best combination a diffusers pipeline samples (the default must load there)
+    "combined-diffusion": ["lr_scheduler=inverse_sqrt", "learning_rate=2e-3", "lr_timescale=2000",
+                           "timestep_density=logit_normal"],
+    "shipped-seed1": ["seed=1"],  # the shipped arm with another seed: how far one seed's FID moves
 }
-ARM_SAMPLERS = {"flow": "flow-euler"}  # arms scored with another sampler than --scheduler (their only one)
+# arms scored with another sampler than --scheduler: a flow-matching model's only one
+ARM_SAMPLERS = {arm: "flow-euler" for arm, overrides in ARMS.items() if "prediction_type=flow" in overrides}
 # every arm: the embedded default's autoencoder and text encoder, run by time (max_steps out of reach), no samples
 COMMON = ["autoencoder=pipelines/default_model/vae", "text_encoder=minilm", "text_max_length=32", "max_steps=10000000",
           "sample_every=10000000", "checkpoint_every=10000000", "validation_every=10000000", "keep_checkpoints=1"]
@@ -111,6 +123,16 @@ def last_step(folder: Path) -> int:
 
     checkpoints = list_checkpoints(folder)
     return json.loads((checkpoints[-1] / "trainer_state.json").read_text())["step"] if checkpoints else 0
+
+
+def exported(folder: Path) -> bool:
+    """Whether the arm's final/ was written after its last checkpoint (the trainer writes the checkpoint, then the
+    export: a stop between the two leaves final/ missing or a segment behind)."""
+    from core.checkpoints import list_checkpoints
+
+    config, checkpoints = folder / "final" / "config.yaml", list_checkpoints(folder)
+    return config.is_file() and (not checkpoints or
+                                 config.stat().st_mtime >= (checkpoints[-1] / "trainer_state.json").stat().st_mtime)
 
 
 def reached(folder: Path) -> tuple[int, int]:
@@ -243,21 +265,23 @@ def plot(metrics: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.5, 4))
-    for name, arm in metrics["arms"].items():
+    figure, axis = plt.subplots(figsize=(8, 4))
+    colours = plt.get_cmap("tab10").colors
+    for i, (name, arm) in enumerate(metrics["arms"].items()):
         rows = all_rows(arm)
-        if rows:
-            line, = axis.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], marker="o", label=name)
+        if rows:  # past ten arms the colours repeat: square markers and dashes tell those apart
+            line, = axis.plot([r["minutes"] for r in rows], [r["fid"] for r in rows], color=colours[i % 10],
+                              marker="os^D"[i // 10 % 4], linestyle=["-", "--", ":", "-."][i // 10 % 4], label=name)
             replayed = [r for r in rows if r.get("replayed")]
-            axis.plot([r["minutes"] for r in replayed], [r["fid"] for r in replayed], marker="o", linestyle="none",
-                      markerfacecolor="white", color=line.get_color())  # hollow: a replayed earlier step
+            axis.plot([r["minutes"] for r in replayed], [r["fid"] for r in replayed], linestyle="none",
+                      marker=line.get_marker(), markerfacecolor="white", color=line.get_color())  # hollow: replayed
     settings = metrics["settings"]
     cores = f"{settings['threads']} CPU thread{'s' if settings['threads'] > 1 else ''} per arm" + (
         f", {settings['parallel']} arms at a time" if settings["parallel"] > 1 else "")
     axis.set_xlabel(f"minutes: cache build + training ({cores})")
     axis.set_ylabel(f"FID, N = {metrics['settings']['num_images']} training prompts")
     axis.grid(alpha=0.3)
-    axis.legend()
+    axis.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -314,6 +338,14 @@ def main(argv: list[str] | None = None) -> None:
         if metrics["arms"].setdefault(arm, {"overrides": ARMS[arm], "rows": []})["overrides"] != ARMS[arm]:
             raise SystemExit(f"arm {arm} in {metrics_path} was trained with {metrics['arms'][arm]['overrides']}, not "
                              f"today's {ARMS[arm]}; pick another --out")
+    replays: list[tuple[str, list[int]]] = []  # checked now, before any arm trains
+    for spec in args.replay:
+        arm, _, steps = spec.partition(":")
+        parts = steps.split(",")
+        if arm not in metrics["arms"] or arm == "post-hoc-ema" or not all(x.strip().isdigit() for x in parts):
+            raise SystemExit(f"--replay {spec}: give ARM:STEP,... (whole steps) for an arm of this run, not "
+                             "post-hoc-ema")
+        replays.append((arm, sorted(int(x) for x in parts)))
     if len(arms) % args.parallel:
         print(f"note: {len(arms)} arms in groups of {args.parallel}: the last group trains with fewer beside it, so "
               "faster per step (each row's 'beside' in metrics.json says with what it trained)", flush=True)
@@ -337,6 +369,11 @@ def main(argv: list[str] | None = None) -> None:
                               stale))
             for arm in todo:
                 record = metrics["arms"][arm]
+                if not exported(args.out / arm):  # stopped between its checkpoint and its export
+                    print(f"note: {arm}'s final/ is missing or older than its last checkpoint: exporting that "
+                          "checkpoint", flush=True)
+                    at_step = [f"max_steps={last_step(args.out / arm)}"]  # resumed there: trains nothing, exports
+                    train_segment(arm, args.out, SHIPPED, common + ARMS[arm] + at_step, None, train_env)
                 step, images = reached(args.out / arm)
                 model = args.out / arm / "final"
                 if arm == "post-hoc-ema":
@@ -347,14 +384,9 @@ def main(argv: list[str] | None = None) -> None:
                                        "beside": [a for a in stale if a != arm] if arm in stale else None})
                 metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
                 print(f"{arm}: {k * args.segment:g} min, step {step}, FID {fid:.2f}", flush=True)
-    for spec in args.replay:
-        arm, _, steps = spec.partition(":")
-        parts = steps.split(",")
-        if arm not in metrics["arms"] or arm == "post-hoc-ema" or not all(x.strip().isdigit() for x in parts):
-            raise SystemExit(f"--replay {spec}: give ARM:STEP,... (whole steps) for an arm of this run, not "
-                             "post-hoc-ema")
+    for arm, steps in replays:
         done = {r["step"] for r in metrics["arms"][arm].get("replayed", [])}
-        missing = [x for x in sorted(int(x) for x in parts) if x not in done]
+        missing = [x for x in steps if x not in done]
         if missing:
             rows = replay_rows(arm, metrics["arms"][arm], missing, args, args.out, common, train_env)
             metrics["arms"][arm]["replayed"] = sorted(metrics["arms"][arm].get("replayed", []) + rows,

@@ -14,6 +14,8 @@ from core.errors import UserError
 from ldm.diffusion import NoiseSchedule
 from pipelines import Img2ImgPipeline, Pipeline
 from recipes.latent_diffusion import LDMTrainer
+from web.app import sampler_choices
+from web.requests import MODEL_SCHEDULER, SAMPLER_SPACING
 from helpers import ROOT
 
 FLOW = NoiseSchedule(prediction_type="flow")
@@ -125,6 +127,10 @@ def test_a_flow_model_trains_samples_with_flow_euler_and_refuses_other_samplers(
                             ({"guidance_interval": (0.5, 2.0)}, "a flow-matching model is guided at every step")):
         with pytest.raises(UserError, match=message):
             pipe.generate("a cat", num_inference_steps=4, progress=False, **kwargs)
+    # the page offers a flow model flow-euler on its own grid only, and a diffusion model every sampler but it
+    assert sampler_choices(pipe) == ([MODEL_SCHEDULER, "flow-euler"], [SAMPLER_SPACING])
+    samplers, schedules = sampler_choices(Pipeline(model=tiny_model_dir))
+    assert "flow-euler" not in samplers and {"dpm++", "euler", "lcm"} <= set(samplers) and "ays" in schedules
     with pytest.raises(UserError, match="image-to-image and inpainting take diffusion models"):
         Img2ImgPipeline(model=final)
     with pytest.raises(UserError, match="\\(flow-euler\\) samples flow-matching models"):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -26,12 +27,25 @@ def test_quick_form_trains_scores_and_resumes(emoji_dir, autoencoder_dir, tmp_pa
     other = [*command, "--budget", "0.1", "--guidance", "2"]
     assert "other settings" in subprocess.run(other, cwd=ROOT, capture_output=True, text=True).stderr
     first_flow = metrics["arms"]["flow"]["rows"][0]
+    # a malformed --replay is refused before any arm trains
+    bad = subprocess.run([*command, "--budget", "0.1", "--replay", "flow:first"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "--replay flow:first" in bad.stderr
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+    # a stop between the diffusers arm's checkpoint and its export (its final/ not yet written, its score not taken):
+    # the next run exports that checkpoint and scores it, the same weights, so the same FID
+    first_diffusers = metrics["arms"]["diffusers"]["rows"].pop()
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    shutil.rmtree(out / "diffusers" / "final")
     # a replay of the flow arm to its first scored step trains the same weights again: the same FID, to the digit
     second = subprocess.run([*command, "--budget", "0.1", "--replay", f"flow:{first_flow['step']}"], cwd=ROOT,
                             capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     [replayed] = metrics["arms"]["flow"]["replayed"]
+    assert "diffusers's final/ is missing or older than its last checkpoint" in second.stdout
+    redone = metrics["arms"]["diffusers"]["rows"][0]
+    assert (redone["step"], redone["fid"]) == (first_diffusers["step"], first_diffusers["fid"])
     assert first_flow["beside"] == ["diffusers", "post-hoc-ema"]  # trained side by side, replayed alone
     assert replayed["step"] == first_flow["step"] and replayed["fid"] == first_flow["fid"]
     assert replayed["minutes"] == pytest.approx(first_flow["minutes"], abs=1e-3)

@@ -368,14 +368,23 @@ class SamplingControls(NamedTuple):
     step_schedule: object
 
 
+def sampler_choices(pipe) -> tuple[list[str], list[str]]:
+    """The samplers and step schedules the page offers for `pipe`'s model: a flow-matching model samples with
+    flow-euler on its own grid only, a diffusion model with every other sampler (the pipeline refuses the rest)."""
+    if pipe.is_flow:
+        return [MODEL_SCHEDULER, "flow-euler"], [SAMPLER_SPACING]
+    return [MODEL_SCHEDULER, *(n for n in SCHEDULER_NAMES if n != "flow-euler")], [SAMPLER_SPACING, *STEP_SCHEDULES]
+
+
 def _sampling_controls(gr, default_size: int, prefix: str, pipe) -> SamplingControls:
     """The shared settings' components, laid out in rows, starting from `pipe`'s model's own steps, guidance and
     guidance interval (its sampling.json)."""
     defaults = pipe.own_defaults()
     own_interval = pipe.sampling_defaults.get("guidance_interval")
     own_schedule = pipe.sampling_defaults.get("step_schedule") or SAMPLER_SPACING
+    samplers, schedules = sampler_choices(pipe)
     with gr.Row():
-        sampler = gr.Dropdown([MODEL_SCHEDULER, *SCHEDULER_NAMES], value=MODEL_SCHEDULER, label="Sampler")
+        sampler = gr.Dropdown(samplers, value=MODEL_SCHEDULER, label="Sampler")
         steps = gr.Number(label=f"Steps (≤ {MAX_STEPS})", value=defaults[0], precision=0,
                           elem_id=f"{prefix}-steps")
         guidance = gr.Slider(0, MAX_GUIDANCE, value=defaults[1], step=0.5, label="Guidance")
@@ -386,8 +395,8 @@ def _sampling_controls(gr, default_size: int, prefix: str, pipe) -> SamplingCont
     with gr.Row():
         interval = gr.Textbox("" if own_interval is None else "-".join(f"{v:g}" for v in own_interval),
                               label="Guidance interval (noise levels LO-HI, e.g. 0.28-5.42; blank = every step)",
-                              elem_id=f"{prefix}-interval")
-        step_schedule = gr.Dropdown([SAMPLER_SPACING, *STEP_SCHEDULES], value=own_schedule, label="Step schedule",
+                              elem_id=f"{prefix}-interval", interactive=not pipe.is_flow)  # flow: every step
+        step_schedule = gr.Dropdown(schedules, value=own_schedule, label="Step schedule",
                                     elem_id=f"{prefix}-step-schedule")
     return SamplingControls(sampler, steps, guidance, seed, random_seed, size, interval, step_schedule)
 
