@@ -22,9 +22,9 @@ uncached arm pays for its encoders inside its training minutes). Arms:
   flow           shipped with the rectified-flow objective (prediction_type=flow, no min-SNR: the plain velocity
                  loss), scored with its own sampler, flow-euler, at the same steps (a research arm: no diffusers
                  pipeline samples a U-Net with a flow scheduler, docs/benchmarks.md)
-  combined       flow + inverse-sqrt + logit-normal: the levers that each beat the shipped arm, together (scored with
-                 flow-euler)
-  combined-diffusion  inverse-sqrt + logit-normal: the best combination a diffusers pipeline can sample
+  combined       flow + inverse-sqrt + logit-normal: the levers that scored better than the shipped arm, together
+                 (scored with flow-euler)
+  combined-diffusion  inverse-sqrt + logit-normal: the same without flow, which a diffusers pipeline can sample
   shipped-seed1  the shipped arm with seed 1 (weights, data order, noise): the spread a single seed leaves
 
     python benchmarks/time_to_quality.py --budget 45 --segment 9 --arms diffusers,shipped,logit-normal
@@ -73,14 +73,16 @@ ARMS: dict[str, list[str]] = {
     "xs": ["unet_preset=emoji-xs"],
     "m": ["unet_preset=emoji-m"],
     "flow": ["prediction_type=flow", "min_snr_gamma=null"],
-    # the levers that each beat the shipped arm at 8 minutes (2026-12-07), together; SD3 pairs flow with logit-normal
+    # the levers that scored better than the shipped arm at 8 minutes (2026-12-07; logit-normal only within a second
+    # seed's spread), together; SD3 pairs flow with logit-normal
     "combined": ["prediction_type=flow", "min_snr_gamma=null", "lr_scheduler=inverse_sqrt", "learning_rate=2e-3",
                  "lr_timescale=2000", "timestep_density=logit_normal"],
-    # the same without flow: the best combination a diffusers pipeline samples (the default must load there)
+    # the same without flow, which a diffusers pipeline samples (the default must load there)
     "combined-diffusion": ["lr_scheduler=inverse_sqrt", "learning_rate=2e-3", "lr_timescale=2000",
                            "timestep_density=logit_normal"],
     "shipped-seed1": ["seed=1"],  # the shipped arm with another seed: how far one seed's FID moves
 }
+EXPORTED = "exported-step.txt"  # in each arm's folder: the step its final/ holds
 # arms scored with another sampler than --scheduler: a flow-matching model's only one
 ARM_SAMPLERS = {arm: "flow-euler" for arm, overrides in ARMS.items() if "prediction_type=flow" in overrides}
 # every arm: the embedded default's autoencoder and text encoder, run by time (max_steps out of reach), no samples
@@ -101,6 +103,7 @@ def train_segment(arm: str, out: Path, config: str, overrides: list[str], minute
     if result.returncode != 0:
         raise SystemExit(f"arm {arm} failed ({result.returncode}); {log_path} ends:\n" +
                          "\n".join(log_path.read_text().splitlines()[-5:]))
+    (folder / EXPORTED).write_text(f"{last_step(folder)}\n")  # exported what its last checkpoint holds
 
 
 def build_cache(arm: str, out: Path, config: str, overrides: list[str], env: dict) -> float:
@@ -126,13 +129,12 @@ def last_step(folder: Path) -> int:
 
 
 def exported(folder: Path) -> bool:
-    """Whether the arm's final/ was written after its last checkpoint (the trainer writes the checkpoint, then the
-    export: a stop between the two leaves final/ missing or a segment behind)."""
-    from core.checkpoints import list_checkpoints
-
-    config, checkpoints = folder / "final" / "config.yaml", list_checkpoints(folder)
-    return config.is_file() and (not checkpoints or
-                                 config.stat().st_mtime >= (checkpoints[-1] / "trainer_state.json").stat().st_mtime)
+    """Whether the arm's final/ holds its last checkpoint's weights: the trainer writes the checkpoint, then the
+    export, so a stop between the two leaves final/ missing or a segment behind; each finished training process
+    records the step it exported in EXPORTED (a step, not file times, which copies rewrite)."""
+    marker = folder / EXPORTED
+    return (folder / "final" / "config.yaml").is_file() and marker.is_file() and \
+        marker.read_text().strip() == str(last_step(folder))
 
 
 def reached(folder: Path) -> tuple[int, int]:
@@ -173,6 +175,17 @@ def post_hoc_model(arm_folder: Path, lengths: list[float], out: Path, tag: str) 
     return target
 
 
+REPLAYABLE = ("constant", "constant_with_warmup", "inverse_sqrt")  # the other schedules decay over max_steps
+
+
+def replay_schedule(arm: str) -> str:
+    """The arm's lr_scheduler: its override, else the shipped config's."""
+    import yaml
+
+    given = [o.partition("=")[2] for o in ARMS[arm] if o.startswith("lr_scheduler=")]
+    return given[-1] if given else yaml.safe_load((ROOT / SHIPPED).read_text())["lr_scheduler"]
+
+
 def replay_rows(arm: str, record: dict, steps: list[int], args, out: Path, common: list[str],
                 env: dict) -> list[dict]:
     """Scores of `arm` at earlier steps than its segments reached: the arm's recipe and seed trained again from its
@@ -183,11 +196,6 @@ def replay_rows(arm: str, record: dict, steps: list[int], args, out: Path, commo
     scored = record["rows"]
     if not scored:
         raise SystemExit(f"--replay {arm}: the arm has no scored segment yet to time its steps by")
-    import yaml
-
-    schedule = yaml.safe_load((out / arm / "final" / "config.yaml").read_text())["lr_scheduler"]
-    if schedule not in ("constant", "constant_with_warmup", "inverse_sqrt"):  # the rest decay over max_steps
-        raise SystemExit(f"--replay {arm}: its lr_scheduler={schedule} depends on max_steps, which a replay changes")
     base = [o for o in common if not o.startswith("max_steps=")] + ARMS[arm]
     for step in sorted(set(steps)):
         if not 0 < step < scored[-1]["step"]:
@@ -196,7 +204,7 @@ def replay_rows(arm: str, record: dict, steps: list[int], args, out: Path, commo
         folder = out / "replay" / arm
         if last_step(folder) > step:  # a step before one replayed earlier: a run of its own
             folder = out / "replay" / f"{arm}-{step}"
-        if last_step(folder) < step:
+        if last_step(folder) < step or not exported(folder):  # to the step; or, stopped before its export, export it
             train_segment(str(folder.relative_to(out)), out, SHIPPED, base + [f"cache_dir={out / arm / 'cache'}",
                                                                               f"max_steps={step}"], None, env)
         points = [(0, 0.0)] + [(r["step"], r["training_minutes"]) for r in scored]
@@ -342,10 +350,15 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.replay:
         arm, _, steps = spec.partition(":")
         parts = steps.split(",")
-        if arm not in metrics["arms"] or arm == "post-hoc-ema" or not all(x.strip().isdigit() for x in parts):
-            raise SystemExit(f"--replay {spec}: give ARM:STEP,... (whole steps) for an arm of this run, not "
+        if arm not in metrics["arms"] or arm == "post-hoc-ema" or not all(x.strip().isdigit() and int(x) > 0
+                                                                           for x in parts):
+            raise SystemExit(f"--replay {spec}: give ARM:STEP,... (whole steps above 0) for an arm of this run, not "
                              "post-hoc-ema")
-        replays.append((arm, sorted(int(x) for x in parts)))
+        schedule = replay_schedule(arm)
+        if schedule not in REPLAYABLE:
+            raise SystemExit(f"--replay {arm}: its lr_scheduler={schedule} depends on max_steps, which a replay "
+                             "changes")
+        replays.append((arm, sorted(int(x) for x in parts)))  # steps past the arm's last score: refused after it
     if len(arms) % args.parallel:
         print(f"note: {len(arms)} arms in groups of {args.parallel}: the last group trains with fewer beside it, so "
               "faster per step (each row's 'beside' in metrics.json says with what it trained)", flush=True)
@@ -370,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
             for arm in todo:
                 record = metrics["arms"][arm]
                 if not exported(args.out / arm):  # stopped between its checkpoint and its export
-                    print(f"note: {arm}'s final/ is missing or older than its last checkpoint: exporting that "
+                    print(f"note: {arm}'s final/ is missing or behind its last checkpoint: exporting that "
                           "checkpoint", flush=True)
                     at_step = [f"max_steps={last_step(args.out / arm)}"]  # resumed there: trains nothing, exports
                     train_segment(arm, args.out, SHIPPED, common + ARMS[arm] + at_step, None, train_env)

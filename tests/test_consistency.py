@@ -20,6 +20,8 @@ from ldm.diffusion import (NoiseSchedule, consistency_output, consistency_scalin
 from ldm.unet import build_unet
 from pipelines import InpaintPipeline, Pipeline
 from recipes.consistency import DistillTrainConfig, DistillTrainer, student_from
+from web.app import sampler_choices
+from web.requests import MODEL_SCHEDULER, SAMPLER_SPACING
 from helpers import LAUNCH, ROOT, run
 
 
@@ -188,6 +190,7 @@ def test_distillation_exports_a_student_that_diffusers_samples_to_the_same_pixel
     assert config["time_cond_proj_dim"] == 256
     student = Pipeline(model=final)
     assert student.is_consistency_student and student.default_steps() == 4
+    assert sampler_choices(student) == ([MODEL_SCHEDULER, "lcm"], [SAMPLER_SPACING])  # what the page offers it
     assert student.unet.time_embedding.cond_proj.weight.abs().max() > 0  # the guidance input was trained
     theirs = StableDiffusionPipeline.from_pretrained(final, safety_checker=None)
     theirs.set_progress_bar_config(disable=True)

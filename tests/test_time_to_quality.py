@@ -28,10 +28,13 @@ def test_quick_form_trains_scores_and_resumes(emoji_dir, autoencoder_dir, tmp_pa
     assert "other settings" in subprocess.run(other, cwd=ROOT, capture_output=True, text=True).stderr
     first_flow = metrics["arms"]["flow"]["rows"][0]
     # a malformed --replay is refused before any arm trains
-    bad = subprocess.run([*command, "--budget", "0.1", "--replay", "flow:first"], cwd=ROOT, capture_output=True,
-                         text=True)
-    assert bad.returncode != 0 and "--replay flow:first" in bad.stderr
+    for spec in ("flow:first", "flow:0"):
+        bad = subprocess.run([*command, "--budget", "0.1", "--replay", spec], cwd=ROOT, capture_output=True,
+                             text=True)
+        assert bad.returncode != 0 and f"--replay {spec}" in bad.stderr
     assert json.loads((out / "metrics.json").read_text()) == metrics
+    flow_first_export = tmp_path / "flow-final-1"  # flow's segment-1 export, for a stop a segment later (below)
+    shutil.copytree(out / "flow" / "final", flow_first_export)
     # a stop between the diffusers arm's checkpoint and its export (its final/ not yet written, its score not taken):
     # the next run exports that checkpoint and scores it, the same weights, so the same FID
     first_diffusers = metrics["arms"]["diffusers"]["rows"].pop()
@@ -43,12 +46,26 @@ def test_quick_form_trains_scores_and_resumes(emoji_dir, autoencoder_dir, tmp_pa
     assert second.returncode == 0, second.stderr[-2000:]
     metrics = json.loads((out / "metrics.json").read_text())
     [replayed] = metrics["arms"]["flow"]["replayed"]
-    assert "diffusers's final/ is missing or older than its last checkpoint" in second.stdout
+    assert "diffusers's final/ is missing or behind its last checkpoint" in second.stdout
     redone = metrics["arms"]["diffusers"]["rows"][0]
     assert (redone["step"], redone["fid"]) == (first_diffusers["step"], first_diffusers["fid"])
     assert first_flow["beside"] == ["diffusers", "post-hoc-ema"]  # trained side by side, replayed alone
     assert replayed["step"] == first_flow["step"] and replayed["fid"] == first_flow["fid"]
     assert replayed["minutes"] == pytest.approx(first_flow["minutes"], abs=1e-3)
+    # a stop between flow's segment-2 checkpoint and its export leaves final/ a segment behind (freshly written
+    # files, so their times say nothing): exported again from the checkpoint, it scores what segment 2 scored
+    second_flow = metrics["arms"]["flow"]["rows"].pop()
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    shutil.rmtree(out / "flow" / "final")
+    shutil.copytree(flow_first_export, out / "flow" / "final", copy_function=shutil.copy)
+    (out / "flow" / "exported-step.txt").write_text(f"{first_flow['step']}\n")
+    third = subprocess.run([*command, "--budget", "0.1"], cwd=ROOT, capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "flow's final/ is missing or behind its last checkpoint" in third.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    redone = metrics["arms"]["flow"]["rows"][1]
+    assert (redone["step"], redone["fid"]) == (second_flow["step"], second_flow["fid"]) != (first_flow["step"],
+                                                                                             first_flow["fid"])
     for name, arm in metrics["arms"].items():
         rows = arm["rows"]  # the segments alone (replays are kept apart)
         assert [r["training_minutes"] for r in rows] == [0.05, 0.1], name

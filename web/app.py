@@ -370,9 +370,12 @@ class SamplingControls(NamedTuple):
 
 def sampler_choices(pipe) -> tuple[list[str], list[str]]:
     """The samplers and step schedules the page offers for `pipe`'s model: a flow-matching model samples with
-    flow-euler on its own grid only, a diffusion model with every other sampler (the pipeline refuses the rest)."""
+    flow-euler and a consistency student with lcm, each on its own grid only; a diffusion model every other sampler
+    (lcm once an LCM-LoRA is picked on the page; the pipeline refuses a mismatch in one line)."""
     if pipe.is_flow:
         return [MODEL_SCHEDULER, "flow-euler"], [SAMPLER_SPACING]
+    if pipe.is_consistency_student:
+        return [MODEL_SCHEDULER, "lcm"], [SAMPLER_SPACING]
     return [MODEL_SCHEDULER, *(n for n in SCHEDULER_NAMES if n != "flow-euler")], [SAMPLER_SPACING, *STEP_SCHEDULES]
 
 
