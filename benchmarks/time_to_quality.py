@@ -179,11 +179,10 @@ REPLAYABLE = ("constant", "constant_with_warmup", "inverse_sqrt")  # the other s
 
 
 def replay_schedule(arm: str) -> str:
-    """The arm's lr_scheduler: its override, else the shipped config's."""
-    import yaml
+    """The arm's lr_scheduler: the shipped config with the arm's overrides, read as train_ldm.py reads them."""
+    from core.config import read_config
 
-    given = [o.partition("=")[2] for o in ARMS[arm] if o.startswith("lr_scheduler=")]
-    return given[-1] if given else yaml.safe_load((ROOT / SHIPPED).read_text())["lr_scheduler"]
+    return read_config(ROOT / SHIPPED, ARMS[arm])[0]["lr_scheduler"]
 
 
 def replay_rows(arm: str, record: dict, steps: list[int], args, out: Path, common: list[str],
