@@ -14,8 +14,9 @@ from PIL import Image
 from pipelines import InpaintPipeline
 from pipelines.loading import DEFAULT_INPAINT_MODEL_DIR, DEFAULT_MODEL_DIR
 
-# measured when the inpainting default shipped (2026-11-27)
-PINNED_MEAN, PINNED_STD = 0.53162, 0.37493
+# measured when the inpainting default's autoencoder got the continued decoder (2026-12-07; the U-Net as shipped on
+# 2026-11-27). The tolerances are tight enough that the earlier decoder fails (its mean moves by 2e-3)
+PINNED_MEAN, PINNED_STD = 0.52956, 0.37730
 
 
 def _image_and_mask() -> tuple[Image.Image, Image.Image]:
@@ -49,13 +50,13 @@ def test_default_inpainting_fills_seeded_with_the_pinned_statistics(default_inpa
                                    output_type="numpy", progress=False)
     inside = out[:, np.asarray(mask) > 0]
     # a different value means the weights or the inpainting math changed
-    assert inside.mean() == pytest.approx(PINNED_MEAN, abs=2e-3)
-    assert inside.std() == pytest.approx(PINNED_STD, abs=2e-3)
+    assert inside.mean() == pytest.approx(PINNED_MEAN, abs=3e-4)
+    assert inside.std() == pytest.approx(PINNED_STD, abs=3e-4)
     # per channel, and per 8x8 cell of the hole (grey), so a channel swap or a flip fails too (2026-12-02)
-    assert inside.mean(axis=(0, 1)) == pytest.approx([0.7755, 0.6522, 0.1671], abs=2e-3)
+    assert inside.mean(axis=(0, 1)) == pytest.approx([0.7740, 0.6477, 0.1670], abs=3e-4)
     cells = out[0, 20:44, 16:48].mean(axis=2).reshape(3, 8, 4, 8).mean(axis=(1, 3)).flatten()
-    assert cells == pytest.approx([0.6433, 0.6104, 0.6203, 0.6362, 0.2804, 0.6339, 0.6272, 0.1906,
-                                   0.5763, 0.4602, 0.4805, 0.5711], abs=3e-3)
+    assert cells == pytest.approx([0.6427, 0.6113, 0.6200, 0.6341, 0.2801, 0.6321, 0.6227, 0.1899,
+                                   0.5723, 0.4571, 0.4765, 0.5665], abs=1e-3)
     known = np.asarray(image, dtype=np.float32) / 255
     assert np.abs(out[:, np.asarray(mask) == 0] - known[np.asarray(mask) == 0]).max() < 1e-6  # pasted back
 

@@ -15,8 +15,10 @@ from core.errors import UserError
 from pipelines import Pipeline
 from pipelines.loading import DEFAULT_MODEL_DIR
 
-# measured when the fourth release shipped (2026-12-07: the third release + 3,438 cosine-decayed CPU steps of 64)
-PINNED_MEAN, PINNED_STD = 0.72625, 0.32234
+# measured when the fourth release's continued decoder shipped (2026-12-07: the U-Net of the third release + 3,438
+# cosine-decayed CPU steps of 64; the autoencoder's decoder phase continued for 6,000 steps). The tolerances are
+# tight enough that the earlier decoder under the same U-Net fails (its mean, channels and cells move by 6e-4 to 2e-3)
+PINNED_MEAN, PINNED_STD = 0.72683, 0.32210
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +34,13 @@ def test_default_generates_seeded_images_of_the_pinned_statistics(default_pipe):
     assert images.shape == (2, 64, 64, 3)
     assert 0 <= images.min() and images.max() <= 1
     # a different value means the weights or the sampling math changed
-    assert images.mean() == pytest.approx(PINNED_MEAN, abs=2e-3)
-    assert images.std() == pytest.approx(PINNED_STD, abs=2e-3)
+    assert images.mean() == pytest.approx(PINNED_MEAN, abs=3e-4)
+    assert images.std() == pytest.approx(PINNED_STD, abs=3e-4)
     # per channel and per 16x16 cell (grey), so a channel swap or a flip fails too (2026-12-02)
-    assert images.mean(axis=(0, 1, 2)) == pytest.approx([0.9169, 0.7659, 0.4959], abs=2e-3)
+    assert images.mean(axis=(0, 1, 2)) == pytest.approx([0.9165, 0.7675, 0.4965], abs=3e-4)
     cells = images[0].mean(axis=2).reshape(4, 16, 4, 16).mean(axis=(1, 3)).flatten()
-    assert cells == pytest.approx([0.7649, 0.8943, 0.9304, 0.7481, 0.8228, 0.6431, 0.6321, 0.8120,
-                                   0.6601, 0.6226, 0.5892, 0.6308, 0.9331, 0.6645, 0.6284, 0.9236], abs=3e-3)
+    assert cells == pytest.approx([0.7630, 0.8951, 0.9312, 0.7459, 0.8224, 0.6442, 0.6337, 0.8120,
+                                   0.6611, 0.6235, 0.5907, 0.6296, 0.9328, 0.6656, 0.6298, 0.9236], abs=1e-3)
 
 
 def test_default_is_the_shipped_recipe(default_pipe):
