@@ -68,3 +68,16 @@ def write_random_adapter(folder: Path, unet, base_model: str, seed: int, std: fl
     folder.mkdir(parents=True)
     write_adapter(folder, unet, {"base_model": base_model, "base_fingerprint": fingerprint})
     return folder
+
+
+def page_component(app, elem_id: str):
+    """The component of a built page (`web.app.build_app`) with this elem_id, or None: what the page offers, read
+    without a browser."""
+    found = [block for block in app.blocks.values() if getattr(block, "elem_id", None) == elem_id]
+    assert len(found) <= 1, f"{len(found)} components share elem_id {elem_id}"
+    return found[0] if found else None
+
+
+def dropdown_values(component) -> list:
+    """A gradio Dropdown's choices as values (gradio stores them as (label, value) pairs)."""
+    return [choice[1] if isinstance(choice, (tuple, list)) else choice for choice in component.choices]

@@ -20,9 +20,9 @@ from ldm.diffusion import (NoiseSchedule, consistency_output, consistency_scalin
 from ldm.unet import build_unet
 from pipelines import InpaintPipeline, Pipeline
 from recipes.consistency import DistillTrainConfig, DistillTrainer, student_from
-from web.app import sampler_choices
+from web.app import build_app, sampler_choices
 from web.requests import MODEL_SCHEDULER, SAMPLER_SPACING
-from helpers import LAUNCH, ROOT, run
+from helpers import LAUNCH, ROOT, dropdown_values, page_component, run
 
 
 @pytest.fixture(autouse=True)
@@ -191,6 +191,9 @@ def test_distillation_exports_a_student_that_diffusers_samples_to_the_same_pixel
     student = Pipeline(model=final)
     assert student.is_consistency_student and student.default_steps() == 4
     assert sampler_choices(student) == ([MODEL_SCHEDULER, "lcm"], [SAMPLER_SPACING])  # what the page offers it
+    app = build_app(model=str(final))  # and what the page built on it shows
+    assert dropdown_values(page_component(app, "gen-sampler")) == [MODEL_SCHEDULER, "lcm"]
+    assert dropdown_values(page_component(app, "gen-step-schedule")) == [SAMPLER_SPACING]
     assert student.unet.time_embedding.cond_proj.weight.abs().max() > 0  # the guidance input was trained
     theirs = StableDiffusionPipeline.from_pretrained(final, safety_checker=None)
     theirs.set_progress_bar_config(disable=True)

@@ -14,9 +14,9 @@ from core.errors import UserError
 from ldm.diffusion import NoiseSchedule
 from pipelines import Img2ImgPipeline, Pipeline
 from recipes.latent_diffusion import LDMTrainer
-from web.app import sampler_choices
+from web.app import build_app, sampler_choices
 from web.requests import MODEL_SCHEDULER, SAMPLER_SPACING
-from helpers import ROOT
+from helpers import ROOT, dropdown_values, page_component
 
 FLOW = NoiseSchedule(prediction_type="flow")
 
@@ -131,6 +131,14 @@ def test_a_flow_model_trains_samples_with_flow_euler_and_refuses_other_samplers(
     assert sampler_choices(pipe) == ([MODEL_SCHEDULER, "flow-euler"], [SAMPLER_SPACING])
     samplers, schedules = sampler_choices(Pipeline(model=tiny_model_dir))
     assert "flow-euler" not in samplers and {"dpm++", "euler", "lcm"} <= set(samplers) and "ays" in schedules
+    # and the page built on it shows that: flow-euler only, its own grid, the interval box locked, the image-to-image tab hidden
+    app = build_app(model=str(final))
+    assert dropdown_values(page_component(app, "gen-sampler")) == [MODEL_SCHEDULER, "flow-euler"]
+    assert dropdown_values(page_component(app, "gen-step-schedule")) == [SAMPLER_SPACING]
+    assert page_component(app, "gen-interval").interactive is False
+    assert page_component(app, "i2i-tab").visible is False and page_component(app, "gen-sampler").visible
+    assert "flow-euler" not in dropdown_values(page_component(app, "in-sampler"))  # the inpainting default's tab
+    assert page_component(app, "in-interval").interactive is not False
     with pytest.raises(UserError, match="image-to-image and inpainting take diffusion models"):
         Img2ImgPipeline(model=final)
     with pytest.raises(UserError, match="\\(flow-euler\\) samples flow-matching models"):

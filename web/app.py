@@ -268,7 +268,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
             adapter.change(lambda name, steps, guidance: adapter_defaults(name, steps, guidance, pipe, gr), [
                 adapter, sampling.steps, sampling.guidance], [sampling.steps, sampling.guidance,
                                                               sampling.step_schedule])
-        with gr.Tab("Image to image"):
+        with gr.Tab("Image to image", visible=img2img_pipe is not None, elem_id="i2i-tab"):  # none for flow
             with gr.Row():
                 with gr.Column():
                     source = gr.Image(label="Image to start from (resized to Size)", type="filepath",
@@ -287,7 +287,7 @@ def build_app(model: str | None = None, inpaint_model: str | None = None, lora_d
                                        i2i_sampling.size, i2i_strength, i2i_sampling.interval,
                                        i2i_sampling.step_schedule],
                              [i2i_result, i2i_sampling.seed], concurrency_limit=1, concurrency_id="generate")
-        with gr.Tab("Control", visible=control_pipe is not None):
+        with gr.Tab("Control", visible=control_pipe is not None, elem_id="cn-tab"):
             with gr.Row():
                 with gr.Column():
                     control_upload = gr.Image(label="Control image (a photo for the detector, or a ready map)",
@@ -387,7 +387,7 @@ def _sampling_controls(gr, default_size: int, prefix: str, pipe) -> SamplingCont
     own_schedule = pipe.sampling_defaults.get("step_schedule") or SAMPLER_SPACING
     samplers, schedules = sampler_choices(pipe)
     with gr.Row():
-        sampler = gr.Dropdown(samplers, value=MODEL_SCHEDULER, label="Sampler")
+        sampler = gr.Dropdown(samplers, value=MODEL_SCHEDULER, label="Sampler", elem_id=f"{prefix}-sampler")
         steps = gr.Number(label=f"Steps (≤ {MAX_STEPS})", value=defaults[0], precision=0,
                           elem_id=f"{prefix}-steps")
         guidance = gr.Slider(0, MAX_GUIDANCE, value=defaults[1], step=0.5, label="Guidance")
