@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from core.errors import UserError
 from pipelines import Pipeline
@@ -46,6 +48,14 @@ def test_eval_generate_writes_tables_plots_and_caps_n(tiny_components, emoji_dir
     assert [r["fid"] for r in again["samplers"]["rows"][:2]] == [r["fid"] for r in metrics["samplers"]["rows"]]
     assert again["train"] == metrics["train"] and again["samplers"]["rows"][2]["scheduler"] == "euler"
     assert sum("reused from the earlier, interrupted run" in note for note in again["notes"]) == 6
+    # another decoder under the same U-Net is another model: its rows are computed, not reused from the folder
+    vae = copy.deepcopy(tiny_components["vae"])
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.2)
+    other = evaluate_generation(Pipeline(**dict(tiny_components, vae=vae)), str(emoji_dir), tmp_path / "out",
+                                num_images=50, sweep_images=4, num_inference_steps=2, samplers=(("ddim", 2),),
+                                guidance_scales=(), batch_size=8)
+    assert not any("reused" in note for note in other["notes"]) and other["train"]["fid"] != metrics["train"]["fid"]
     # pinned on the seeded tiny model (2026-12-02): a change to sampling, features or FID moves them
     pinned = [metrics[k][m] for k in ("train", "heldout") for m in ("fid", "fid_real_vs_real", "name_top5")]
     assert pinned == pytest.approx([434.80, 76.19, 0.2222, 454.87, 119.75, 1.0], rel=0.01)
