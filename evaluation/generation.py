@@ -14,7 +14,6 @@ Writes `metrics.json`, `samplers.png`, `guidance.png` and `samples.png` (prompts
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from pathlib import Path
@@ -144,11 +143,11 @@ def evaluate_generation(pipe, data: str, out: str | Path, num_images: int = D.EV
     num_images = len(prompts_set.captions)
 
     own_interval = pipe.check_guidance("model")  # the model's own (sampling.json), used by every row but --settings
-    # every network that changes a pixel: an autoencoder swapped under the same U-Net must not reuse the old rows
-    model_digest = hashlib.sha256(" ".join([module_digest(pipe.unet), module_digest(pipe.vae),
-                                            module_digest(pipe.text_encoder),
-                                            str(pipe.text_encoder.max_length)]).encode()).hexdigest()
-    settings = {"model": model_digest, "scheduler": scheduler, "num_inference_steps": num_inference_steps,
+    # every network that changes a pixel (named as in the latent cache's key): an autoencoder swapped under the same
+    # U-Net must not reuse the old rows
+    settings = {"model": module_digest(pipe.unet), "vae": module_digest(pipe.vae),
+                "text_encoder": module_digest(pipe.text_encoder), "text_max_length": pipe.text_encoder.max_length,
+                "scheduler": scheduler, "num_inference_steps": num_inference_steps,
                 "guidance_scale": guidance_scale, "heldout_split": heldout_split, "sweep_images": sweep_images,
                 "guidance_interval": None if own_interval is None else list(own_interval)}
     metrics: dict = {"data": str(data), "num_images": num_images, "resolution": size, "notes": notes, "seed": seed,
